@@ -1,0 +1,183 @@
+"""Prompt templates for the two SLHF roles (PAPER.md, "Templates").
+
+One chat model plays both roles through two prompts:
+
+- Leader   ``T_L(x)``    = ``[user: x]`` + generation prompt                         -> ``y``
+- Follower ``T_F(x, y)`` = ``[user: x] [assistant: y] [user: INSTRUCTION]`` + gen.  -> ``y'``
+
+``x`` may be a single prompt string or a whole conversation (a list of chat messages ending
+with a user turn); the Follower sees ``x`` and **only the previous answer** ``y``.
+
+Models without a chat template use a documented plain-text layout (``PlainLayout``): the parts
+are concatenated with a separator, the Leader prompt being ``x + sep`` and the Follower prompt
+``x + sep + y + sep + INSTRUCTION + sep``. The stable part (``x``) comes first in both, so vLLM's
+prefix cache reuses it across the Leader and every Follower round.
+
+The template text is part of the trained artefact: the trainer and the server both import this
+module, and the manifest records the instruction and layout a model was trained with.
+
+Pure module: no torch, no transformers. A tokenizer is anything with the ``ChatTokenizer``
+methods (a Hugging Face tokenizer satisfies it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+Role = Literal["leader", "follower"]
+ROLES: tuple[Role, Role] = ("leader", "follower")
+
+#: The Follower instruction of the paper's reference code.
+DEFAULT_FOLLOWER_INSTRUCTION = (
+    "Improve the previous answer. Phrase it as if it was the original response."
+)
+#: Separator of the plain-text layout.
+DEFAULT_PLAIN_SEPARATOR = "\n\n"
+
+Message = dict[str, str]
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class TemplateError(ValueError):
+    """A prompt cannot be put into a role template (bad messages, empty prompt...)."""
+
+
+class ChatTokenizer(Protocol):
+    """The part of a Hugging Face tokenizer the templates use."""
+
+    chat_template: Any
+
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+
+    def encode(self, text: str, **kwargs: Any) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class TemplateConfig:
+    """How prompts are laid out for the two roles.
+
+    Attributes:
+        follower_instruction: the user turn appended after the answer in ``T_F``.
+        layout: ``"chat"`` uses the tokenizer's chat template (an error if it has none);
+            ``"plain"`` uses the plain-text layout; ``"auto"`` picks chat when the tokenizer has
+            a chat template, plain otherwise.
+        plain_separator: separator between parts in the plain-text layout.
+    """
+
+    follower_instruction: str = DEFAULT_FOLLOWER_INSTRUCTION
+    layout: Literal["auto", "chat", "plain"] = "auto"
+    plain_separator: str = DEFAULT_PLAIN_SEPARATOR
+
+    def __post_init__(self) -> None:
+        if not self.follower_instruction.strip():
+            raise TemplateError("follower_instruction must not be empty")
+        if self.layout not in ("auto", "chat", "plain"):
+            raise TemplateError(f"layout must be 'auto', 'chat' or 'plain'; got {self.layout!r}")
+        if not self.plain_separator:
+            raise TemplateError("plain_separator must not be empty")
+
+
+def to_messages(prompt: str | Sequence[Message]) -> list[Message]:
+    """Normalise ``x`` (a string or a conversation) into validated chat messages."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise TemplateError("prompt must not be empty")
+        return [{"role": "user", "content": prompt}]
+    messages = [dict(m) for m in prompt]
+    if not messages:
+        raise TemplateError("messages must contain at least one message")
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content")
+        if role not in CHAT_ROLES:
+            raise TemplateError(
+                f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}; got {role!r}"
+            )
+        if not isinstance(content, str):
+            raise TemplateError(f"messages[{i}].content must be a string")
+    if messages[-1]["role"] != "user":
+        raise TemplateError(
+            f"the last message must have role 'user' (the Leader answers it); "
+            f"got {messages[-1]['role']!r}"
+        )
+    if not any(m["content"].strip() for m in messages if m["role"] == "user"):
+        raise TemplateError("messages must contain a non-empty user message")
+    return messages
+
+
+def leader_messages(prompt: str | Sequence[Message]) -> list[Message]:
+    """``T_L(x)`` as chat messages: the conversation ``x`` itself."""
+    return to_messages(prompt)
+
+
+def follower_messages(
+    prompt: str | Sequence[Message], answer: str, instruction: str = DEFAULT_FOLLOWER_INSTRUCTION
+) -> list[Message]:
+    """``T_F(x, y)`` as chat messages: ``x``, then ``[assistant: y]``, then ``[user: instruction]``."""
+    return [
+        *to_messages(prompt),
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": instruction},
+    ]
+
+
+class TemplateRenderer:
+    """Renders role prompts to text and token ids for one tokenizer.
+
+    ``render_*`` return the prompt text; ``encode_*`` return token ids ready for the engine
+    (special tokens are added by the chat template itself, or by the tokenizer for plain text).
+    """
+
+    def __init__(self, tokenizer: ChatTokenizer, config: TemplateConfig | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.config = config or TemplateConfig()
+        has_chat = bool(getattr(tokenizer, "chat_template", None))
+        if self.config.layout == "chat" and not has_chat:
+            raise TemplateError(
+                "template layout is 'chat' but the tokenizer has no chat_template; "
+                "use layout 'plain' or a tokenizer with a chat template"
+            )
+        self.uses_chat = has_chat and self.config.layout != "plain"
+
+    # -- text -------------------------------------------------------------------------------
+    def render_leader(self, prompt: str | Sequence[Message]) -> str:
+        messages = leader_messages(prompt)
+        if self.uses_chat:
+            return self._chat(messages)
+        return self._plain([m["content"] for m in messages])
+
+    def render_follower(self, prompt: str | Sequence[Message], answer: str) -> str:
+        instruction = self.config.follower_instruction
+        if self.uses_chat:
+            return self._chat(follower_messages(prompt, answer, instruction))
+        parts = [m["content"] for m in to_messages(prompt)]
+        return self._plain([*parts, answer, instruction])
+
+    def render(self, role: Role, prompt: str | Sequence[Message], answer: str | None) -> str:
+        if role == "leader":
+            return self.render_leader(prompt)
+        if answer is None:
+            raise TemplateError("the follower template needs the previous answer")
+        return self.render_follower(prompt, answer)
+
+    # -- token ids --------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        # A chat template writes BOS/EOS itself; plain text gets the tokenizer's specials.
+        return list(self.tokenizer.encode(text, add_special_tokens=not self.uses_chat))
+
+    def encode_role(self, role: Role, prompt: str | Sequence[Message], answer: str | None) -> list[int]:
+        return self.encode(self.render(role, prompt, answer))
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _chat(self, messages: list[Message]) -> str:
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        if not isinstance(text, str):
+            raise TemplateError("the tokenizer's chat template did not render to text")
+        return text
+
+    def _plain(self, parts: list[str]) -> str:
+        sep = self.config.plain_separator
+        return sep.join(parts) + sep

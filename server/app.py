@@ -1,0 +1,71 @@
+"""App factory: ``create_app(settings)`` builds the FastAPI app; its lifespan loads the engine.
+
+Engines load in the lifespan, never at import time: uvicorn opens the port once the model is
+loaded, and a model that fails to load stops the process with the reason in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from models.loading import ServedWeights, resolve_weights
+from server.errors import install_error_handlers
+from server.generation import Engine
+from server.routes import router
+from server.service import Service
+from server.settings import ServerSettings
+
+logger = logging.getLogger("slhf.server")
+
+EngineFactory = Callable[[ServedWeights, ServerSettings], Engine]
+
+
+def resolve_served_weights(settings: ServerSettings) -> ServedWeights:
+    """The weights ``settings`` name; the shipped default model when none is named."""
+    model = settings.model
+    if model is None:
+        from models.tiny import default_model_dir
+
+        model = str(default_model_dir())
+    return resolve_weights(model, follower_model=settings.follower_model,
+                           topology=settings.topology,
+                           served_model_name=settings.served_model_name,
+                           revision=settings.revision)
+
+
+def _vllm_engine(weights: ServedWeights, settings: ServerSettings) -> Engine:
+    from server.engine import VllmEngine  # imports vllm: only when a real engine is wanted
+
+    return VllmEngine.start(weights, settings)
+
+
+def create_app(settings: ServerSettings | None = None, *,
+               engine_factory: EngineFactory | None = None,
+               weights: ServedWeights | None = None) -> FastAPI:
+    """Build the app. Tests pass a fake ``engine_factory`` (and ``weights``)."""
+    settings = settings or ServerSettings()
+    factory = engine_factory or _vllm_engine
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        served = weights or resolve_served_weights(settings)
+        logger.info("serving %s (topology %s) from %s", served.name, served.topology,
+                    served.source)
+        engine = factory(served, settings)
+        app.state.service = Service.build(settings, served, engine)
+        try:
+            yield
+        finally:
+            app.state.service = None
+            await engine.shutdown()
+
+    app = FastAPI(title="SLHF refinement server", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.service = None
+    install_error_handlers(app)
+    app.include_router(router)
+    return app

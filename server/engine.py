@@ -1,0 +1,177 @@
+"""The vLLM engine behind the ``Engine`` protocol -- the only module of the project importing vllm.
+
+One ``AsyncLLM`` runs in-process per distinct model:
+
+- "shared":   one engine; both roles use the base weights (no weights loaded twice);
+- "lora":     one engine with ``enable_lora``; each role passes its own ``LoRARequest``;
+- "separate": two engines, one per role (on a GPU they split ``gpu_memory_utilization``).
+
+Requests go in as token ids (the templates are rendered by ``models.templates``), so the server
+knows every prompt's length before it reaches the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.lora.request import LoRARequest
+from vllm.platforms import current_platform
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError
+
+from models.loading import ServedWeights
+from models.templates import ChatTokenizer, Role
+from server.errors import InvalidRequestError
+from server.generation import EngineError, Generation, GenerationParams
+from server.settings import ServerSettings
+
+logger = logging.getLogger("slhf.engine")
+
+_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+@dataclass
+class _RoleBinding:
+    llm: AsyncLLM
+    tokenizer: ChatTokenizer
+    lora: LoRARequest | None
+    max_model_len: int
+
+
+def _engine_args(model: str, settings: ServerSettings, *, max_model_len: int | None,
+                 enable_lora: bool, memory_share: float) -> AsyncEngineArgs:
+    kwargs: dict[str, Any] = dict(
+        model=model,
+        tokenizer=model,
+        revision=settings.revision,
+        trust_remote_code=settings.trust_remote_code,
+        dtype=settings.dtype,
+        max_model_len=max_model_len,
+        seed=settings.seed,
+        enable_prefix_caching=settings.enable_prefix_caching,
+        enforce_eager=settings.enforce_eager,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        pipeline_parallel_size=settings.pipeline_parallel_size,
+        disable_log_stats=True,
+        enable_log_requests=False,
+    )
+    if settings.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = settings.max_num_seqs
+    if enable_lora:
+        kwargs.update(enable_lora=True, max_loras=2, max_lora_rank=settings.max_lora_rank)
+    if not current_platform.is_cpu():
+        kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization * memory_share
+    return AsyncEngineArgs(**kwargs)
+
+
+def _load_tokenizer(path: str, settings: ServerSettings) -> ChatTokenizer:
+    from transformers import AutoTokenizer
+
+    tok: ChatTokenizer = AutoTokenizer.from_pretrained(
+        path, revision=settings.revision, trust_remote_code=settings.trust_remote_code)
+    return tok
+
+
+class VllmEngine:
+    """``Engine`` on one or two in-process vLLM ``AsyncLLM`` engines."""
+
+    def __init__(self, bindings: dict[Role, _RoleBinding]) -> None:
+        self._roles = bindings
+        self._llms = list({id(b.llm): b.llm for b in bindings.values()}.values())
+        self.startup_seconds = 0.0
+
+    @classmethod
+    def start(cls, weights: ServedWeights, settings: ServerSettings) -> VllmEngine:
+        """Create the engine(s) for ``weights``; blocks until they are loaded."""
+        if current_platform.is_cpu():
+            # vLLM's CPU backend sizes its KV cache from this variable (whole GiB).
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(math.ceil(settings.kv_cache_gb)))
+        t0 = time.perf_counter()
+        max_len = settings.max_model_len or weights.manifest.max_model_len
+        bindings: dict[Role, _RoleBinding] = {}
+        if weights.topology == "separate":
+            for role in ("leader", "follower"):
+                w = weights.role(role)
+                logger.info("starting the %s engine on %s", role, w.model)
+                llm = AsyncLLM.from_engine_args(_engine_args(
+                    w.model, settings, max_model_len=max_len, enable_lora=False, memory_share=0.5))
+                bindings[role] = _RoleBinding(llm, _load_tokenizer(w.model, settings), None,
+                                              llm.model_config.max_model_len)
+        else:
+            lora = weights.topology == "lora"
+            logger.info("starting the engine on %s (topology %s)", weights.leader.model,
+                        weights.topology)
+            llm = AsyncLLM.from_engine_args(_engine_args(
+                weights.leader.model, settings, max_model_len=max_len, enable_lora=lora,
+                memory_share=1.0))
+            tok = _load_tokenizer(weights.leader.model, settings)
+            for i, role in enumerate(("leader", "follower"), start=1):
+                adapter = weights.role(role).adapter
+                req = LoRARequest(f"{weights.name}-{role}", i, adapter) if adapter else None
+                bindings[role] = _RoleBinding(llm, tok, req, llm.model_config.max_model_len)
+        engine = cls(bindings)
+        engine.startup_seconds = time.perf_counter() - t0
+        logger.info("engine ready in %.1f s", engine.startup_seconds)
+        return engine
+
+    # -- Engine protocol ----------------------------------------------------------------------
+    def tokenizer(self, role: Role) -> ChatTokenizer:
+        return self._roles[role].tokenizer
+
+    def max_model_len(self, role: Role) -> int:
+        return self._roles[role].max_model_len
+
+    async def generate(self, role: Role, prompt_token_ids: list[int], params: GenerationParams,
+                       request_id: str) -> Generation:
+        binding = self._roles[role]
+        sampling = SamplingParams(
+            n=1, max_tokens=params.max_tokens, temperature=params.temperature,
+            top_p=params.top_p, top_k=params.top_k, seed=params.seed, stop=list(params.stop),
+            output_kind=RequestOutputKind.FINAL_ONLY)
+        final = None
+        try:
+            async for out in binding.llm.generate(
+                {"prompt_token_ids": prompt_token_ids}, sampling, request_id,
+                lora_request=binding.lora,
+            ):
+                final = out
+        except EngineDeadError as e:
+            raise EngineError(f"the {role} engine is dead: {e}") from e
+        except ValueError as e:  # vLLM's validation errors (VLLMValidationError is one)
+            raise InvalidRequestError(f"the engine rejected the {role} request: {e}") from e
+        if final is None or not final.outputs:
+            raise EngineError(f"the {role} engine returned no output for {request_id}")
+        out0 = final.outputs[0]
+        return Generation(text=out0.text, prompt_tokens=len(prompt_token_ids),
+                          completion_tokens=len(out0.token_ids),
+                          finish_reason=_FINISH.get(str(out0.finish_reason), "stop"))  # type: ignore[arg-type]
+
+    async def abort(self, request_id: str) -> None:
+        for llm in self._llms:
+            await llm.abort(request_id)
+
+    async def check_health(self) -> None:
+        for llm in self._llms:
+            if llm.errored:
+                raise EngineError(f"engine is dead: {llm.dead_error}")
+            try:
+                await llm.check_health()
+            except Exception as e:
+                raise EngineError(f"engine health check failed: {e}") from e
+
+    def num_running(self) -> int:
+        return sum(llm.get_num_unfinished_requests() for llm in self._llms)
+
+    async def shutdown(self) -> None:
+        for llm in self._llms:
+            llm.shutdown()
+        await asyncio.sleep(0)

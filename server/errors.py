@@ -1,0 +1,131 @@
+"""Domain errors and the one place that turns them into the OpenAI error envelope.
+
+Code below the routes raises ``SLHFError`` subclasses; ``install_error_handlers`` renders them,
+FastAPI's validation errors and anything unexpected as
+``{"error": {"message", "type", "param", "code"}}`` with the right status. A raw FastAPI 422
+body never leaves the server.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from models.templates import TemplateError
+from server.generation import EngineError
+
+logger = logging.getLogger("slhf.server")
+
+
+class SLHFError(Exception):
+    status_code = 500
+    error_type = "internal_server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class InvalidRequestError(SLHFError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class PromptTooLongError(InvalidRequestError):
+    def __init__(self, message: str, *, param: str | None = "prompt"):
+        super().__init__(message, param=param, code="context_length_exceeded")
+
+
+class ModelNotFoundError(SLHFError):
+    status_code = 404
+    error_type = "not_found_error"
+
+    def __init__(self, model: str, available: list[str]):
+        super().__init__(
+            f"The model `{model}` does not exist. Available models: {', '.join(available)}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+class ServiceUnavailableError(SLHFError):
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+def error_body(status: int, message: str, error_type: str, param: str | None = None,
+               code: str | int | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param,
+                      "code": code if code is not None else status}}
+
+
+def error_response(status: int, message: str, error_type: str, param: str | None = None,
+                   code: str | int | None = None, headers: dict[str, str] | None = None
+                   ) -> JSONResponse:
+    return JSONResponse(error_body(status, message, error_type, param, code), status_code=status,
+                        headers=headers)
+
+
+_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                 403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
+                 413: "invalid_request_error", 429: "rate_limit_error",
+                 503: "service_unavailable"}
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One readable sentence (and the offending field) from pydantic's error list."""
+    parts: list[str] = []
+    first_param: str | None = None
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if err.get("type") == "json_invalid":
+            ctx = err.get("ctx") or {}
+            return f"Malformed JSON body: {ctx.get('error', err.get('msg'))}", None
+        if err.get("type") == "missing" and not loc:
+            return "Request body is missing; send a JSON object", None
+        param = ".".join(loc) or None
+        first_param = first_param or param
+        msg = str(err.get("msg", "invalid value"))
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        parts.append(f"{param}: {msg}" if param else msg)
+    return "; ".join(parts) or "Invalid request", first_param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(SLHFError)
+    async def _domain(_: Request, exc: SLHFError) -> JSONResponse:
+        return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.code)
+
+    @app.exception_handler(TemplateError)
+    async def _template(_: Request, exc: TemplateError) -> JSONResponse:
+        return error_response(400, str(exc), "invalid_request_error", "messages")
+
+    @app.exception_handler(EngineError)
+    async def _engine(_: Request, exc: EngineError) -> JSONResponse:
+        logger.error("engine error: %s", exc)
+        return error_response(503, str(exc), "service_unavailable", code="engine_error")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _describe_validation(exc)
+        return error_response(400, message, "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail),
+                              _STATUS_TYPES.get(exc.status_code, "invalid_request_error"),
+                              headers=dict(exc.headers) if exc.headers else None)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error: %s", exc)
+        return error_response(500, f"Internal server error ({type(exc).__name__})",
+                              "internal_server_error")

@@ -1,0 +1,73 @@
+"""Thin routers: validate, resolve, call the refiner, shape the response."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import APIRouter
+
+from server.protocol import ModelCard, ModelList, RefineRequest, RefineResponse
+from server.refine import RefineJob
+from server.service import ServiceDep
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(service: ServiceDep) -> dict[str, str]:
+    """Liveness: the process answers and its engine is alive."""
+    await service.check_ready()
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(service: ServiceDep) -> dict[str, str]:
+    """Readiness: the engines are loaded and healthy."""
+    await service.check_ready()
+    return {"status": "ready", "model": service.name, "topology": service.weights.topology}
+
+
+@router.get("/v1/models")
+async def list_models(service: ServiceDep) -> ModelList:
+    m = service.weights.manifest
+    info: dict[str, object] = {
+        "topology": service.weights.topology,
+        "default_rounds": service.default_rounds,
+        "max_rounds": service.settings.max_rounds,
+        "template": m.template.model_dump(),
+        "source": service.weights.source,
+        "manifest": m.model_dump(),
+    }
+    max_len = min(service.engine.max_model_len("leader"), service.engine.max_model_len("follower"))
+    cards = [
+        ModelCard(id=service.name, created=service.created, root=service.weights.leader.model,
+                  max_model_len=max_len, slhf={**info, "rounds": service.default_rounds}),
+        ModelCard(id=service.model_ids[1], created=service.created,
+                  root=service.weights.leader.model, parent=service.name, max_model_len=max_len,
+                  slhf={**info, "rounds": 0}),
+    ]
+    return ModelList(data=cards)
+
+
+@router.post("/v1/refine")
+async def refine(body: RefineRequest, service: ServiceDep) -> RefineResponse:
+    leader_only = service.resolve_model(body.model)
+    rounds = body.rounds if body.rounds is not None else (0 if leader_only else service.default_rounds)
+    service.check_rounds(rounds)
+    prompt = body.prompt if body.prompt is not None else [m.model_dump() for m in body.messages or []]
+    job = RefineJob(
+        request_id=f"refine-{uuid.uuid4().hex}",
+        prompt=prompt,
+        rounds=rounds,
+        leader=service.generation_params("leader", body.leader, body.seed),
+        follower=service.generation_params("follower", body.follower, body.seed),
+        given_answer=body.response,
+        stop_when_unchanged=body.stop_when_unchanged,
+    )
+    outcome = await service.refiner.refine(job)
+    return RefineResponse(
+        id=job.request_id, created=int(time.time()), model=body.model or service.name,
+        leader=outcome.leader, rounds=outcome.rounds, final=outcome.final,
+        stopped_reason=outcome.stopped_reason, usage=outcome.usage,
+    )

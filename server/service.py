@@ -1,0 +1,108 @@
+"""What the routes share: the loaded engine, the refiner, the served model and its defaults."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from models.loading import ServedWeights
+from models.manifest import SamplingDefaults
+from models.templates import ROLES, Role, TemplateRenderer
+from server.errors import InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
+from server.generation import Engine, EngineError, GenerationParams
+from server.protocol import SamplingParams
+from server.refine import Refiner
+from server.settings import ServerSettings
+
+LEADER_SUFFIX = ":leader"
+
+
+@dataclass
+class Service:
+    settings: ServerSettings
+    weights: ServedWeights
+    engine: Engine
+    refiner: Refiner
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @classmethod
+    def build(cls, settings: ServerSettings, weights: ServedWeights, engine: Engine) -> Service:
+        template = weights.manifest.template.to_config()
+        renderers = {role: TemplateRenderer(engine.tokenizer(role), template) for role in ROLES}
+        return cls(settings=settings, weights=weights, engine=engine,
+                   refiner=Refiner(engine, renderers))
+
+    # -- models -------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.weights.name
+
+    @property
+    def model_ids(self) -> list[str]:
+        return [self.name, self.name + LEADER_SUFFIX]
+
+    def resolve_model(self, requested: str | None) -> bool:
+        """Check a request's ``model``; return True when it asks for the Leader only."""
+        if requested is None or requested == self.name:
+            return False
+        if requested == self.name + LEADER_SUFFIX:
+            return True
+        raise ModelNotFoundError(requested, self.model_ids)
+
+    @property
+    def default_rounds(self) -> int:
+        if self.settings.default_rounds is not None:
+            return self.settings.default_rounds
+        return min(self.weights.manifest.default_rounds, self.settings.max_rounds)
+
+    def check_rounds(self, rounds: int, param: str = "rounds") -> int:
+        limit = self.settings.max_rounds
+        if not 0 <= rounds <= limit:
+            raise InvalidRequestError(
+                f"{param} must be between 0 and {limit} (SLHF_MAX_ROUNDS); got {rounds}",
+                param=param)
+        return rounds
+
+    # -- sampling -----------------------------------------------------------------------------
+    def role_defaults(self, role: Role) -> SamplingDefaults:
+        return self.weights.manifest.role(role).sampling
+
+    def generation_params(self, role: Role, given: SamplingParams | None,
+                          request_seed: int | None) -> GenerationParams:
+        """A role's request values over the manifest's defaults for that role."""
+        d = self.role_defaults(role)
+        g = given or SamplingParams()
+        stop = g.stop if g.stop is not None else d.stop
+        return GenerationParams(
+            max_tokens=g.max_tokens if g.max_tokens is not None else d.max_tokens,
+            temperature=g.temperature if g.temperature is not None else d.temperature,
+            top_p=g.top_p if g.top_p is not None else d.top_p,
+            top_k=g.top_k if g.top_k is not None else d.top_k,
+            seed=g.seed if g.seed is not None else request_seed,
+            stop=(stop,) if isinstance(stop, str) else tuple(stop),
+        )
+
+    async def check_ready(self) -> None:
+        try:
+            await self.engine.check_health()
+        except EngineError as e:
+            raise ServiceUnavailableError(str(e), code="engine_dead") from e
+
+
+def get_service(request: Request) -> Service:
+    service: Service | None = getattr(request.app.state, "service", None)
+    if service is None:
+        raise ServiceUnavailableError("the model is not loaded yet", code="not_ready")
+    return service
+
+
+def get_settings(request: Request) -> ServerSettings:
+    settings: ServerSettings = request.app.state.settings
+    return settings
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+SettingsDep = Annotated[ServerSettings, Depends(get_settings)]

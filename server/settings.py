@@ -1,0 +1,77 @@
+"""Server settings, read from ``SLHF_*`` environment variables (and CLI flags of ``slhf serve``).
+
+The app never reads a global settings object: ``create_app(settings)`` stores the instance on
+the app and routes get it through a dependency.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    """Every field can be set as ``SLHF_<FIELD NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="SLHF_", extra="ignore", validate_default=True)
+
+    # -- what to serve ------------------------------------------------------------------------
+    model: str | None = None
+    """Model folder or HF id. A folder may hold an ``slhf.json`` manifest (adapters, template,
+    defaults). Unset: the shipped default model (built locally on first run, no download)."""
+    follower_model: str | None = None
+    """A separate Follower model (topology "separate") when the model has no manifest saying so."""
+    served_model_name: str | None = None
+    """Model id in the API; default: the manifest's name, else the folder name / HF id."""
+    topology: Literal["auto", "shared", "lora", "separate"] = "auto"
+    """"auto" follows the manifest; an explicit value must agree with it (checked at start)."""
+    max_rounds: int = Field(8, ge=0, le=64)
+    """Largest ``rounds`` a request may ask for."""
+    default_rounds: int | None = Field(None, ge=0)
+    """Rounds when a request names none; default: the manifest's ``default_rounds``."""
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+    # -- engine -------------------------------------------------------------------------------
+    max_model_len: int | None = Field(None, ge=16)
+    """Context length per engine; default: the manifest's, else the model's."""
+    dtype: str = "auto"
+    kv_cache_gb: float = Field(1.0, gt=0)
+    """KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE) in GiB."""
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    """Share of GPU memory for the engine(s); split between the two in topology "separate"."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    max_num_seqs: int | None = Field(None, ge=1)
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    max_lora_rank: int = Field(64, ge=1)
+    seed: int = 0
+    """Engine seed (requests without a seed still sample randomly)."""
+
+    # -- HTTP ---------------------------------------------------------------------------------
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    api_keys: str | None = None
+    """Comma-separated API keys; unset = no auth."""
+
+    # -- upstream (first answers from another OpenAI-compatible server) ------------------------
+    upstream_base_url: str | None = None
+    upstream_model: str | None = None
+    upstream_api_key: str | None = None
+
+    @field_validator("model", "follower_model", "served_model_name", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @model_validator(mode="after")
+    def _check(self) -> ServerSettings:
+        if self.default_rounds is not None and self.default_rounds > self.max_rounds:
+            raise ValueError(
+                f"SLHF_DEFAULT_ROUNDS={self.default_rounds} exceeds SLHF_MAX_ROUNDS={self.max_rounds}"
+            )
+        return self

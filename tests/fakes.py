@@ -1,0 +1,105 @@
+"""Fakes for fast unit tests: a reversible tokenizer and a scripted engine.
+
+``CharTokenizer`` encodes one token per character (ids are code points), so a fake engine can
+decode every prompt exactly and tests can assert on what each role was shown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from models.templates import Role
+from server.generation import EngineError, Generation, GenerationParams
+
+
+class CharTokenizer:
+    """One token per character; a chat template ``<|role|>content\\n`` lines."""
+
+    chat_template = "fake"
+
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> str:
+        text = "".join(f"<|{m['role']}|>{m['content']}\n" for m in conversation)
+        return text + ("<|assistant|>" if kwargs.get("add_generation_prompt") else "")
+
+    def encode(self, text: str, **kwargs: Any) -> list[int]:
+        return [ord(c) for c in text]
+
+    @staticmethod
+    def decode(ids: list[int]) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+@dataclass
+class Call:
+    role: Role
+    prompt: str
+    params: GenerationParams
+    request_id: str
+
+
+Script = Callable[[Call], str]
+
+
+@dataclass
+class ScriptedEngine:
+    """Answers each generation with ``script(call)``; records every call."""
+
+    script: Script
+    context: int = 4096
+    delay: float = 0.0
+    calls: list[Call] = field(default_factory=list)
+    running: set[str] = field(default_factory=set)
+    aborted: list[str] = field(default_factory=list)
+    dead: bool = False
+    peak_running: int = 0
+
+    def tokenizer(self, role: Role) -> CharTokenizer:
+        return CharTokenizer()
+
+    def max_model_len(self, role: Role) -> int:
+        return self.context
+
+    async def generate(self, role: Role, prompt_token_ids: list[int], params: GenerationParams,
+                       request_id: str) -> Generation:
+        if self.dead:
+            raise EngineError("engine is dead")
+        call = Call(role, CharTokenizer.decode(prompt_token_ids), params, request_id)
+        self.calls.append(call)
+        self.running.add(request_id)
+        self.peak_running = max(self.peak_running, len(self.running))
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            text = self.script(call)
+        except asyncio.CancelledError:
+            self.aborted.append(request_id)
+            raise
+        finally:
+            self.running.discard(request_id)
+        words = text.split()
+        n = min(len(words), params.max_tokens)
+        return Generation(text=" ".join(words[:n]), prompt_tokens=len(prompt_token_ids),
+                          completion_tokens=n,
+                          finish_reason="length" if len(words) > params.max_tokens else "stop")
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    async def check_health(self) -> None:
+        if self.dead:
+            raise EngineError("engine is dead")
+
+    def num_running(self) -> int:
+        return len(self.running)
+
+    async def shutdown(self) -> None:
+        pass
+
+
+def numbered_script(call: Call) -> str:
+    """Leader says 'answer 0'; round i of the Follower says 'answer i' (from the request id)."""
+    index = call.request_id.rsplit("-", 1)[1]
+    return f"answer {index}"
