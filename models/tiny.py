@@ -65,13 +65,16 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-_SIZES = {
+_CONFIG = {
     "hidden_size": 128,
     "num_attention_heads": 2,  # head_dim 64
     "num_hidden_layers": 2,
     "intermediate_size": 256,
     "max_position_embeddings": 2048,
     "tie_word_embeddings": True,
+    # HF's default 0.02 leaves the tied embedding dominant: greedy decoding then repeats the
+    # last prompt token whatever the prompt. 0.2 gives prompt-dependent (random) text.
+    "initializer_range": 0.2,
 }
 _KV_HEADS = {"llama": 1, "qwen2": 2}
 
@@ -254,7 +257,7 @@ def build_tokenizer(chat_template: bool = True) -> Any:
         bos_token=ENDOFTEXT,
         eos_token=IM_END,
         pad_token=ENDOFTEXT,
-        model_max_length=_SIZES["max_position_embeddings"],
+        model_max_length=_CONFIG["max_position_embeddings"],
         chat_template=CHATML_TEMPLATE if chat_template else None,
     )
 
@@ -286,7 +289,7 @@ def _write_model(out: Path, family: str, *, seed: int, adapters: bool, chat_temp
     }
     config = AutoConfig.for_model(
         family, vocab_size=len(tokenizer), num_key_value_heads=_KV_HEADS[family],
-        architectures=[FAMILIES[family]], **_SIZES, **ids,
+        architectures=[FAMILIES[family]], **_CONFIG, **ids,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -362,7 +365,7 @@ def _write_manifest(
         follower=RoleSpec(adapter=ADAPTERS["follower"] if adapters else None, sampling=sampling),
         template=TemplateSpec(layout="chat" if chat_template else "plain"),
         default_rounds=2,
-        max_model_len=_SIZES["max_position_embeddings"],
+        max_model_len=_CONFIG["max_position_embeddings"],
         provenance={
             "producer": "models.tiny",
             "family": family,

@@ -26,7 +26,8 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from server.app import create_app
+    from models.manifest import ManifestError
+    from server.app import create_app, resolve_served_weights
     from server.settings import ServerSettings
 
     overrides = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
@@ -37,7 +38,12 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
+    try:
+        weights = resolve_served_weights(settings)
+    except ManifestError as e:
+        print(f"slhf serve: cannot serve the model: {e}", file=sys.stderr)
+        return 2
+    app = create_app(settings, weights=weights)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 access_log=False, timeout_graceful_shutdown=30)
     return 0

