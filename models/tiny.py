@@ -9,10 +9,13 @@ load (vLLM on CPU included), in a few seconds and without any download::
       slhf.json                                                  # the weights manifest
       leader-lora/  follower-lora/                               # only with adapters=True
 
-The model is random (seeded: the same seed gives the same weights), so its text is gibberish,
-but it is a real model of a real family: prompt templates, tokenisation, stop tokens, LoRA and
-the whole serving path run as they do with a trained model. Sizes respect vLLM's CPU limits
-(head_dim 64; the CPU attention rejects head_dim < 32).
+The model is random (seeded: the same seed gives the same weights), so its text is gibberish
+and it almost never samples EOS (expect finish_reason "length"; use ``stop`` or ``max_tokens``
+in tests). Under greedy decoding near-tied logits make exact text depend on the kernels (vLLM
+with and without ``enable_lora`` can diverge after a dozen tokens). Still, it is a real model:
+prompt templates, tokenisation, stop tokens, LoRA and the whole serving path run as they do with
+a trained model. Sizes respect vLLM's CPU limits (head_dim 64; its CPU attention rejects < 32).
+Weights are bfloat16, which vLLM on CPU runs anyway; load with ``dtype=torch.float32`` to train.
 
 The tokenizer is trained here, on a small English corpus generated in code, so it is the same
 for every seed and family. ``<|im_end|>`` ends a turn and is the EOS token.
@@ -57,6 +60,8 @@ FAMILIES: dict[str, str] = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausa
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)  # ids 0, 1, 2
+#: vLLM on CPU downcasts float32 checkpoints to bfloat16 (with a warning per tensor).
+DTYPE = "bfloat16"
 VOCAB_SIZE = 1280  # the corpus supports ~1,320 tokens; a multiple of 64
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
@@ -104,6 +109,9 @@ def build_tiny_model(
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {family!r}")
     out = Path(out_dir).absolute()
+    manifest = tiny_manifest(
+        family, seed=seed, adapters=adapters, chat_template=chat_template, name=name
+    )
     if not overwrite and _is_built(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +125,7 @@ def build_tiny_model(
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
             _write_model(tmp, family, seed=seed, adapters=adapters, chat_template=chat_template)
-            _write_manifest(tmp, family, seed, adapters, chat_template, name)
+            manifest.save(tmp)
             _make_readable(tmp)
             _swap_into_place(tmp, out)
         except BaseException:
@@ -232,7 +240,7 @@ def training_corpus(n_sentences: int = 800) -> list[str]:
             a, b = rng.randint(0, 999), rng.randint(0, 99)
             lines.append(f"The {pick('subject')}s counted {a} + {b} = {a + b} {pick('object')}s!")
         else:
-            lines.append(f"{pick('subject').capitalize()}: \"{pick('adjective')}, {pick('tail')}\"")
+            lines.append(f'{pick("subject").capitalize()}: "{pick("adjective")}, {pick("tail")}"')
     return lines
 
 
@@ -288,11 +296,16 @@ def _write_model(out: Path, family: str, *, seed: int, adapters: bool, chat_temp
         "pad_token_id": tokenizer.pad_token_id,
     }
     config = AutoConfig.for_model(
-        family, vocab_size=len(tokenizer), num_key_value_heads=_KV_HEADS[family],
-        architectures=[FAMILIES[family]], **_CONFIG, **ids,
+        family,
+        vocab_size=len(tokenizer),
+        num_key_value_heads=_KV_HEADS[family],
+        architectures=[FAMILIES[family]],
+        **_CONFIG,
+        **ids,
     )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):  # seed locally; the caller's RNG is untouched
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, DTYPE))
     for key, value in ids.items():
         setattr(model.generation_config, key, value)
     with _quiet_progress_bars():
@@ -322,8 +335,8 @@ def lora_tensors(weight_shapes: dict[str, tuple[int, ...]], *, seed: int) -> dic
         prefix = f"base_model.model.{module}"
         a = torch.randn(LORA_RANK, in_features, generator=gen) * LORA_STD  # (r, in)
         b = torch.randn(out_features, LORA_RANK, generator=gen) * LORA_STD  # (out, r)
-        tensors[f"{prefix}.lora_A.weight"] = a.contiguous()
-        tensors[f"{prefix}.lora_B.weight"] = b.contiguous()
+        tensors[f"{prefix}.lora_A.weight"] = a.to(getattr(torch, DTYPE))
+        tensors[f"{prefix}.lora_B.weight"] = b.to(getattr(torch, DTYPE))
     return tensors
 
 
@@ -354,11 +367,12 @@ def write_lora_adapter(
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _write_manifest(
-    out: Path, family: str, seed: int, adapters: bool, chat_template: bool, name: str | None
-) -> None:
+def tiny_manifest(
+    family: str, *, seed: int, adapters: bool, chat_template: bool, name: str | None = None
+) -> Manifest:
+    """The ``slhf.json`` of a tiny model: "shared" topology, or "lora" with adapters."""
     sampling = SamplingDefaults(max_tokens=32, temperature=0.9, top_k=50)
-    Manifest(
+    return Manifest(
         name=name or f"slhf-tiny-{family}" + ("-lora" if adapters else ""),
         base_model=".",
         leader=RoleSpec(adapter=ADAPTERS["leader"] if adapters else None, sampling=sampling),
@@ -371,10 +385,10 @@ def _write_manifest(
             "family": family,
             "seed": seed,
             "format": "hf-safetensors",
-            "dtype": "float32",
+            "dtype": DTYPE,
             "factory_version": FACTORY_VERSION,
         },
-    ).save(out)
+    )
 
 
 # -- CLI -------------------------------------------------------------------------------------
@@ -391,8 +405,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="rebuild an existing folder")
     args = parser.parse_args(argv)
     path = build_tiny_model(
-        args.out_dir, args.family, seed=args.seed, adapters=args.adapters,
-        chat_template=args.chat_template, name=args.name, overwrite=args.overwrite,
+        args.out_dir,
+        args.family,
+        seed=args.seed,
+        adapters=args.adapters,
+        chat_template=args.chat_template,
+        name=args.name,
+        overwrite=args.overwrite,
     )
     print(path)
     return 0

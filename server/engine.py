@@ -22,6 +22,7 @@ from typing import Any
 
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.inputs import tokens_input
 from vllm.lora.request import LoRARequest
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
@@ -140,7 +141,7 @@ class VllmEngine:
         final = None
         try:
             async for out in binding.llm.generate(
-                {"prompt_token_ids": prompt_token_ids}, sampling, request_id,
+                tokens_input(prompt_token_ids), sampling, request_id,
                 lora_request=binding.lora,
             ):
                 final = out

@@ -1,0 +1,155 @@
+"""The server's overhead: a k-round ``/v1/refine`` over HTTP vs the same k+1 generations in-process.
+
+Measures, in one run on one machine and model:
+1. engine start time (in-process ``VllmEngine.start``) and server start time (process to /ready);
+2. ``/v1/refine`` latency for rounds k = 0..3 at concurrency 1 (sequential requests);
+3. the same refinement chain run directly on an in-process engine (our ``Refiner`` on
+   ``VllmEngine``: the same templates, token ids, seeds and sampling; no HTTP, no FastAPI);
+4. the ratio HTTP / in-process per k (1.00 = no overhead).
+
+Both sides get identical requests (same prompts, same per-request seeds, early stop off), so they
+generate the same tokens. Run: ``.venv/bin/python bench/serve_overhead.py [--requests 20]``.
+Writes ``bench/results/serve_overhead.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PROMPTS = ["Explain gravity", "Describe the sea", "Why is the sky blue?", "Name three colors",
+           "How do trees grow?", "What is a prime number?", "Tell me about rain"]
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def request_body(i: int, rounds: int, max_tokens: int) -> dict:
+    sp = {"max_tokens": max_tokens}
+    return {"prompt": PROMPTS[i % len(PROMPTS)], "rounds": rounds, "seed": 1000 + i,
+            "stop_when_unchanged": False, "leader": sp, "follower": sp}
+
+
+async def in_process(args: argparse.Namespace) -> dict:
+    from server.app import resolve_served_weights
+    from server.engine import VllmEngine
+    from server.protocol import RefineRequest
+    from server.refine import RefineJob
+    from server.service import Service
+    from server.settings import ServerSettings
+
+    settings = ServerSettings(max_model_len=args.max_model_len)
+    weights = resolve_served_weights(settings)
+    engine = VllmEngine.start(weights, settings)
+    service = Service.build(settings, weights, engine)
+
+    async def one(i: int, k: int) -> float:
+        body = RefineRequest(**request_body(i, k, args.max_tokens))
+        job = RefineJob(request_id=f"b{k}-{i}-{time.monotonic_ns()}", prompt=body.prompt or "",
+                        rounds=k, leader=service.generation_params("leader", body.leader, body.seed),
+                        follower=service.generation_params("follower", body.follower, body.seed),
+                        stop_when_unchanged=False)
+        t0 = time.perf_counter()
+        await service.refiner.refine(job)
+        return (time.perf_counter() - t0) * 1000
+
+    result: dict = {"engine_start_s": engine.startup_seconds, "latency_ms": {}}
+    for i in range(args.warmup):
+        await one(i, 1)
+    for k in args.rounds:
+        result["latency_ms"][k] = [await one(i, k) for i in range(args.requests)]
+    await engine.shutdown()
+    return result
+
+
+def over_http(args: argparse.Namespace) -> dict:
+    import httpx
+
+    port = 18000 + os.getpid() % 1000
+    env = {**os.environ, "SLHF_PORT": str(port), "SLHF_HOST": "127.0.0.1",
+           "SLHF_MAX_MODEL_LEN": str(args.max_model_len), "SLHF_LOG_LEVEL": "warning"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"server exited with {proc.returncode}")
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.25)
+        result: dict = {"server_ready_s": time.perf_counter() - t0, "latency_ms": {}}
+        with httpx.Client(base_url=url, timeout=300) as client:
+            def one(i: int, k: int) -> float:
+                t = time.perf_counter()
+                r = client.post("/v1/refine", json=request_body(i, k, args.max_tokens))
+                r.raise_for_status()
+                return (time.perf_counter() - t) * 1000
+
+            for i in range(args.warmup):
+                one(i, 1)
+            for k in args.rounds:
+                result["latency_ms"][k] = [one(i, k) for i in range(args.requests)]
+        return result
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=20, help="requests per k (sequential)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, nargs="+", default=[0, 1, 2, 3])
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve_overhead.json")
+    args = ap.parse_args()
+
+    direct = asyncio.run(in_process(args))
+    http = over_http(args)
+    rows = []
+    print(f"engine start (in-process): {direct['engine_start_s']:.1f} s; "
+          f"server process to /ready: {http['server_ready_s']:.1f} s")
+    print(f"{'k':>2} {'in-process p50 ms':>18} {'HTTP p50 ms':>12} {'HTTP p99 ms':>12} "
+          f"{'ratio p50':>10}")
+    for k in args.rounds:
+        d, h = direct["latency_ms"][k], http["latency_ms"][k]
+        row = {"rounds": k, "generations": k + 1,
+               "in_process_p50_ms": statistics.median(d), "in_process_p99_ms": pct(d, 0.99),
+               "http_p50_ms": statistics.median(h), "http_p99_ms": pct(h, 0.99),
+               "ratio_p50": statistics.median(h) / statistics.median(d),
+               "ratio_mean": statistics.fmean(h) / statistics.fmean(d)}
+        rows.append(row)
+        print(f"{k:>2} {row['in_process_p50_ms']:>18.1f} {row['http_p50_ms']:>12.1f} "
+              f"{row['http_p99_ms']:>12.1f} {row['ratio_p50']:>10.3f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "benchmark": "serve_overhead", "command": " ".join(sys.argv),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "python": platform.python_version()},
+        "settings": {"requests": args.requests, "max_tokens": args.max_tokens,
+                     "concurrency": 1, "vllm_multiprocessing":
+                     os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1")},
+        "engine_start_s": direct["engine_start_s"], "server_ready_s": http["server_ready_s"],
+        "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
