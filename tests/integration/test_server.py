@@ -9,7 +9,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from safetensors.numpy import load_file
+import torch
+from safetensors.torch import load_file
 
 from tests.integration.conftest import REPO, ServerProcess, server_env
 
@@ -129,7 +130,7 @@ def test_lora_topology_uses_the_role_adapters(lora_server: ServerProcess,
     default = next(p for p in cache_dir.iterdir() if p.name.startswith("tiny-llama"))
     base_a, base_b = load_file(str(lora_model / "model.safetensors")), load_file(
         str(default / "model.safetensors"))
-    assert base_a.keys() == base_b.keys() and all((base_a[k] == base_b[k]).all() for k in base_a)
+    assert base_a.keys() == base_b.keys() and all(torch.equal(base_a[k], base_b[k]) for k in base_a)
 
     cards = httpx.get(lora_server.url + "/v1/models").json()["data"]
     assert cards[0]["slhf"]["topology"] == "lora"
