@@ -28,8 +28,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PROMPTS = ["Explain gravity", "Describe the sea", "Why is the sky blue?", "Name three colors",
-           "How do trees grow?", "What is a prime number?", "Tell me about rain"]
+PROMPTS = [
+    "Explain gravity",
+    "Describe the sea",
+    "Why is the sky blue?",
+    "Name three colors",
+    "How do trees grow?",
+    "What is a prime number?",
+    "Tell me about rain",
+]
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -39,8 +46,14 @@ def pct(xs: list[float], q: float) -> float:
 
 def request_body(i: int, rounds: int, max_tokens: int) -> dict:
     sp = {"max_tokens": max_tokens}
-    return {"prompt": PROMPTS[i % len(PROMPTS)], "rounds": rounds, "seed": 1000 + i,
-            "stop_when_unchanged": False, "leader": sp, "follower": sp}
+    return {
+        "prompt": PROMPTS[i % len(PROMPTS)],
+        "rounds": rounds,
+        "seed": 1000 + i,
+        "stop_when_unchanged": False,
+        "leader": sp,
+        "follower": sp,
+    }
 
 
 async def in_process(args: argparse.Namespace) -> dict:
@@ -58,10 +71,14 @@ async def in_process(args: argparse.Namespace) -> dict:
 
     async def one(i: int, k: int) -> float:
         body = RefineRequest(**request_body(i, k, args.max_tokens))
-        job = RefineJob(request_id=f"b{k}-{i}-{time.monotonic_ns()}", prompt=body.prompt or "",
-                        rounds=k, leader=service.generation_params("leader", body.leader, body.seed),
-                        follower=service.generation_params("follower", body.follower, body.seed),
-                        stop_when_unchanged=False)
+        job = RefineJob(
+            request_id=f"b{k}-{i}-{time.monotonic_ns()}",
+            prompt=body.prompt or "",
+            rounds=k,
+            leader=service.generation_params("leader", body.leader, body.seed),
+            follower=service.generation_params("follower", body.follower, body.seed),
+            stop_when_unchanged=False,
+        )
         t0 = time.perf_counter()
         await service.refiner.refine(job)
         return (time.perf_counter() - t0) * 1000
@@ -79,8 +96,13 @@ def over_http(args: argparse.Namespace) -> dict:
     import httpx
 
     port = 18000 + os.getpid() % 1000
-    env = {**os.environ, "SLHF_PORT": str(port), "SLHF_HOST": "127.0.0.1",
-           "SLHF_MAX_MODEL_LEN": str(args.max_model_len), "SLHF_LOG_LEVEL": "warning"}
+    env = {
+        **os.environ,
+        "SLHF_PORT": str(port),
+        "SLHF_HOST": "127.0.0.1",
+        "SLHF_MAX_MODEL_LEN": str(args.max_model_len),
+        "SLHF_LOG_LEVEL": "warning",
+    }
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -95,6 +117,7 @@ def over_http(args: argparse.Namespace) -> dict:
                 time.sleep(0.25)
         result: dict = {"server_ready_s": time.perf_counter() - t0, "latency_ms": {}}
         with httpx.Client(base_url=url, timeout=300) as client:
+
             def one(i: int, k: int) -> float:
                 t = time.perf_counter()
                 r = client.post("/v1/refine", json=request_body(i, k, args.max_tokens))
@@ -124,30 +147,56 @@ def main() -> None:
     direct = asyncio.run(in_process(args))
     http = over_http(args)
     rows = []
-    print(f"engine start (in-process): {direct['engine_start_s']:.1f} s; "
-          f"server process to /ready: {http['server_ready_s']:.1f} s")
-    print(f"{'k':>2} {'in-process p50 ms':>18} {'HTTP p50 ms':>12} {'HTTP p99 ms':>12} "
-          f"{'ratio p50':>10}")
+    print(
+        f"engine start (in-process): {direct['engine_start_s']:.1f} s; "
+        f"server process to /ready: {http['server_ready_s']:.1f} s"
+    )
+    print(
+        f"{'k':>2} {'in-process p50 ms':>18} {'HTTP p50 ms':>12} {'HTTP p99 ms':>12} "
+        f"{'ratio p50':>10}"
+    )
     for k in args.rounds:
         d, h = direct["latency_ms"][k], http["latency_ms"][k]
-        row = {"rounds": k, "generations": k + 1,
-               "in_process_p50_ms": statistics.median(d), "in_process_p99_ms": pct(d, 0.99),
-               "http_p50_ms": statistics.median(h), "http_p99_ms": pct(h, 0.99),
-               "ratio_p50": statistics.median(h) / statistics.median(d),
-               "ratio_mean": statistics.fmean(h) / statistics.fmean(d)}
+        row = {
+            "rounds": k,
+            "generations": k + 1,
+            "in_process_p50_ms": statistics.median(d),
+            "in_process_p99_ms": pct(d, 0.99),
+            "http_p50_ms": statistics.median(h),
+            "http_p99_ms": pct(h, 0.99),
+            "ratio_p50": statistics.median(h) / statistics.median(d),
+            "ratio_mean": statistics.fmean(h) / statistics.fmean(d),
+        }
         rows.append(row)
-        print(f"{k:>2} {row['in_process_p50_ms']:>18.1f} {row['http_p50_ms']:>12.1f} "
-              f"{row['http_p99_ms']:>12.1f} {row['ratio_p50']:>10.3f}")
+        print(
+            f"{k:>2} {row['in_process_p50_ms']:>18.1f} {row['http_p50_ms']:>12.1f} "
+            f"{row['http_p99_ms']:>12.1f} {row['ratio_p50']:>10.3f}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "benchmark": "serve_overhead", "command": " ".join(sys.argv),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "python": platform.python_version()},
-        "settings": {"requests": args.requests, "max_tokens": args.max_tokens,
-                     "concurrency": 1, "vllm_multiprocessing":
-                     os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1")},
-        "engine_start_s": direct["engine_start_s"], "server_ready_s": http["server_ready_s"],
-        "rows": rows}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "benchmark": "serve_overhead",
+                "command": " ".join(sys.argv),
+                "machine": {
+                    "platform": platform.platform(),
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                },
+                "settings": {
+                    "requests": args.requests,
+                    "max_tokens": args.max_tokens,
+                    "concurrency": 1,
+                    "vllm_multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1"),
+                },
+                "engine_start_s": direct["engine_start_s"],
+                "server_ready_s": http["server_ready_s"],
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {args.out}")
 
 

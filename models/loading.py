@@ -86,9 +86,11 @@ def resolve_weights(
         if manifest.topology == "lora":
             raise ManifestError(
                 f"{ref}: its manifest serves LoRA adapters; a separate follower model "
-                f"(SLHF_FOLLOWER_MODEL={follower_model}) cannot be combined with them")
-        manifest = manifest.model_copy(update={
-            "follower": manifest.follower.model_copy(update={"model": follower_model})})
+                f"(SLHF_FOLLOWER_MODEL={follower_model}) cannot be combined with them"
+            )
+        manifest = manifest.model_copy(
+            update={"follower": manifest.follower.model_copy(update={"model": follower_model})}
+        )
     if served_model_name:
         manifest = manifest.model_copy(update={"name": served_model_name})
 
@@ -97,7 +99,8 @@ def resolve_weights(
             f"SLHF_TOPOLOGY={topology} but {ref} is served as topology '{manifest.topology}' "
             f"(from {'its manifest' if (folder / MANIFEST_FILE).exists() else 'having no manifest'}"
             f"{' and SLHF_FOLLOWER_MODEL' if follower_model else ''}); unset SLHF_TOPOLOGY or "
-            f"fix the manifest")
+            f"fix the manifest"
+        )
 
     def role_weights(role: Role) -> RoleWeights:
         spec = manifest.role(role)
@@ -110,6 +113,11 @@ def resolve_weights(
             adapter = str(local_folder(adapter, revision))
         return RoleWeights(model=m, adapter=adapter)
 
-    return ServedWeights(name=manifest.name, manifest=manifest, topology=manifest.topology,
-                         leader=role_weights("leader"), follower=role_weights("follower"),
-                         source=ref)
+    return ServedWeights(
+        name=manifest.name,
+        manifest=manifest,
+        topology=manifest.topology,
+        leader=role_weights("leader"),
+        follower=role_weights("follower"),
+        source=ref,
+    )

@@ -6,7 +6,8 @@ A manifest sits beside the weights and says how to serve them::
       "format_version": 1,
       "name": "slhf-tiny-llama",
       "base_model": ".",                       # relative to the manifest's folder, or an HF id
-      "leader":   {"adapter": null, "sampling": {"temperature": 0.9, "top_k": 50, "max_tokens": 512}},
+      "leader":   {"adapter": null,
+                   "sampling": {"temperature": 0.9, "top_k": 50, "max_tokens": 512}},
       "follower": {"adapter": "follower-lora", "model": null, "sampling": {...}},
       "template": {"layout": "chat", "follower_instruction": "Improve the previous answer. ..."},
       "default_rounds": 2,
@@ -137,7 +138,9 @@ class Manifest(_Strict):
         except FileNotFoundError:
             raise ManifestError(f"{p}: no manifest file") from None
         except json.JSONDecodeError as e:
-            raise ManifestError(f"{p}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+            raise ManifestError(
+                f"{p}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}"
+            ) from None
         return cls.from_dict(raw, source=str(p))
 
     @classmethod

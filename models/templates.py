@@ -114,7 +114,7 @@ def leader_messages(prompt: str | Sequence[Message]) -> list[Message]:
 def follower_messages(
     prompt: str | Sequence[Message], answer: str, instruction: str = DEFAULT_FOLLOWER_INSTRUCTION
 ) -> list[Message]:
-    """``T_F(x, y)`` as chat messages: ``x``, then ``[assistant: y]``, then ``[user: instruction]``."""
+    """``T_F(x, y)`` as chat messages: ``x``, ``[assistant: y]``, ``[user: instruction]``."""
     return [
         *to_messages(prompt),
         {"role": "assistant", "content": answer},
@@ -166,7 +166,9 @@ class TemplateRenderer:
         # A chat template writes BOS/EOS itself; plain text gets the tokenizer's specials.
         return list(self.tokenizer.encode(text, add_special_tokens=not self.uses_chat))
 
-    def encode_role(self, role: Role, prompt: str | Sequence[Message], answer: str | None) -> list[int]:
+    def encode_role(
+        self, role: Role, prompt: str | Sequence[Message], answer: str | None
+    ) -> list[int]:
         return self.encode(self.render(role, prompt, answer))
 
     # -- helpers ----------------------------------------------------------------------------

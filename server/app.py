@@ -31,10 +31,13 @@ def resolve_served_weights(settings: ServerSettings) -> ServedWeights:
         from models.tiny import default_model_dir
 
         model = str(default_model_dir())
-    return resolve_weights(model, follower_model=settings.follower_model,
-                           topology=settings.topology,
-                           served_model_name=settings.served_model_name,
-                           revision=settings.revision)
+    return resolve_weights(
+        model,
+        follower_model=settings.follower_model,
+        topology=settings.topology,
+        served_model_name=settings.served_model_name,
+        revision=settings.revision,
+    )
 
 
 def _vllm_engine(weights: ServedWeights, settings: ServerSettings) -> Engine:
@@ -43,9 +46,12 @@ def _vllm_engine(weights: ServedWeights, settings: ServerSettings) -> Engine:
     return VllmEngine.start(weights, settings)
 
 
-def create_app(settings: ServerSettings | None = None, *,
-               engine_factory: EngineFactory | None = None,
-               weights: ServedWeights | None = None) -> FastAPI:
+def create_app(
+    settings: ServerSettings | None = None,
+    *,
+    engine_factory: EngineFactory | None = None,
+    weights: ServedWeights | None = None,
+) -> FastAPI:
     """Build the app. Tests pass a fake ``engine_factory`` (and ``weights``)."""
     settings = settings or ServerSettings()
     factory = engine_factory or _vllm_engine
@@ -53,8 +59,7 @@ def create_app(settings: ServerSettings | None = None, *,
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         served = weights or resolve_served_weights(settings)
-        logger.info("serving %s (topology %s) from %s", served.name, served.topology,
-                    served.source)
+        logger.info("serving %s (topology %s) from %s", served.name, served.topology, served.source)
         engine = factory(served, settings)
         app.state.service = Service.build(settings, served, engine)
         try:

@@ -9,15 +9,20 @@ from collections.abc import Sequence
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("serve", help="run the refinement server (settings from SLHF_* env vars)",
-                       description="Flags override the SLHF_* environment variables.")
+    p = sub.add_parser(
+        "serve",
+        help="run the refinement server (settings from SLHF_* env vars)",
+        description="Flags override the SLHF_* environment variables.",
+    )
     p.add_argument("--model", help="model folder or HF id (SLHF_MODEL); default: the shipped model")
     p.add_argument("--follower-model", help="separate Follower model (SLHF_FOLLOWER_MODEL)")
     p.add_argument("--served-model-name", help="model id in the API (SLHF_SERVED_MODEL_NAME)")
     p.add_argument("--topology", choices=["auto", "shared", "lora", "separate"])
     p.add_argument("--host", help="bind address (SLHF_HOST, default 0.0.0.0)")
     p.add_argument("--port", type=int, help="port (SLHF_PORT, default 8000)")
-    p.add_argument("--max-rounds", type=int, help="largest rounds a request may ask (SLHF_MAX_ROUNDS)")
+    p.add_argument(
+        "--max-rounds", type=int, help="largest rounds a request may ask (SLHF_MAX_ROUNDS)"
+    )
     p.add_argument("--max-model-len", type=int, help="context length (SLHF_MAX_MODEL_LEN)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
@@ -36,16 +41,23 @@ def serve(args: argparse.Namespace) -> int:
     except ValidationError as e:
         print(f"slhf serve: invalid settings:\n{e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         weights = resolve_served_weights(settings)
     except ManifestError as e:
         print(f"slhf serve: cannot serve the model: {e}", file=sys.stderr)
         return 2
     app = create_app(settings, weights=weights)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, timeout_graceful_shutdown=30)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
     return 0
 
 

@@ -30,14 +30,14 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from models.loading import ServedWeights
-from models.templates import ChatTokenizer, Role
+from models.templates import ROLES, ChatTokenizer, Role
 from server.errors import InvalidRequestError
-from server.generation import EngineError, Generation, GenerationParams
+from server.generation import EngineError, FinishReason, Generation, GenerationParams
 from server.settings import ServerSettings
 
 logger = logging.getLogger("slhf.engine")
 
-_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
 @dataclass
@@ -48,8 +48,14 @@ class _RoleBinding:
     max_model_len: int
 
 
-def _engine_args(model: str, settings: ServerSettings, *, max_model_len: int | None,
-                 enable_lora: bool, memory_share: float) -> AsyncEngineArgs:
+def _engine_args(
+    model: str,
+    settings: ServerSettings,
+    *,
+    max_model_len: int | None,
+    enable_lora: bool,
+    memory_share: float,
+) -> AsyncEngineArgs:
     kwargs: dict[str, Any] = dict(
         model=model,
         tokenizer=model,
@@ -78,7 +84,8 @@ def _load_tokenizer(path: str, settings: ServerSettings) -> ChatTokenizer:
     from transformers import AutoTokenizer
 
     tok: ChatTokenizer = AutoTokenizer.from_pretrained(
-        path, revision=settings.revision, trust_remote_code=settings.trust_remote_code)
+        path, revision=settings.revision, trust_remote_code=settings.trust_remote_code
+    )
     return tok
 
 
@@ -100,22 +107,37 @@ class VllmEngine:
         max_len = settings.max_model_len or weights.manifest.max_model_len
         bindings: dict[Role, _RoleBinding] = {}
         if weights.topology == "separate":
-            for role in ("leader", "follower"):
+            for role in ROLES:
                 w = weights.role(role)
                 logger.info("starting the %s engine on %s", role, w.model)
-                llm = AsyncLLM.from_engine_args(_engine_args(
-                    w.model, settings, max_model_len=max_len, enable_lora=False, memory_share=0.5))
-                bindings[role] = _RoleBinding(llm, _load_tokenizer(w.model, settings), None,
-                                              llm.model_config.max_model_len)
+                llm = AsyncLLM.from_engine_args(
+                    _engine_args(
+                        w.model,
+                        settings,
+                        max_model_len=max_len,
+                        enable_lora=False,
+                        memory_share=0.5,
+                    )
+                )
+                bindings[role] = _RoleBinding(
+                    llm, _load_tokenizer(w.model, settings), None, llm.model_config.max_model_len
+                )
         else:
             lora = weights.topology == "lora"
-            logger.info("starting the engine on %s (topology %s)", weights.leader.model,
-                        weights.topology)
-            llm = AsyncLLM.from_engine_args(_engine_args(
-                weights.leader.model, settings, max_model_len=max_len, enable_lora=lora,
-                memory_share=1.0))
+            logger.info(
+                "starting the engine on %s (topology %s)", weights.leader.model, weights.topology
+            )
+            llm = AsyncLLM.from_engine_args(
+                _engine_args(
+                    weights.leader.model,
+                    settings,
+                    max_model_len=max_len,
+                    enable_lora=lora,
+                    memory_share=1.0,
+                )
+            )
             tok = _load_tokenizer(weights.leader.model, settings)
-            for i, role in enumerate(("leader", "follower"), start=1):
+            for i, role in enumerate(ROLES, start=1):
                 adapter = weights.role(role).adapter
                 req = LoRARequest(f"{weights.name}-{role}", i, adapter) if adapter else None
                 bindings[role] = _RoleBinding(llm, tok, req, llm.model_config.max_model_len)
@@ -131,17 +153,26 @@ class VllmEngine:
     def max_model_len(self, role: Role) -> int:
         return self._roles[role].max_model_len
 
-    async def generate(self, role: Role, prompt_token_ids: list[int], params: GenerationParams,
-                       request_id: str) -> Generation:
+    async def generate(
+        self, role: Role, prompt_token_ids: list[int], params: GenerationParams, request_id: str
+    ) -> Generation:
         binding = self._roles[role]
         sampling = SamplingParams(
-            n=1, max_tokens=params.max_tokens, temperature=params.temperature,
-            top_p=params.top_p, top_k=params.top_k, seed=params.seed, stop=list(params.stop),
-            output_kind=RequestOutputKind.FINAL_ONLY)
+            n=1,
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            seed=params.seed,
+            stop=list(params.stop),
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
         final = None
         try:
             async for out in binding.llm.generate(
-                tokens_input(prompt_token_ids), sampling, request_id,
+                tokens_input(prompt_token_ids),
+                sampling,
+                request_id,
                 lora_request=binding.lora,
             ):
                 final = out
@@ -152,9 +183,12 @@ class VllmEngine:
         if final is None or not final.outputs:
             raise EngineError(f"the {role} engine returned no output for {request_id}")
         out0 = final.outputs[0]
-        return Generation(text=out0.text, prompt_tokens=len(prompt_token_ids),
-                          completion_tokens=len(out0.token_ids),
-                          finish_reason=_FINISH.get(str(out0.finish_reason), "stop"))  # type: ignore[arg-type]
+        return Generation(
+            text=out0.text,
+            prompt_tokens=len(prompt_token_ids),
+            completion_tokens=len(out0.token_ids),
+            finish_reason=_FINISH.get(str(out0.finish_reason), "stop"),
+        )
 
     async def abort(self, request_id: str) -> None:
         for llm in self._llms:

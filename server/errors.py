@@ -60,23 +60,46 @@ class ServiceUnavailableError(SLHFError):
     error_type = "service_unavailable"
 
 
-def error_body(status: int, message: str, error_type: str, param: str | None = None,
-               code: str | int | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": param,
-                      "code": code if code is not None else status}}
+def error_body(
+    status: int,
+    message: str,
+    error_type: str,
+    param: str | None = None,
+    code: str | int | None = None,
+) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": error_type,
+            "param": param,
+            "code": code if code is not None else status,
+        }
+    }
 
 
-def error_response(status: int, message: str, error_type: str, param: str | None = None,
-                   code: str | int | None = None, headers: dict[str, str] | None = None
-                   ) -> JSONResponse:
-    return JSONResponse(error_body(status, message, error_type, param, code), status_code=status,
-                        headers=headers)
+def error_response(
+    status: int,
+    message: str,
+    error_type: str,
+    param: str | None = None,
+    code: str | int | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        error_body(status, message, error_type, param, code), status_code=status, headers=headers
+    )
 
 
-_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                 403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
-                 413: "invalid_request_error", 429: "rate_limit_error",
-                 503: "service_unavailable"}
+_STATUS_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
 
 
 def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -94,7 +117,7 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
         first_param = first_param or param
         msg = str(err.get("msg", "invalid value"))
         if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+            msg = msg[len("Value error, ") :]
         parts.append(f"{param}: {msg}" if param else msg)
     return "; ".join(parts) or "Invalid request", first_param
 
@@ -120,12 +143,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail),
-                              _STATUS_TYPES.get(exc.status_code, "invalid_request_error"),
-                              headers=dict(exc.headers) if exc.headers else None)
+        return error_response(
+            exc.status_code,
+            str(exc.detail),
+            _STATUS_TYPES.get(exc.status_code, "invalid_request_error"),
+            headers=dict(exc.headers) if exc.headers else None,
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error: %s", exc)
-        return error_response(500, f"Internal server error ({type(exc).__name__})",
-                              "internal_server_error")
+        return error_response(
+            500, f"Internal server error ({type(exc).__name__})", "internal_server_error"
+        )

@@ -1,8 +1,11 @@
-"""Wire models of the SLHF routes (DESIGN.md "Wire contract"). Names are fixed; add, never rename."""
+"""Wire models of the SLHF routes (DESIGN.md "Wire contract").
+
+Names are fixed; add fields, never rename.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -126,7 +129,7 @@ class ModelCard(BaseModel):
     root: str
     parent: str | None = None
     max_model_len: int
-    slhf: dict[str, object] = Field(default_factory=dict)
+    slhf: dict[str, Any] = Field(default_factory=dict)
 
 
 class ModelList(BaseModel):

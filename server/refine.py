@@ -61,8 +61,11 @@ class RefineOutcome:
 
 
 def _usage(g: Generation) -> Usage:
-    return Usage(prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens,
-                 total_tokens=g.prompt_tokens + g.completion_tokens)
+    return Usage(
+        prompt_tokens=g.prompt_tokens,
+        completion_tokens=g.completion_tokens,
+        total_tokens=g.prompt_tokens + g.completion_tokens,
+    )
 
 
 def _sum_usage(parts: Sequence[Usage]) -> Usage:
@@ -83,18 +86,25 @@ class Refiner:
         self.engine = engine
         self.renderers = renderers
 
-    def prompt_ids(self, role: Role, prompt: str | Sequence[Message], answer: str | None
-                   ) -> list[int]:
+    def prompt_ids(
+        self, role: Role, prompt: str | Sequence[Message], answer: str | None
+    ) -> list[int]:
         return self.renderers[role].encode_role(role, prompt, answer)
 
     def check_fits(self, role: Role, ids: list[int], param: str = "prompt") -> None:
         """Raise ``PromptTooLongError`` when ``ids`` leave no room for a single new token."""
         limit = self.engine.max_model_len(role)
         if len(ids) >= limit:
-            what = "Leader prompt" if role == "leader" else "Follower prompt (prompt + answer + instruction)"
+            what = (
+                "Leader prompt"
+                if role == "leader"
+                else "Follower prompt (prompt + answer + instruction)"
+            )
             raise PromptTooLongError(
                 f"{what} has {len(ids):,} tokens; max_model_len is {limit:,}, which leaves no "
-                f"room to generate. Shorten the {param}.", param=param)
+                f"room to generate. Shorten the {param}.",
+                param=param,
+            )
 
     def first_prompt_ids(self, job: RefineJob) -> list[int]:
         """Validate the request's first prompt against the context before any work starts."""
@@ -106,11 +116,15 @@ class Refiner:
             self.check_fits("follower", ids, param="response")
         return ids
 
-    async def _run(self, role: Role, ids: list[int], params: GenerationParams, round_index: int,
-                   job: RefineJob) -> tuple[Generation, float]:
+    async def _run(
+        self, role: Role, ids: list[int], params: GenerationParams, round_index: int, job: RefineJob
+    ) -> tuple[Generation, float]:
         room = self.engine.max_model_len(role) - len(ids)
-        params = replace(params, max_tokens=min(params.max_tokens, room),
-                         seed=derive_seed(params.seed, round_index))
+        params = replace(
+            params,
+            max_tokens=min(params.max_tokens, room),
+            seed=derive_seed(params.seed, round_index),
+        )
         start = time.perf_counter()
         gen = await self.engine.generate(role, ids, params, f"{job.request_id}-{round_index}")
         return gen, (time.perf_counter() - start) * 1000.0
@@ -119,26 +133,47 @@ class Refiner:
         first_ids = self.first_prompt_ids(job)
         if job.given_answer is None:
             gen, ms = await self._run("leader", first_ids, job.leader, 0, job)
-            leader = LeaderAnswer(text=gen.text, source="leader", finish_reason=gen.finish_reason,
-                                  usage=_usage(gen), latency_ms=round(ms, 3))
+            leader = LeaderAnswer(
+                text=gen.text,
+                source="leader",
+                finish_reason=gen.finish_reason,
+                usage=_usage(gen),
+                latency_ms=round(ms, 3),
+            )
             next_ids: list[int] | None = None
         else:
-            leader = LeaderAnswer(text=job.given_answer, source="given", finish_reason=None,
-                                  usage=Usage(), latency_ms=0.0)
+            leader = LeaderAnswer(
+                text=job.given_answer,
+                source="given",
+                finish_reason=None,
+                usage=Usage(),
+                latency_ms=0.0,
+            )
             next_ids = first_ids
 
         rounds: list[RoundResult] = []
         stopped: StoppedReason = "max_rounds"
         previous = leader.text
         for i in range(1, job.rounds + 1):
-            ids = next_ids if next_ids is not None else self.prompt_ids("follower", job.prompt, previous)
+            ids = (
+                next_ids
+                if next_ids is not None
+                else self.prompt_ids("follower", job.prompt, previous)
+            )
             next_ids = None
             if len(ids) >= self.engine.max_model_len("follower"):
                 stopped = "context_length"
                 break
             gen, ms = await self._run("follower", ids, job.follower, i, job)
-            rounds.append(RoundResult(round=i, text=gen.text, finish_reason=gen.finish_reason,
-                                      usage=_usage(gen), latency_ms=round(ms, 3)))
+            rounds.append(
+                RoundResult(
+                    round=i,
+                    text=gen.text,
+                    finish_reason=gen.finish_reason,
+                    usage=_usage(gen),
+                    latency_ms=round(ms, 3),
+                )
+            )
             if job.stop_when_unchanged and same_answer(gen.text, previous):
                 stopped = "unchanged"
                 break

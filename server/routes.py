@@ -41,11 +41,21 @@ async def list_models(service: ServiceDep) -> ModelList:
     }
     max_len = min(service.engine.max_model_len("leader"), service.engine.max_model_len("follower"))
     cards = [
-        ModelCard(id=service.name, created=service.created, root=service.weights.leader.model,
-                  max_model_len=max_len, slhf={**info, "rounds": service.default_rounds}),
-        ModelCard(id=service.model_ids[1], created=service.created,
-                  root=service.weights.leader.model, parent=service.name, max_model_len=max_len,
-                  slhf={**info, "rounds": 0}),
+        ModelCard(
+            id=service.name,
+            created=service.created,
+            root=service.weights.leader.model,
+            max_model_len=max_len,
+            slhf={**info, "rounds": service.default_rounds},
+        ),
+        ModelCard(
+            id=service.model_ids[1],
+            created=service.created,
+            root=service.weights.leader.model,
+            parent=service.name,
+            max_model_len=max_len,
+            slhf={**info, "rounds": 0},
+        ),
     ]
     return ModelList(data=cards)
 
@@ -53,9 +63,13 @@ async def list_models(service: ServiceDep) -> ModelList:
 @router.post("/v1/refine")
 async def refine(body: RefineRequest, service: ServiceDep) -> RefineResponse:
     leader_only = service.resolve_model(body.model)
-    rounds = body.rounds if body.rounds is not None else (0 if leader_only else service.default_rounds)
+    rounds = (
+        body.rounds if body.rounds is not None else (0 if leader_only else service.default_rounds)
+    )
     service.check_rounds(rounds)
-    prompt = body.prompt if body.prompt is not None else [m.model_dump() for m in body.messages or []]
+    prompt = (
+        body.prompt if body.prompt is not None else [m.model_dump() for m in body.messages or []]
+    )
     job = RefineJob(
         request_id=f"refine-{uuid.uuid4().hex}",
         prompt=prompt,
@@ -67,7 +81,12 @@ async def refine(body: RefineRequest, service: ServiceDep) -> RefineResponse:
     )
     outcome = await service.refiner.refine(job)
     return RefineResponse(
-        id=job.request_id, created=int(time.time()), model=body.model or service.name,
-        leader=outcome.leader, rounds=outcome.rounds, final=outcome.final,
-        stopped_reason=outcome.stopped_reason, usage=outcome.usage,
+        id=job.request_id,
+        created=int(time.time()),
+        model=body.model or service.name,
+        leader=outcome.leader,
+        rounds=outcome.rounds,
+        final=outcome.final,
+        stopped_reason=outcome.stopped_reason,
+        usage=outcome.usage,
     )

@@ -32,8 +32,9 @@ class Service:
     def build(cls, settings: ServerSettings, weights: ServedWeights, engine: Engine) -> Service:
         template = weights.manifest.template.to_config()
         renderers = {role: TemplateRenderer(engine.tokenizer(role), template) for role in ROLES}
-        return cls(settings=settings, weights=weights, engine=engine,
-                   refiner=Refiner(engine, renderers))
+        return cls(
+            settings=settings, weights=weights, engine=engine, refiner=Refiner(engine, renderers)
+        )
 
     # -- models -------------------------------------------------------------------------------
     @property
@@ -63,15 +64,17 @@ class Service:
         if not 0 <= rounds <= limit:
             raise InvalidRequestError(
                 f"{param} must be between 0 and {limit} (SLHF_MAX_ROUNDS); got {rounds}",
-                param=param)
+                param=param,
+            )
         return rounds
 
     # -- sampling -----------------------------------------------------------------------------
     def role_defaults(self, role: Role) -> SamplingDefaults:
         return self.weights.manifest.role(role).sampling
 
-    def generation_params(self, role: Role, given: SamplingParams | None,
-                          request_seed: int | None) -> GenerationParams:
+    def generation_params(
+        self, role: Role, given: SamplingParams | None, request_seed: int | None
+    ) -> GenerationParams:
         """A role's request values over the manifest's defaults for that role."""
         d = self.role_defaults(role)
         g = given or SamplingParams()

@@ -72,6 +72,7 @@ class ServerSettings(BaseSettings):
     def _check(self) -> ServerSettings:
         if self.default_rounds is not None and self.default_rounds > self.max_rounds:
             raise ValueError(
-                f"SLHF_DEFAULT_ROUNDS={self.default_rounds} exceeds SLHF_MAX_ROUNDS={self.max_rounds}"
+                f"SLHF_DEFAULT_ROUNDS={self.default_rounds} exceeds "
+                f"SLHF_MAX_ROUNDS={self.max_rounds}"
             )
         return self

@@ -62,8 +62,9 @@ class ScriptedEngine:
     def max_model_len(self, role: Role) -> int:
         return self.context
 
-    async def generate(self, role: Role, prompt_token_ids: list[int], params: GenerationParams,
-                       request_id: str) -> Generation:
+    async def generate(
+        self, role: Role, prompt_token_ids: list[int], params: GenerationParams, request_id: str
+    ) -> Generation:
         if self.dead:
             raise EngineError("engine is dead")
         call = Call(role, CharTokenizer.decode(prompt_token_ids), params, request_id)
@@ -81,9 +82,12 @@ class ScriptedEngine:
             self.running.discard(request_id)
         words = text.split()
         n = min(len(words), params.max_tokens)
-        return Generation(text=" ".join(words[:n]), prompt_tokens=len(prompt_token_ids),
-                          completion_tokens=n,
-                          finish_reason="length" if len(words) > params.max_tokens else "stop")
+        return Generation(
+            text=" ".join(words[:n]),
+            prompt_tokens=len(prompt_token_ids),
+            completion_tokens=n,
+            finish_reason="length" if len(words) > params.max_tokens else "stop",
+        )
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

@@ -42,8 +42,13 @@ def free_port() -> int:
 
 def server_env(**settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLHF_")}
-    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.update(
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
     env.update(settings)
     return env
 
@@ -62,8 +67,14 @@ class ServerProcess:
         port = free_port()
         env = server_env(SLHF_HOST="127.0.0.1", SLHF_PORT=str(port), **settings)
         out = log.open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         server = cls(proc, f"http://127.0.0.1:{port}", log)
         server.wait_ready()
         return server
@@ -118,8 +129,9 @@ def qwen_model(models_dir: Path) -> Path:
     return build_tiny_model(models_dir / "tiny-qwen2", family="qwen2", seed=1)
 
 
-def _serve(tmp_path_factory: pytest.TempPathFactory, name: str, **settings: str
-           ) -> Iterator[ServerProcess]:
+def _serve(
+    tmp_path_factory: pytest.TempPathFactory, name: str, **settings: str
+) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("logs") / f"{name}.log"
     server = ServerProcess.start(log, SLHF_MAX_ROUNDS="4", SLHF_MAX_MODEL_LEN="512", **settings)
     try:
@@ -129,22 +141,30 @@ def _serve(tmp_path_factory: pytest.TempPathFactory, name: str, **settings: str
 
 
 @pytest.fixture(scope="session")
-def shared_server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path
-                  ) -> Iterator[ServerProcess]:
+def shared_server(
+    tmp_path_factory: pytest.TempPathFactory, cache_dir: Path
+) -> Iterator[ServerProcess]:
     """Topology (a), on the default model exactly as ``make serve`` gets it (no SLHF_MODEL)."""
     yield from _serve(tmp_path_factory, "shared", SLHF_CACHE_DIR=str(cache_dir))
 
 
 @pytest.fixture(scope="session")
-def lora_server(tmp_path_factory: pytest.TempPathFactory, lora_model: Path
-                ) -> Iterator[ServerProcess]:
+def lora_server(
+    tmp_path_factory: pytest.TempPathFactory, lora_model: Path
+) -> Iterator[ServerProcess]:
     """Topology (b): one base, Leader and Follower LoRA adapters in one engine."""
     yield from _serve(tmp_path_factory, "lora", SLHF_MODEL=str(lora_model))
 
 
 @pytest.fixture(scope="session")
-def separate_server(tmp_path_factory: pytest.TempPathFactory, qwen_model: Path, cache_dir: Path
-                    ) -> Iterator[ServerProcess]:
+def separate_server(
+    tmp_path_factory: pytest.TempPathFactory, qwen_model: Path, cache_dir: Path
+) -> Iterator[ServerProcess]:
     """Topology (c): a Llama-family Leader and a Qwen2-family Follower, two engines."""
-    yield from _serve(tmp_path_factory, "separate", SLHF_CACHE_DIR=str(cache_dir),
-                      SLHF_FOLLOWER_MODEL=str(qwen_model), SLHF_SERVED_MODEL_NAME="pair")
+    yield from _serve(
+        tmp_path_factory,
+        "separate",
+        SLHF_CACHE_DIR=str(cache_dir),
+        SLHF_FOLLOWER_MODEL=str(qwen_model),
+        SLHF_SERVED_MODEL_NAME="pair",
+    )

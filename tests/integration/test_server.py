@@ -33,8 +33,9 @@ def ok(server: ServerProcess, **body: object) -> dict:
 
 
 # -- topology (a): the default model, as `make serve` serves it --------------------------------
-def test_default_model_is_built_locally_and_refines_two_rounds(shared_server: ServerProcess,
-                                                              cache_dir: Path) -> None:
+def test_default_model_is_built_locally_and_refines_two_rounds(
+    shared_server: ServerProcess, cache_dir: Path
+) -> None:
     assert any(p.name.startswith("tiny-llama") for p in cache_dir.iterdir())
     body = ok(shared_server, prompt="Explain gravity", rounds=2)
     assert body["object"] == "refinement" and body["leader"]["source"] == "leader"
@@ -65,8 +66,9 @@ def test_seeded_requests_are_reproducible(shared_server: ServerProcess) -> None:
 
 
 def test_given_response_is_refined_by_the_follower(shared_server: ServerProcess) -> None:
-    body = ok(shared_server, prompt="What is 2+2?", response="It is four.", rounds=1,
-              follower=GREEDY)
+    body = ok(
+        shared_server, prompt="What is 2+2?", response="It is four.", rounds=1, follower=GREEDY
+    )
     assert body["leader"]["source"] == "given" and body["leader"]["text"] == "It is four."
     assert body["leader"]["usage"]["total_tokens"] == 0
     assert len(body["rounds"]) == 1
@@ -74,18 +76,23 @@ def test_given_response_is_refined_by_the_follower(shared_server: ServerProcess)
 
 def test_messages_and_leader_only_model_id(shared_server: ServerProcess) -> None:
     name = httpx.get(shared_server.url + "/v1/models").json()["data"][0]["id"]
-    body = ok(shared_server, model=f"{name}:leader",
-              messages=[{"role": "system", "content": "Be short."},
-                        {"role": "user", "content": "Hello"}])
+    body = ok(
+        shared_server,
+        model=f"{name}:leader",
+        messages=[{"role": "system", "content": "Be short."}, {"role": "user", "content": "Hello"}],
+    )
     assert body["rounds"] == [] and body["final"] == body["leader"]["text"]
 
 
 def test_concurrent_requests_all_succeed(shared_server: ServerProcess) -> None:
     async def many() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=shared_server.url, timeout=120) as client:
-            return await asyncio.gather(*(
-                client.post("/v1/refine", json={"prompt": f"Question {i}", "rounds": 2})
-                for i in range(24)))
+            return await asyncio.gather(
+                *(
+                    client.post("/v1/refine", json={"prompt": f"Question {i}", "rounds": 2})
+                    for i in range(24)
+                )
+            )
 
     responses = asyncio.run(many())
     assert [r.status_code for r in responses] == [200] * 24
@@ -93,49 +100,65 @@ def test_concurrent_requests_all_succeed(shared_server: ServerProcess) -> None:
 
 def test_models_health_ready(shared_server: ServerProcess) -> None:
     data = httpx.get(shared_server.url + "/v1/models").json()["data"]
-    assert data[0]["id"].startswith("slhf-tiny-llama") and data[1]["id"] == data[0]["id"] + ":leader"
+    assert (
+        data[0]["id"].startswith("slhf-tiny-llama") and data[1]["id"] == data[0]["id"] + ":leader"
+    )
     assert data[0]["max_model_len"] == 512 and data[0]["slhf"]["topology"] == "shared"
     assert httpx.get(shared_server.url + "/health").json() == {"status": "ok"}
     assert httpx.get(shared_server.url + "/ready").status_code == 200
 
 
 # -- errors: always the envelope, never a 500 ---------------------------------------------------
-@pytest.mark.parametrize("body, status, fragment", [
-    ({"prompt": "x", "rounds": 5}, 400, "between 0 and 4"),
-    ({"prompt": "x", "rounds": -1}, 400, "got -1"),
-    ({"rounds": 1}, 400, "exactly one of"),
-    ({"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, 400, "exactly one of"),
-    ({"prompt": ""}, 400, "must not be empty"),
-    ({"prompt": "x", "model": "nope"}, 404, "`nope` does not exist"),
-    ({"prompt": "word " * 2000}, 400, "max_model_len is 512"),
-    ({"prompt": "x", "response": "word " * 2000, "rounds": 1}, 400, "max_model_len is 512"),
-])
-def test_bad_input_gets_a_4xx_envelope(shared_server: ServerProcess, body: dict, status: int,
-                                       fragment: str) -> None:
+@pytest.mark.parametrize(
+    "body, status, fragment",
+    [
+        ({"prompt": "x", "rounds": 5}, 400, "between 0 and 4"),
+        ({"prompt": "x", "rounds": -1}, 400, "got -1"),
+        ({"rounds": 1}, 400, "exactly one of"),
+        ({"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, 400, "exactly one of"),
+        ({"prompt": ""}, 400, "must not be empty"),
+        ({"prompt": "x", "model": "nope"}, 404, "`nope` does not exist"),
+        ({"prompt": "word " * 2000}, 400, "max_model_len is 512"),
+        ({"prompt": "x", "response": "word " * 2000, "rounds": 1}, 400, "max_model_len is 512"),
+    ],
+)
+def test_bad_input_gets_a_4xx_envelope(
+    shared_server: ServerProcess, body: dict, status: int, fragment: str
+) -> None:
     r = refine(shared_server, **body)
     assert r.status_code == status, r.text
     assert fragment in r.json()["error"]["message"]
 
 
 def test_malformed_json_gets_a_400(shared_server: ServerProcess) -> None:
-    r = httpx.post(shared_server.url + "/v1/refine", content=b"{not json",
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        shared_server.url + "/v1/refine",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400 and "Malformed JSON" in r.json()["error"]["message"]
 
 
 # -- topology (b): base + LoRA adapters in one engine --------------------------------------------
-def test_lora_topology_uses_the_role_adapters(lora_server: ServerProcess,
-                                              shared_server: ServerProcess, lora_model: Path,
-                                              cache_dir: Path) -> None:
+def test_lora_topology_uses_the_role_adapters(
+    lora_server: ServerProcess, shared_server: ServerProcess, lora_model: Path, cache_dir: Path
+) -> None:
     default = next(p for p in cache_dir.iterdir() if p.name.startswith("tiny-llama"))
-    base_a, base_b = load_file(str(lora_model / "model.safetensors")), load_file(
-        str(default / "model.safetensors"))
+    base_a, base_b = (
+        load_file(str(lora_model / "model.safetensors")),
+        load_file(str(default / "model.safetensors")),
+    )
     assert base_a.keys() == base_b.keys() and all(torch.equal(base_a[k], base_b[k]) for k in base_a)
 
     cards = httpx.get(lora_server.url + "/v1/models").json()["data"]
     assert cards[0]["slhf"]["topology"] == "lora"
-    req = {"prompt": "Describe a tree", "rounds": 1, "leader": SHORT_GREEDY,
-           "follower": SHORT_GREEDY, "stop_when_unchanged": False}
+    req = {
+        "prompt": "Describe a tree",
+        "rounds": 1,
+        "leader": SHORT_GREEDY,
+        "follower": SHORT_GREEDY,
+        "stop_when_unchanged": False,
+    }
     with_adapters, base_only = ok(lora_server, **req), ok(shared_server, **req)
     # same base weights, same prompts, greedy: only the adapters can make these differ
     assert with_adapters["leader"]["text"] != base_only["leader"]["text"]
@@ -144,8 +167,13 @@ def test_lora_topology_uses_the_role_adapters(lora_server: ServerProcess,
 
 
 def test_lora_topology_is_deterministic_under_greedy(lora_server: ServerProcess) -> None:
-    req = {"prompt": "Describe a lake", "rounds": 2, "leader": GREEDY, "follower": GREEDY,
-           "stop_when_unchanged": False}
+    req = {
+        "prompt": "Describe a lake",
+        "rounds": 2,
+        "leader": GREEDY,
+        "follower": GREEDY,
+        "stop_when_unchanged": False,
+    }
     a, b = ok(lora_server, **req), ok(lora_server, **req)
     assert a["final"] == b["final"] and a["leader"]["text"] == b["leader"]["text"]
 
@@ -159,14 +187,24 @@ def test_separate_topology_serves_two_families(separate_server: ServerProcess) -
 
 
 # -- start-up failures are clear and fast ---------------------------------------------------------
-@pytest.mark.parametrize("settings, fragment", [
-    ({"SLHF_MODEL": "/nonexistent/model"}, "no such model folder"),
-    ({"SLHF_MAX_ROUNDS": "-3"}, "max_rounds"),
-])
-def test_bad_settings_fail_at_start_with_the_reason(tmp_path: Path, settings: dict,
-                                                    fragment: str) -> None:
+@pytest.mark.parametrize(
+    "settings, fragment",
+    [
+        ({"SLHF_MODEL": "/nonexistent/model"}, "no such model folder"),
+        ({"SLHF_MAX_ROUNDS": "-3"}, "max_rounds"),
+    ],
+)
+def test_bad_settings_fail_at_start_with_the_reason(
+    tmp_path: Path, settings: dict, fragment: str
+) -> None:
     env = server_env(SLHF_PORT="0", SLHF_CACHE_DIR=str(tmp_path), **settings)
-    proc = subprocess.run([sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert fragment in proc.stdout + proc.stderr

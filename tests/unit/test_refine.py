@@ -21,8 +21,9 @@ def make_refiner(engine: ScriptedEngine) -> Refiner:
 
 
 def job(rounds: int, **kw: object) -> RefineJob:
-    base = dict(request_id="req", prompt="What is gravity?", rounds=rounds, leader=PARAMS,
-                follower=PARAMS)
+    base = dict(
+        request_id="req", prompt="What is gravity?", rounds=rounds, leader=PARAMS, follower=PARAMS
+    )
     base.update(kw)
     return RefineJob(**base)  # type: ignore[arg-type]
 
@@ -175,7 +176,9 @@ def test_concurrent_refinements_overlap_in_the_engine() -> None:
     refiner = make_refiner(engine)
 
     async def many() -> list:
-        return await asyncio.gather(*(refiner.refine(job(2, request_id=f"r{i}")) for i in range(16)))
+        return await asyncio.gather(
+            *(refiner.refine(job(2, request_id=f"r{i}")) for i in range(16))
+        )
 
     outs = asyncio.run(many())
     assert all(o.final == "answer 2" for o in outs)

@@ -19,9 +19,14 @@ MANIFEST = Manifest(
     follower=RoleSpec(sampling=SamplingDefaults(max_tokens=9, temperature=0.8, top_p=0.9)),
     default_rounds=2,
 )
-WEIGHTS = ServedWeights(name="fake-slhf", manifest=MANIFEST, topology="shared",
-                        leader=RoleWeights("/models/fake"), follower=RoleWeights("/models/fake"),
-                        source="/models/fake")
+WEIGHTS = ServedWeights(
+    name="fake-slhf",
+    manifest=MANIFEST,
+    topology="shared",
+    leader=RoleWeights("/models/fake"),
+    follower=RoleWeights("/models/fake"),
+    source="/models/fake",
+)
 
 
 @pytest.fixture
@@ -31,8 +36,9 @@ def engine() -> ScriptedEngine:
 
 @pytest.fixture
 def client(engine: ScriptedEngine) -> Iterator[TestClient]:
-    app = create_app(ServerSettings(max_rounds=4), weights=WEIGHTS,
-                     engine_factory=lambda w, s: engine)
+    app = create_app(
+        ServerSettings(max_rounds=4), weights=WEIGHTS, engine_factory=lambda w, s: engine
+    )
     with TestClient(app) as c:
         yield c
 
@@ -61,19 +67,27 @@ def test_refine_returns_the_wire_contract(client: TestClient) -> None:
     assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] > 0
 
 
-def test_rounds_default_to_the_manifest_and_leader_model_means_no_rounds(client: TestClient
-                                                                         ) -> None:
+def test_rounds_default_to_the_manifest_and_leader_model_means_no_rounds(
+    client: TestClient,
+) -> None:
     assert len(client.post("/v1/refine", json={"prompt": "x"}).json()["rounds"]) == 2
     body = client.post("/v1/refine", json={"prompt": "x", "model": "fake-slhf:leader"}).json()
     assert body["rounds"] == [] and body["final"] == "answer 0"
 
 
-def test_sampling_defaults_come_from_the_manifest_per_role(client: TestClient,
-                                                           engine: ScriptedEngine) -> None:
-    client.post("/v1/refine", json={"prompt": "x", "rounds": 1,
-                                    "follower": {"temperature": 0.0, "stop": "END"}})
+def test_sampling_defaults_come_from_the_manifest_per_role(
+    client: TestClient, engine: ScriptedEngine
+) -> None:
+    client.post(
+        "/v1/refine",
+        json={"prompt": "x", "rounds": 1, "follower": {"temperature": 0.0, "stop": "END"}},
+    )
     leader, follower = engine.calls
-    assert (leader.params.max_tokens, leader.params.temperature, leader.params.top_k) == (7, 0.5, 10)
+    assert (leader.params.max_tokens, leader.params.temperature, leader.params.top_k) == (
+        7,
+        0.5,
+        10,
+    )
     assert (follower.params.max_tokens, follower.params.temperature) == (9, 0.0)
     assert follower.params.top_p == 0.9 and follower.params.stop == ("END",)
 
@@ -87,9 +101,13 @@ def test_messages_are_accepted_as_the_prompt(client: TestClient, engine: Scripte
 
 def test_given_response_is_refined(client: TestClient) -> None:
     body = client.post("/v1/refine", json={"prompt": "x", "response": "mine", "rounds": 1}).json()
-    assert body["leader"] == {"text": "mine", "source": "given", "finish_reason": None,
-                              "usage": {"prompt_tokens": 0, "completion_tokens": 0,
-                                        "total_tokens": 0}, "latency_ms": 0.0}
+    assert body["leader"] == {
+        "text": "mine",
+        "source": "given",
+        "finish_reason": None,
+        "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        "latency_ms": 0.0,
+    }
     assert body["final"] == "answer 1"
 
 
@@ -99,25 +117,33 @@ def test_rounds_out_of_range_is_a_400_with_the_numbers(client: TestClient, round
     assert_envelope(r, 400, "between 0 and 4", f"got {rounds}", param="rounds")
 
 
-@pytest.mark.parametrize("payload, fragment", [
-    ({"rounds": 1}, "exactly one of `prompt` or `messages`"),
-    ({"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, "exactly one of"),
-    ({"prompt": "   "}, "`prompt` must not be empty"),
-    ({"messages": []}, "at least one message"),
-    ({"messages": [{"role": "assistant", "content": "y"}]}, "last message must have role 'user'"),
-    ({"messages": [{"role": "robot", "content": "y"}]}, "messages.0.role"),
-    ({"prompt": "x", "response": ""}, "`response` must not be empty"),
-    ({"prompt": "x", "round": 2}, "round: Extra inputs are not permitted"),
-    ({"prompt": "x", "leader": {"temperature": -1}}, "leader.temperature"),
-    ({"prompt": "x", "follower": {"top_k": 0}}, "top_k must be -1"),
-    ({"prompt": "x", "rounds": "two"}, "rounds"),
-])
+@pytest.mark.parametrize(
+    "payload, fragment",
+    [
+        ({"rounds": 1}, "exactly one of `prompt` or `messages`"),
+        ({"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, "exactly one of"),
+        ({"prompt": "   "}, "`prompt` must not be empty"),
+        ({"messages": []}, "at least one message"),
+        (
+            {"messages": [{"role": "assistant", "content": "y"}]},
+            "last message must have role 'user'",
+        ),
+        ({"messages": [{"role": "robot", "content": "y"}]}, "messages.0.role"),
+        ({"prompt": "x", "response": ""}, "`response` must not be empty"),
+        ({"prompt": "x", "round": 2}, "round: Extra inputs are not permitted"),
+        ({"prompt": "x", "leader": {"temperature": -1}}, "leader.temperature"),
+        ({"prompt": "x", "follower": {"top_k": 0}}, "top_k must be -1"),
+        ({"prompt": "x", "rounds": "two"}, "rounds"),
+    ],
+)
 def test_bad_requests_are_400_envelopes(client: TestClient, payload: dict, fragment: str) -> None:
     assert_envelope(client.post("/v1/refine", json=payload), 400, fragment)
 
 
 def test_malformed_json_is_a_400(client: TestClient) -> None:
-    r = client.post("/v1/refine", content=b'{"prompt": "x",', headers={"content-type": "application/json"})
+    r = client.post(
+        "/v1/refine", content=b'{"prompt": "x",', headers={"content-type": "application/json"}
+    )
     assert_envelope(r, 400, "Malformed JSON")
 
 
@@ -127,8 +153,9 @@ def test_body_that_is_not_an_object_is_a_400(client: TestClient) -> None:
 
 def test_unknown_model_is_a_404(client: TestClient) -> None:
     r = client.post("/v1/refine", json={"prompt": "x", "model": "gpt-9"})
-    err = assert_envelope(r, 404, "`gpt-9` does not exist", "fake-slhf, fake-slhf:leader",
-                          param="model")
+    err = assert_envelope(
+        r, 404, "`gpt-9` does not exist", "fake-slhf, fake-slhf:leader", param="model"
+    )
     assert err["code"] == "model_not_found"
 
 

@@ -33,7 +33,8 @@ def test_leader_and_follower_messages_follow_the_paper() -> None:
         {"role": "user", "content": DEFAULT_FOLLOWER_INSTRUCTION},
     ]
     assert DEFAULT_FOLLOWER_INSTRUCTION == (
-        "Improve the previous answer. Phrase it as if it was the original response.")
+        "Improve the previous answer. Phrase it as if it was the original response."
+    )
 
 
 def test_conversations_keep_their_turns_before_the_answer() -> None:
@@ -46,7 +47,10 @@ def test_chat_layout_uses_the_tokenizer_template() -> None:
     r = TemplateRenderer(CharTokenizer(), TemplateConfig(follower_instruction="Do better."))
     assert r.uses_chat
     assert r.render_leader("Q") == "<|user|>Q\n<|assistant|>"
-    assert r.render_follower("Q", "A") == "<|user|>Q\n<|assistant|>A\n<|user|>Do better.\n<|assistant|>"
+    assert (
+        r.render_follower("Q", "A")
+        == "<|user|>Q\n<|assistant|>A\n<|user|>Do better.\n<|assistant|>"
+    )
     assert r.encode_role("leader", "Q", None) == [ord(c) for c in "<|user|>Q\n<|assistant|>"]
 
 
@@ -65,13 +69,16 @@ def test_chat_layout_without_a_chat_template_is_an_error() -> None:
         TemplateRenderer(PlainTokenizer(), TemplateConfig(layout="chat"))
 
 
-@pytest.mark.parametrize("prompt, fragment", [
-    ("  ", "must not be empty"),
-    ([], "at least one message"),
-    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "last message"),
-    ([{"role": "tool", "content": "a"}], "messages[0].role"),
-    ([{"role": "system", "content": "a"}, {"role": "user", "content": " "}], "non-empty user"),
-])
+@pytest.mark.parametrize(
+    "prompt, fragment",
+    [
+        ("  ", "must not be empty"),
+        ([], "at least one message"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "last message"),
+        ([{"role": "tool", "content": "a"}], "messages[0].role"),
+        ([{"role": "system", "content": "a"}, {"role": "user", "content": " "}], "non-empty user"),
+    ],
+)
 def test_bad_prompts_are_rejected(prompt: object, fragment: str) -> None:
     with pytest.raises(TemplateError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         leader_messages(prompt)  # type: ignore[arg-type]
@@ -87,15 +94,18 @@ def test_manifest_round_trips_and_derives_topology(tmp_path: Path) -> None:
     assert Manifest(name="m", follower=RoleSpec(model="other/model")).topology == "separate"
 
 
-@pytest.mark.parametrize("raw, fragment", [
-    ({"name": "m", "format_version": 9}, "format_version 9 is not supported"),
-    ({"name": "m", "default_rounds": -1}, "default_rounds"),
-    ({"name": "m", "leader": {"sampling": {"temperature": -2}}}, "leader.sampling.temperature"),
-    ({"name": "m", "follower": {"adaptor": "x"}}, "follower.adaptor"),
-    ({"name": "bad name!"}, "name"),
-    ({"name": "m", "follower": {"model": "o/m", "adapter": "a"}}, "adapters with separate"),
-    ([], "must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        ({"name": "m", "format_version": 9}, "format_version 9 is not supported"),
+        ({"name": "m", "default_rounds": -1}, "default_rounds"),
+        ({"name": "m", "leader": {"sampling": {"temperature": -2}}}, "leader.sampling.temperature"),
+        ({"name": "m", "follower": {"adaptor": "x"}}, "follower.adaptor"),
+        ({"name": "bad name!"}, "name"),
+        ({"name": "m", "follower": {"model": "o/m", "adapter": "a"}}, "adapters with separate"),
+        ([], "must be a JSON object"),
+    ],
+)
 def test_invalid_manifests_say_what_is_wrong(tmp_path: Path, raw: object, fragment: str) -> None:
     (tmp_path / "slhf.json").write_text(json.dumps(raw))
     with pytest.raises(ManifestError, match=fragment) as e:
@@ -142,7 +152,7 @@ def test_follower_model_setting_makes_two_engines(tmp_path: Path) -> None:
 
 
 def test_topology_setting_must_agree_with_the_model(tmp_path: Path) -> None:
-    with pytest.raises(ManifestError, match="SLHF_TOPOLOGY=lora but .* topology 'shared'"):
+    with pytest.raises(ManifestError, match=r"SLHF_TOPOLOGY=lora but .* topology 'shared'"):
         resolve_weights(tmp_path, topology="lora")
 
 
