@@ -1,4 +1,4 @@
-"""``slhf`` command line: ``slhf serve`` (later: train, eval, game, refine, bench)."""
+"""``slhf`` command line: ``slhf serve``, ``slhf game`` (later: train, eval, refine, bench)."""
 
 from __future__ import annotations
 
@@ -61,13 +61,33 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _game_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from models.game_cli import add_game_subcommands
+
+    p = sub.add_parser(
+        "game",
+        help="solve tabular Stackelberg preference games (closed form, GDA, NLHF, Condorcet)",
+        description="Prints JSON on stdout; bad input exits with status 2.",
+    )
+    add_game_subcommands(p)
+
+
+def game(args: argparse.Namespace) -> int:
+    from models.game_cli import run_game
+
+    return run_game(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slhf", description="SLHF refinement server and tools")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _game_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "game":
+        return game(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

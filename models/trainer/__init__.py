@@ -1,0 +1,1 @@
+"""The SLHF trainer (PAPER.md, Algorithm 2): config, losses, and later the trainer loop."""

@@ -1,0 +1,143 @@
+"""``StackelbergConfig``: paper defaults, validation messages, YAML + ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import itertools
+from pathlib import Path
+
+import pytest
+
+from models.templates import DEFAULT_FOLLOWER_INSTRUCTION
+from models.trainer.config import ConfigError, StackelbergConfig
+
+
+def make(**kw: object) -> StackelbergConfig:
+    return StackelbergConfig(model="m", dataset="prompts.jsonl", **kw)  # type: ignore[arg-type]
+
+
+def test_defaults_are_the_papers_small_run() -> None:
+    cfg = make()
+    assert (cfg.learning_rate, cfg.kappa, cfg.tau_leader, cfg.tau_follower) == (1e-5, 5, 1e-3, 1e-3)
+    assert (cfg.batch_size, cfg.steps, cfg.temperature, cfg.kl_estimator) == (32, 1000, 0.9, "k3")
+    assert (cfg.use_lora, cfg.lora_r, cfg.lora_alpha, cfg.baseline) == (True, 64, 128, "constant")
+    assert cfg.follower_instruction == DEFAULT_FOLLOWER_INSTRUCTION
+    assert cfg.reference_model == "m"  # the reference defaults to the initial model
+
+
+def test_every_field_has_a_docstring() -> None:
+    tree = ast.parse(inspect.getsource(StackelbergConfig))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    documented = {
+        stmt.target.id
+        for stmt, nxt in itertools.pairwise(body)
+        if isinstance(stmt, ast.AnnAssign)
+        and isinstance(nxt, ast.Expr)
+        and isinstance(nxt.value, ast.Constant)
+    }
+    assert documented == {f.name for f in dataclasses.fields(StackelbergConfig)}
+
+
+def test_follower_learning_rate_is_kappa_eta_only_with_separate_weights() -> None:
+    assert make(learning_rate=1e-5, kappa=5.0).follower_learning_rate == 1e-5
+    separate = make(learning_rate=1e-5, kappa=5.0, follower_weights="separate_adapter")
+    assert separate.follower_learning_rate == pytest.approx(5e-5)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"learning_rate": 0.0}, "learning_rate must be > 0; got 0.0"),
+        ({"kappa": -1.0}, "kappa must be > 0; got -1.0"),
+        ({"tau_follower": -0.1}, "tau_follower must be ≥ 0; got -0.1"),
+        ({"kl_estimator": "k4"}, "kl_estimator must be one of 'k1', 'k2', 'k3'; got 'k4'"),
+        ({"baseline": "mean"}, "baseline must be one of 'constant', 'leave_one_out'"),
+        ({"baseline": "leave_one_out", "batch_size": 1}, "leave_one_out baseline needs batch_size"),
+        ({"use_lora": False, "follower_weights": "separate_adapter"}, "set use_lora: true or"),
+        ({"batch_size": 32, "gradient_accumulation_steps": 5}, "not divisible by gradient_acc"),
+        ({"temperature": 0.0}, "temperature must be > 0 (REINFORCE needs sampled answers)"),
+        ({"max_grad_norm": 0.0}, "max_grad_norm must be > 0 (or none for no clipping)"),
+        ({"lora_dropout": 1.0}, "lora_dropout must be in [0, 1); got 1.0"),
+        ({"lora_r": 0}, "lora_r must be ≥ 1; got 0"),
+        ({"leader_update_every": 0}, "leader_update_every must be ≥ 1; got 0"),
+        ({"eval_every": 50}, "set eval_dataset or eval_every: 0"),
+        ({"follower_instruction": " "}, "follower_instruction must not be empty"),
+        ({"report_to": "mlflow"}, "report_to must be one of"),
+        ({"batch_size": 2.5}, "batch_size must be an integer; got 2.5"),
+        ({"use_lora": "maybe"}, "use_lora must be true or false; got 'maybe'"),
+    ],
+)
+def test_invalid_values_name_the_value_and_the_fix(kw: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        make(**kw)
+    assert message in str(e.value)
+
+
+def test_lora_settings_are_ignored_for_a_full_fine_tune() -> None:
+    assert make(use_lora=False, lora_r=0).use_lora is False
+
+
+def test_empty_model_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="model must be set"):
+        StackelbergConfig(model=" ", dataset="d.jsonl")
+
+
+# -- YAML and overrides ------------------------------------------------------------------------
+def write_yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_from_yaml_with_typed_overrides(tmp_path: Path) -> None:
+    # YAML 1.1 reads 1e-5 (no dot) as a string; it is converted to the float field anyway
+    path = write_yaml(tmp_path, "model: m\ndataset: d.jsonl\nlearning_rate: 1e-5\nkappa: 2\n")
+    cfg = StackelbergConfig.from_yaml(
+        path,
+        [
+            "kappa=3",
+            "use_lora=false",
+            "max_grad_norm=none",
+            "lora_target_modules=q_proj, v_proj",
+            "steps=10",
+            "follower_instruction=Do better = now.",  # only the first '=' splits
+        ],
+    )
+    assert cfg.learning_rate == 1e-5 and isinstance(cfg.learning_rate, float)
+    assert cfg.kappa == 3.0 and isinstance(cfg.kappa, float)
+    assert cfg.use_lora is False and cfg.max_grad_norm is None and cfg.steps == 10
+    assert cfg.lora_target_modules == ["q_proj", "v_proj"]
+    assert cfg.follower_instruction == "Do better = now."
+    assert StackelbergConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_unknown_keys_name_the_close_matches(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "model: m\ndataset: d.jsonl\n")
+    with pytest.raises(ConfigError, match="unknown setting 'learnin_rate'; did you mean learning"):
+        StackelbergConfig.from_yaml(path, ["learnin_rate=1e-4"])
+    with pytest.raises(ConfigError, match="'tau'; did you mean tau_leader, tau_follower"):
+        StackelbergConfig.from_yaml(write_yaml(tmp_path, "model: m\ndataset: d\ntau: 1\n"))
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("model: m\ndataset: d\n", ["steps"], "override 'steps' must look like key=value"),
+        ("model: m\ndataset: d\n", ["steps=ten"], "steps must be an integer; got 'ten'"),
+        ("model: m\n", [], "missing required setting(s): dataset"),
+        ("- a\n- b\n", [], "must be a mapping of settings"),
+        ("model: [unclosed\n", [], "is not valid YAML"),
+        ("model: m\ndataset: d\nlora_target_modules: 3\n", [], "must be a list of strings"),
+    ],
+)
+def test_bad_yaml_and_overrides(tmp_path: Path, text: str, overrides: list, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        StackelbergConfig.from_yaml(write_yaml(tmp_path, text), overrides)
+    assert message in str(e.value)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        StackelbergConfig.from_yaml(tmp_path / "nope.yaml")
