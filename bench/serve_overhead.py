@@ -7,6 +7,9 @@ Measures, in one run on one machine and model:
    ``VllmEngine``: the same templates, token ids, seeds and sampling; no HTTP, no FastAPI);
 4. the ratio HTTP / in-process per k (1.00 = no overhead).
 
+Both engines run at once and every request goes to both sides back to back (alternating which
+goes first), so drift in the machine's load hits both alike. Engines run in one process each
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set below) so the idle side does not busy-poll a core.
 Both sides get identical requests (same prompts, same per-request seeds, early stop off), so they
 generate the same tokens. Run: ``.venv/bin/python bench/serve_overhead.py [--requests 20]``.
 Writes ``bench/results/serve_overhead.json``.
@@ -26,6 +29,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 sys.path.insert(0, str(REPO))
 
 PROMPTS = [
@@ -56,43 +60,7 @@ def request_body(i: int, rounds: int, max_tokens: int) -> dict:
     }
 
 
-async def in_process(args: argparse.Namespace) -> dict:
-    from server.app import resolve_served_weights
-    from server.engine import VllmEngine
-    from server.protocol import RefineRequest
-    from server.refine import RefineJob
-    from server.service import Service
-    from server.settings import ServerSettings
-
-    settings = ServerSettings(max_model_len=args.max_model_len)
-    weights = resolve_served_weights(settings)
-    engine = VllmEngine.start(weights, settings)
-    service = Service.build(settings, weights, engine)
-
-    async def one(i: int, k: int) -> float:
-        body = RefineRequest(**request_body(i, k, args.max_tokens))
-        job = RefineJob(
-            request_id=f"b{k}-{i}-{time.monotonic_ns()}",
-            prompt=body.prompt or "",
-            rounds=k,
-            leader=service.generation_params("leader", body.leader, body.seed),
-            follower=service.generation_params("follower", body.follower, body.seed),
-            stop_when_unchanged=False,
-        )
-        t0 = time.perf_counter()
-        await service.refiner.refine(job)
-        return (time.perf_counter() - t0) * 1000
-
-    result: dict = {"engine_start_s": engine.startup_seconds, "latency_ms": {}}
-    for i in range(args.warmup):
-        await one(i, 1)
-    for k in args.rounds:
-        result["latency_ms"][k] = [await one(i, k) for i in range(args.requests)]
-    await engine.shutdown()
-    return result
-
-
-def over_http(args: argparse.Namespace) -> dict:
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str, float]:
     import httpx
 
     port = 18000 + os.getpid() % 1000
@@ -106,32 +74,69 @@ def over_http(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=env)
     url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"server exited with {proc.returncode}")
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.25)
-        result: dict = {"server_ready_s": time.perf_counter() - t0, "latency_ms": {}}
-        with httpx.Client(base_url=url, timeout=300) as client:
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return proc, url, time.perf_counter() - t0
+        except httpx.HTTPError:
+            time.sleep(0.25)
 
-            def one(i: int, k: int) -> float:
-                t = time.perf_counter()
-                r = client.post("/v1/refine", json=request_body(i, k, args.max_tokens))
-                r.raise_for_status()
-                return (time.perf_counter() - t) * 1000
 
-            for i in range(args.warmup):
-                one(i, 1)
-            for k in args.rounds:
-                result["latency_ms"][k] = [one(i, k) for i in range(args.requests)]
-        return result
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+async def measure(args: argparse.Namespace, url: str) -> dict:
+    """Paired measurement: request i goes to both sides, alternating which goes first."""
+    import httpx
+
+    from server.app import resolve_served_weights
+    from server.engine import VllmEngine
+    from server.protocol import RefineRequest
+    from server.refine import RefineJob
+    from server.service import Service
+    from server.settings import ServerSettings
+
+    settings = ServerSettings(max_model_len=args.max_model_len)
+    weights = resolve_served_weights(settings)
+    engine = VllmEngine.start(weights, settings)
+    service = Service.build(settings, weights, engine)
+
+    async def direct(i: int, k: int) -> float:
+        body = RefineRequest(**request_body(i, k, args.max_tokens))
+        job = RefineJob(
+            request_id=f"b{k}-{i}-{time.monotonic_ns()}",
+            prompt=body.prompt or "",
+            rounds=k,
+            leader=service.generation_params("leader", body.leader, body.seed),
+            follower=service.generation_params("follower", body.follower, body.seed),
+            stop_when_unchanged=False,
+        )
+        t0 = time.perf_counter()
+        await service.refiner.refine(job)
+        return (time.perf_counter() - t0) * 1000
+
+    async def http(client: httpx.AsyncClient, i: int, k: int) -> float:
+        t0 = time.perf_counter()
+        r = await client.post("/v1/refine", json=request_body(i, k, args.max_tokens))
+        r.raise_for_status()
+        return (time.perf_counter() - t0) * 1000
+
+    result: dict = {"engine_start_s": engine.startup_seconds, "direct": {}, "http": {}}
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        for i in range(args.warmup):
+            await direct(i, 1)
+            await http(client, i, 1)
+        for k in args.rounds:
+            d, h = [], []
+            for i in range(args.requests):
+                if i % 2:
+                    d.append(await direct(i, k))
+                    h.append(await http(client, i, k))
+                else:
+                    h.append(await http(client, i, k))
+                    d.append(await direct(i, k))
+            result["direct"][k], result["http"][k] = d, h
+    await engine.shutdown()
+    return result
 
 
 def main() -> None:
@@ -144,19 +149,23 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve_overhead.json")
     args = ap.parse_args()
 
-    direct = asyncio.run(in_process(args))
-    http = over_http(args)
+    proc, url, ready_s = start_server(args)
+    try:
+        res = asyncio.run(measure(args, url))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
     rows = []
     print(
-        f"engine start (in-process): {direct['engine_start_s']:.1f} s; "
-        f"server process to /ready: {http['server_ready_s']:.1f} s"
+        f"server process to /ready: {ready_s:.1f} s; "
+        f"engine start (in-process): {res['engine_start_s']:.1f} s"
     )
     print(
         f"{'k':>2} {'in-process p50 ms':>18} {'HTTP p50 ms':>12} {'HTTP p99 ms':>12} "
         f"{'ratio p50':>10}"
     )
     for k in args.rounds:
-        d, h = direct["latency_ms"][k], http["latency_ms"][k]
+        d, h = res["direct"][k], res["http"][k]
         row = {
             "rounds": k,
             "generations": k + 1,
@@ -166,6 +175,7 @@ def main() -> None:
             "http_p99_ms": pct(h, 0.99),
             "ratio_p50": statistics.median(h) / statistics.median(d),
             "ratio_mean": statistics.fmean(h) / statistics.fmean(d),
+            "ratio_paired_median": statistics.median(x / y for x, y in zip(h, d, strict=True)),
         }
         rows.append(row)
         print(
@@ -189,8 +199,8 @@ def main() -> None:
                     "concurrency": 1,
                     "vllm_multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1"),
                 },
-                "engine_start_s": direct["engine_start_s"],
-                "server_ready_s": http["server_ready_s"],
+                "engine_start_s": res["engine_start_s"],
+                "server_ready_s": ready_s,
                 "rows": rows,
             },
             indent=2,
