@@ -16,8 +16,10 @@ from models.loading import ServedWeights, resolve_weights
 from server.errors import install_error_handlers
 from server.generation import Engine
 from server.routes import router
+from server.routes_openai import router as openai_router
 from server.service import Service
 from server.settings import ServerSettings
+from server.upstream import UpstreamClient
 
 logger = logging.getLogger("slhf.server")
 
@@ -61,11 +63,16 @@ def create_app(
         served = weights or resolve_served_weights(settings)
         logger.info("serving %s (topology %s) from %s", served.name, served.topology, served.source)
         engine = factory(served, settings)
-        app.state.service = Service.build(settings, served, engine)
+        upstream = UpstreamClient.from_settings(settings)
+        if upstream is not None:
+            logger.info("upstream: %s (model %s)", upstream.base_url, upstream.model)
+        app.state.service = Service.build(settings, served, engine, upstream)
         try:
             yield
         finally:
             app.state.service = None
+            if upstream is not None:
+                await upstream.aclose()
             await engine.shutdown()
 
     app = FastAPI(title="SLHF refinement server", version="0.1.0", lifespan=lifespan)
@@ -73,4 +80,5 @@ def create_app(
     app.state.service = None
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(openai_router)
     return app

@@ -17,10 +17,11 @@ import logging
 import math
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from vllm import SamplingParams
+from vllm import RequestOutput, SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.inputs import tokens_input
 from vllm.lora.request import LoRARequest
@@ -32,7 +33,13 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from models.loading import ServedWeights
 from models.templates import ROLES, ChatTokenizer, Role
 from server.errors import InvalidRequestError
-from server.generation import EngineError, FinishReason, Generation, GenerationParams
+from server.generation import (
+    EngineError,
+    FinishReason,
+    Generation,
+    GenerationDelta,
+    GenerationParams,
+)
 from server.settings import ServerSettings
 
 logger = logging.getLogger("slhf.engine")
@@ -156,30 +163,11 @@ class VllmEngine:
     async def generate(
         self, role: Role, prompt_token_ids: list[int], params: GenerationParams, request_id: str
     ) -> Generation:
-        binding = self._roles[role]
-        sampling = SamplingParams(
-            n=1,
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            seed=params.seed,
-            stop=list(params.stop),
-            output_kind=RequestOutputKind.FINAL_ONLY,
-        )
         final = None
-        try:
-            async for out in binding.llm.generate(
-                tokens_input(prompt_token_ids),
-                sampling,
-                request_id,
-                lora_request=binding.lora,
-            ):
-                final = out
-        except EngineDeadError as e:
-            raise EngineError(f"the {role} engine is dead: {e}") from e
-        except ValueError as e:  # vLLM's validation errors (VLLMValidationError is one)
-            raise InvalidRequestError(f"the engine rejected the {role} request: {e}") from e
+        async for out in self._outputs(
+            role, prompt_token_ids, params, request_id, RequestOutputKind.FINAL_ONLY
+        ):
+            final = out
         if final is None or not final.outputs:
             raise EngineError(f"the {role} engine returned no output for {request_id}")
         out0 = final.outputs[0]
@@ -189,6 +177,51 @@ class VllmEngine:
             completion_tokens=len(out0.token_ids),
             finish_reason=_FINISH.get(str(out0.finish_reason), "stop"),
         )
+
+    async def stream(
+        self, role: Role, prompt_token_ids: list[int], params: GenerationParams, request_id: str
+    ) -> AsyncIterator[GenerationDelta]:
+        async for out in self._outputs(
+            role, prompt_token_ids, params, request_id, RequestOutputKind.DELTA
+        ):
+            if not out.outputs:
+                continue
+            o = out.outputs[0]
+            finish = _FINISH.get(str(o.finish_reason), "stop") if o.finish_reason else None
+            yield GenerationDelta(text=o.text, new_tokens=len(o.token_ids), finish_reason=finish)
+
+    async def _outputs(
+        self,
+        role: Role,
+        prompt_token_ids: list[int],
+        params: GenerationParams,
+        request_id: str,
+        kind: RequestOutputKind,
+    ) -> AsyncIterator[RequestOutput]:
+        """vLLM's outputs for one request; its errors turned into the server's errors."""
+        binding = self._roles[role]
+        sampling = SamplingParams(
+            n=1,
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            seed=params.seed,
+            stop=list(params.stop),
+            output_kind=kind,
+        )
+        try:
+            async for out in binding.llm.generate(
+                tokens_input(prompt_token_ids),
+                sampling,
+                request_id,
+                lora_request=binding.lora,
+            ):
+                yield out
+        except EngineDeadError as e:
+            raise EngineError(f"the {role} engine is dead: {e}") from e
+        except ValueError as e:  # vLLM's validation errors (VLLMValidationError is one)
+            raise InvalidRequestError(f"the engine rejected the {role} request: {e}") from e
 
     async def abort(self, request_id: str) -> None:
         for llm in self._llms:

@@ -6,6 +6,7 @@ fake. Nothing here imports vllm.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -36,6 +37,18 @@ class Generation:
     finish_reason: FinishReason
 
 
+@dataclass(frozen=True)
+class GenerationDelta:
+    """A piece of a streamed generation: the text and tokens added since the previous delta.
+
+    ``finish_reason`` is set on the last delta only.
+    """
+
+    text: str
+    new_tokens: int
+    finish_reason: FinishReason | None = None
+
+
 class EngineError(RuntimeError):
     """The engine failed or is gone; requests cannot be served."""
 
@@ -55,6 +68,12 @@ class Engine(Protocol):
         self, role: Role, prompt_token_ids: list[int], params: GenerationParams, request_id: str
     ) -> Generation:
         """Run one request to completion. Cancelling the awaiting task aborts it in the engine."""
+        ...
+
+    def stream(
+        self, role: Role, prompt_token_ids: list[int], params: GenerationParams, request_id: str
+    ) -> AsyncIterator[GenerationDelta]:
+        """Run one request, yielding text as it is generated. Closing the iterator aborts it."""
         ...
 
     async def abort(self, request_id: str) -> None: ...

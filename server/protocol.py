@@ -48,6 +48,13 @@ class SamplingParams(_Request):
         return v
 
 
+class LeaderParams(SamplingParams):
+    """The Leader's sampling, and where the first answer comes from."""
+
+    source: Literal["leader", "upstream"] = "leader"
+    """"upstream": ask the upstream server (SLHF_UPSTREAM_*) for the first answer."""
+
+
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant"]
     content: str
@@ -61,7 +68,7 @@ class RefineRequest(_Request):
     """An answer to refine instead of a Leader answer (``leader.source`` = "given")."""
     rounds: int | None = None
     """Follower rounds; default: the model's default rounds. Range 0..SLHF_MAX_ROUNDS."""
-    leader: SamplingParams | None = None
+    leader: LeaderParams | None = None
     follower: SamplingParams | None = None
     stop_when_unchanged: bool = True
     seed: int | None = None
@@ -84,6 +91,8 @@ class RefineRequest(_Request):
                 raise ValueError("`messages` must contain a non-empty user message")
         if self.response is not None and not self.response.strip():
             raise ValueError("`response` must not be empty when given")
+        if self.response is not None and self.leader and self.leader.source == "upstream":
+            raise ValueError("give either `response` or `leader.source` = 'upstream', not both")
         return self
 
 

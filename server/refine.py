@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from models.templates import Message, Role, TemplateRenderer
-from server.errors import PromptTooLongError
-from server.generation import Engine, Generation, GenerationParams
+from server.errors import InvalidRequestError, PromptTooLongError
+from server.generation import Engine, FinishReason, Generation, GenerationParams
 from server.protocol import LeaderAnswer, RoundResult, StoppedReason, Usage
 
 
@@ -33,6 +34,27 @@ def derive_seed(base: int | None, round_index: int) -> int | None:
         return None
     digest = hashlib.sha256(f"slhf:{base}:{round_index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1  # non-negative int64
+
+
+def choice_seed(base: int | None, choice: int) -> int | None:
+    """Base seed of choice ``choice`` of an ``n``-choice request: choice 0 keeps ``base`` (so it
+    matches the same request with ``n=1``); the others get their own, reproducible, seeds."""
+    if base is None or choice == 0:
+        return base
+    digest = hashlib.sha256(f"slhf-choice:{base}:{choice}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+DeltaSink = Callable[[int, str], None]
+"""Receives streamed text: ``sink(round_index, text_delta)`` (round 0 = the first answer)."""
+
+
+class UpstreamLeader(Protocol):
+    """Where the first answer comes from in upstream mode (``server.upstream.UpstreamClient``)."""
+
+    async def answer(
+        self, prompt: str | Sequence[Message], params: GenerationParams
+    ) -> Generation: ...
 
 
 @dataclass(frozen=True)
@@ -46,6 +68,9 @@ class RefineJob:
     follower: GenerationParams
     given_answer: str | None = None
     stop_when_unchanged: bool = True
+    from_upstream: bool = False
+    """Round 0 comes from the upstream server instead of the Leader (``leader.source`` =
+    "upstream"); ignored when ``given_answer`` is set."""
 
 
 @dataclass(frozen=True)
@@ -82,9 +107,15 @@ def same_answer(a: str, b: str) -> bool:
 class Refiner:
     """Runs refinement jobs on an engine with one template renderer per role."""
 
-    def __init__(self, engine: Engine, renderers: dict[Role, TemplateRenderer]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        renderers: dict[Role, TemplateRenderer],
+        upstream: UpstreamLeader | None = None,
+    ) -> None:
         self.engine = engine
         self.renderers = renderers
+        self.upstream = upstream
 
     def prompt_ids(
         self, role: Role, prompt: str | Sequence[Message], answer: str | None
@@ -106,18 +137,38 @@ class Refiner:
                 param=param,
             )
 
-    def first_prompt_ids(self, job: RefineJob) -> list[int]:
-        """Validate the request's first prompt against the context before any work starts."""
-        if job.given_answer is None:
-            ids = self.prompt_ids("leader", job.prompt, None)
-            self.check_fits("leader", ids)
-        else:
+    def first_prompt_ids(self, job: RefineJob) -> list[int] | None:
+        """Validate the request's first prompt against the context before any work starts.
+
+        Returns the first engine prompt, or None when the first answer comes from upstream (the
+        Follower prompt is only known once it has answered).
+        """
+        if job.given_answer is not None:
             ids = self.prompt_ids("follower", job.prompt, job.given_answer)
             self.check_fits("follower", ids, param="response")
+            return ids
+        if job.from_upstream:
+            if self.upstream is None:
+                raise InvalidRequestError(
+                    "the first answer was asked from the upstream server, but none is "
+                    "configured; set SLHF_UPSTREAM_BASE_URL and SLHF_UPSTREAM_MODEL",
+                    param="model",
+                    code="upstream_not_configured",
+                )
+            self.check_fits("follower", self.prompt_ids("follower", job.prompt, ""))
+            return None
+        ids = self.prompt_ids("leader", job.prompt, None)
+        self.check_fits("leader", ids)
         return ids
 
     async def _run(
-        self, role: Role, ids: list[int], params: GenerationParams, round_index: int, job: RefineJob
+        self,
+        role: Role,
+        ids: list[int],
+        params: GenerationParams,
+        round_index: int,
+        job: RefineJob,
+        sink: DeltaSink | None,
     ) -> tuple[Generation, float]:
         room = self.engine.max_model_len(role) - len(ids)
         params = replace(
@@ -125,32 +176,81 @@ class Refiner:
             max_tokens=min(params.max_tokens, room),
             seed=derive_seed(params.seed, round_index),
         )
+        request_id = f"{job.request_id}-{round_index}"
         start = time.perf_counter()
-        gen = await self.engine.generate(role, ids, params, f"{job.request_id}-{round_index}")
+        if sink is None:
+            gen = await self.engine.generate(role, ids, params, request_id)
+        else:
+            gen = await self._stream(role, ids, params, request_id, round_index, sink)
         return gen, (time.perf_counter() - start) * 1000.0
 
-    async def refine(self, job: RefineJob) -> RefineOutcome:
+    async def _stream(
+        self,
+        role: Role,
+        ids: list[int],
+        params: GenerationParams,
+        request_id: str,
+        round_index: int,
+        sink: DeltaSink,
+    ) -> Generation:
+        parts: list[str] = []
+        tokens = 0
+        finish: FinishReason = "stop"
+        async for delta in self.engine.stream(role, ids, params, request_id):
+            if delta.text:
+                parts.append(delta.text)
+                sink(round_index, delta.text)
+            tokens += delta.new_tokens
+            finish = delta.finish_reason or finish
+        return Generation("".join(parts), len(ids), tokens, finish)
+
+    async def _first_answer(
+        self, job: RefineJob, sink: DeltaSink | None
+    ) -> tuple[LeaderAnswer, list[int] | None]:
+        """Round 0 and, when already known, the first Follower prompt."""
         first_ids = self.first_prompt_ids(job)
-        if job.given_answer is None:
-            gen, ms = await self._run("leader", first_ids, job.leader, 0, job)
-            leader = LeaderAnswer(
-                text=gen.text,
-                source="leader",
-                finish_reason=gen.finish_reason,
-                usage=_usage(gen),
-                latency_ms=round(ms, 3),
-            )
-            next_ids: list[int] | None = None
-        else:
-            leader = LeaderAnswer(
+        if job.given_answer is not None:
+            given = LeaderAnswer(
                 text=job.given_answer,
                 source="given",
                 finish_reason=None,
                 usage=Usage(),
                 latency_ms=0.0,
             )
-            next_ids = first_ids
+            return given, first_ids
+        if first_ids is None:
+            assert self.upstream is not None  # checked by first_prompt_ids
+            start = time.perf_counter()
+            gen = await self.upstream.answer(
+                job.prompt, replace(job.leader, seed=derive_seed(job.leader.seed, 0))
+            )
+            ms, source = (time.perf_counter() - start) * 1000.0, "upstream"
+        else:
+            gen, ms = await self._run("leader", first_ids, job.leader, 0, job, sink)
+            source = "leader"
+        answer = LeaderAnswer(
+            text=gen.text,
+            source=source,  # type: ignore[arg-type]
+            finish_reason=gen.finish_reason,
+            usage=_usage(gen),
+            latency_ms=round(ms, 3),
+        )
+        return answer, None
 
+    async def refine(
+        self, job: RefineJob, sink: DeltaSink | None = None, stream_rounds: bool = False
+    ) -> RefineOutcome:
+        """Run ``job``. With a ``sink``, stream the last scheduled round (every round with
+        ``stream_rounds``); when the loop stops before its last scheduled round, or the final
+        answer was not generated here (given, upstream), the final answer is sent in one piece
+        once known -- so the streamed text of the final round is always the final answer."""
+
+        def streamed(i: int) -> DeltaSink | None:
+            return sink if stream_rounds or i == job.rounds else None
+
+        leader, next_ids = await self._first_answer(job, streamed(0))
+        if sink is not None and stream_rounds and leader.source != "leader":
+            sink(0, leader.text)
         rounds: list[RoundResult] = []
         stopped: StoppedReason = "max_rounds"
         previous = leader.text
@@ -164,7 +264,7 @@ class Refiner:
             if len(ids) >= self.engine.max_model_len("follower"):
                 stopped = "context_length"
                 break
-            gen, ms = await self._run("follower", ids, job.follower, i, job)
+            gen, ms = await self._run("follower", ids, job.follower, i, job, streamed(i))
             rounds.append(
                 RoundResult(
                     round=i,
@@ -178,5 +278,17 @@ class Refiner:
                 stopped = "unchanged"
                 break
             previous = gen.text
-        usage = _sum_usage([leader.usage, *(r.usage for r in rounds)])
-        return RefineOutcome(leader=leader, rounds=rounds, stopped_reason=stopped, usage=usage)
+        outcome = RefineOutcome(
+            leader=leader,
+            rounds=rounds,
+            stopped_reason=stopped,
+            usage=_sum_usage([leader.usage, *(r.usage for r in rounds)]),
+        )
+        if sink is not None:
+            final_index = rounds[-1].round if rounds else 0
+            was_streamed = stream_rounds or (
+                final_index == job.rounds and (final_index > 0 or leader.source == "leader")
+            )
+            if not was_streamed and outcome.final:
+                sink(final_index, outcome.final)
+        return outcome

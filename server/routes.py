@@ -57,6 +57,18 @@ async def list_models(service: ServiceDep) -> ModelList:
             slhf={**info, "rounds": 0},
         ),
     ]
+    if service.upstream is not None:
+        upstream = {"base_url": service.upstream.base_url, "model": service.upstream.model}
+        cards.append(
+            ModelCard(
+                id=service.model_ids[2],
+                created=service.created,
+                root=service.weights.leader.model,
+                parent=service.name,
+                max_model_len=max_len,
+                slhf={**info, "rounds": service.default_rounds, "upstream": upstream},
+            )
+        )
     return ModelList(data=cards)
 
 
@@ -78,6 +90,7 @@ async def refine(body: RefineRequest, service: ServiceDep) -> RefineResponse:
         follower=service.generation_params("follower", body.follower, body.seed),
         given_answer=body.response,
         stop_when_unchanged=body.stop_when_unchanged,
+        from_upstream=body.leader is not None and body.leader.source == "upstream",
     )
     outcome = await service.refiner.refine(job)
     return RefineResponse(

@@ -16,8 +16,10 @@ from server.generation import Engine, EngineError, GenerationParams
 from server.protocol import SamplingParams
 from server.refine import Refiner
 from server.settings import ServerSettings
+from server.upstream import UpstreamClient
 
 LEADER_SUFFIX = ":leader"
+UPSTREAM_SUFFIX = "@upstream"
 
 
 @dataclass
@@ -26,14 +28,22 @@ class Service:
     weights: ServedWeights
     engine: Engine
     refiner: Refiner
+    upstream: UpstreamClient | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
-    def build(cls, settings: ServerSettings, weights: ServedWeights, engine: Engine) -> Service:
+    def build(
+        cls,
+        settings: ServerSettings,
+        weights: ServedWeights,
+        engine: Engine,
+        upstream: UpstreamClient | None = None,
+    ) -> Service:
         template = weights.manifest.template.to_config()
         renderers = {role: TemplateRenderer(engine.tokenizer(role), template) for role in ROLES}
+        refiner = Refiner(engine, renderers, upstream)
         return cls(
-            settings=settings, weights=weights, engine=engine, refiner=Refiner(engine, renderers)
+            settings=settings, weights=weights, engine=engine, refiner=refiner, upstream=upstream
         )
 
     # -- models -------------------------------------------------------------------------------
@@ -43,7 +53,8 @@ class Service:
 
     @property
     def model_ids(self) -> list[str]:
-        return [self.name, self.name + LEADER_SUFFIX]
+        ids = [self.name, self.name + LEADER_SUFFIX]
+        return ids + ([self.name + UPSTREAM_SUFFIX] if self.upstream is not None else [])
 
     def resolve_model(self, requested: str | None) -> bool:
         """Check a request's ``model``; return True when it asks for the Leader only."""
@@ -52,6 +63,17 @@ class Service:
         if requested == self.name + LEADER_SUFFIX:
             return True
         raise ModelNotFoundError(requested, self.model_ids)
+
+    def resolve_openai_model(self, requested: str | None) -> tuple[bool, bool]:
+        """Check an OpenAI request's ``model``: (Leader only?, first answer from upstream?).
+
+        ``<name>@upstream`` asks the upstream server for the first answer, then refines it.
+        """
+        if requested is not None and requested.endswith(UPSTREAM_SUFFIX):
+            if requested != self.name + UPSTREAM_SUFFIX:
+                raise ModelNotFoundError(requested, self.model_ids)
+            return False, True
+        return self.resolve_model(requested), False
 
     @property
     def default_rounds(self) -> int:

@@ -60,10 +60,24 @@ class ServerSettings(BaseSettings):
 
     # -- upstream (first answers from another OpenAI-compatible server) ------------------------
     upstream_base_url: str | None = None
+    """Base URL of an OpenAI-compatible server (as the OpenAI SDK's ``base_url``, e.g.
+    ``http://host:8001/v1``) that can give the first answer, refined by our Follower."""
     upstream_model: str | None = None
+    """Model id sent to the upstream server; required with ``upstream_base_url``."""
     upstream_api_key: str | None = None
+    """Bearer token for the upstream server, if it needs one."""
+    upstream_timeout_s: float = Field(60.0, gt=0)
+    """Seconds to wait for the upstream answer before giving up with a 504."""
 
-    @field_validator("model", "follower_model", "served_model_name", mode="before")
+    @field_validator(
+        "model",
+        "follower_model",
+        "served_model_name",
+        "upstream_base_url",
+        "upstream_model",
+        "upstream_api_key",
+        mode="before",
+    )
     @classmethod
     def _blank_is_unset(cls, v: object) -> object:
         return None if isinstance(v, str) and not v.strip() else v
@@ -74,5 +88,10 @@ class ServerSettings(BaseSettings):
             raise ValueError(
                 f"SLHF_DEFAULT_ROUNDS={self.default_rounds} exceeds "
                 f"SLHF_MAX_ROUNDS={self.max_rounds}"
+            )
+        if self.upstream_base_url is not None and self.upstream_model is None:
+            raise ValueError(
+                f"SLHF_UPSTREAM_BASE_URL={self.upstream_base_url} needs SLHF_UPSTREAM_MODEL "
+                "(the model id to ask the upstream server for)"
             )
         return self

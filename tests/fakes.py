@@ -7,12 +7,18 @@ decode every prompt exactly and tests can assert on what each role was shown.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from models.templates import Role
-from server.generation import EngineError, Generation, GenerationParams
+from server.generation import (
+    EngineError,
+    FinishReason,
+    Generation,
+    GenerationDelta,
+    GenerationParams,
+)
 
 
 class CharTokenizer:
@@ -55,6 +61,8 @@ class ScriptedEngine:
     aborted: list[str] = field(default_factory=list)
     dead: bool = False
     peak_running: int = 0
+    fail_stream_after: int | None = None
+    """When set, a streamed generation raises ``EngineError`` after this many deltas."""
 
     def tokenizer(self, role: Role) -> CharTokenizer:
         return CharTokenizer()
@@ -65,6 +73,35 @@ class ScriptedEngine:
     async def generate(
         self, role: Role, prompt_token_ids: list[int], params: GenerationParams, request_id: str
     ) -> Generation:
+        words, finish = await self._answer(role, prompt_token_ids, params, request_id)
+        return Generation(
+            text=" ".join(words),
+            prompt_tokens=len(prompt_token_ids),
+            completion_tokens=len(words),
+            finish_reason=finish,
+        )
+
+    async def stream(
+        self, role: Role, prompt_token_ids: list[int], params: GenerationParams, request_id: str
+    ) -> AsyncIterator[GenerationDelta]:
+        """One word per delta ("a", " b", " c"), the finish reason on the last one."""
+        words, finish = await self._answer(role, prompt_token_ids, params, request_id)
+        for i, word in enumerate(words):
+            if self.fail_stream_after is not None and i >= self.fail_stream_after:
+                raise EngineError("engine failed mid-stream")
+            await asyncio.sleep(0)
+            last = i == len(words) - 1
+            yield GenerationDelta(
+                text=word if i == 0 else " " + word,
+                new_tokens=1,
+                finish_reason=finish if last else None,
+            )
+        if not words:
+            yield GenerationDelta(text="", new_tokens=0, finish_reason=finish)
+
+    async def _answer(
+        self, role: Role, prompt_token_ids: list[int], params: GenerationParams, request_id: str
+    ) -> tuple[list[str], FinishReason]:
         if self.dead:
             raise EngineError("engine is dead")
         call = Call(role, CharTokenizer.decode(prompt_token_ids), params, request_id)
@@ -81,13 +118,8 @@ class ScriptedEngine:
         finally:
             self.running.discard(request_id)
         words = text.split()
-        n = min(len(words), params.max_tokens)
-        return Generation(
-            text=" ".join(words[:n]),
-            prompt_tokens=len(prompt_token_ids),
-            completion_tokens=n,
-            finish_reason="length" if len(words) > params.max_tokens else "stop",
-        )
+        finish: FinishReason = "length" if len(words) > params.max_tokens else "stop"
+        return words[: params.max_tokens], finish
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

@@ -148,12 +148,40 @@ def shared_server(
     yield from _serve(tmp_path_factory, "shared", SLHF_CACHE_DIR=str(cache_dir))
 
 
+UPSTREAM_NAME = "tiny-qwen2-upstream"
+
+
+@pytest.fixture(scope="session")
+def upstream_server(
+    tmp_path_factory: pytest.TempPathFactory, qwen_model: Path
+) -> Iterator[ServerProcess]:
+    """A second instance of our server on a Qwen2-family model: the upstream of ``lora_server``
+    (it speaks /v1/chat/completions; ``<name>:leader`` gives its plain Leader answer)."""
+    yield from _serve(
+        tmp_path_factory,
+        "upstream",
+        SLHF_MODEL=str(qwen_model),
+        SLHF_SERVED_MODEL_NAME=UPSTREAM_NAME,
+    )
+
+
 @pytest.fixture(scope="session")
 def lora_server(
-    tmp_path_factory: pytest.TempPathFactory, lora_model: Path
+    tmp_path_factory: pytest.TempPathFactory, lora_model: Path, upstream_server: ServerProcess
 ) -> Iterator[ServerProcess]:
-    """Topology (b): one base, Leader and Follower LoRA adapters in one engine."""
-    yield from _serve(tmp_path_factory, "lora", SLHF_MODEL=str(lora_model))
+    """Topology (b): one base, Leader and Follower LoRA adapters in one engine.
+
+    Also configured with ``upstream_server`` as its upstream (a Llama-family Follower refining
+    Qwen2-family answers), so upstream mode is tested without one more server process.
+    """
+    yield from _serve(
+        tmp_path_factory,
+        "lora",
+        SLHF_MODEL=str(lora_model),
+        SLHF_UPSTREAM_BASE_URL=upstream_server.url + "/v1",
+        SLHF_UPSTREAM_MODEL=UPSTREAM_NAME + ":leader",
+        SLHF_UPSTREAM_TIMEOUT_S="60",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,252 @@
+"""The official ``openai`` SDK (sync, async, streaming) against the real server process."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import UPSTREAM_NAME, ServerProcess
+
+pytestmark = pytest.mark.integration
+
+GREEDY = {"temperature": 0.0, "max_tokens": 12}
+USER = [{"role": "user", "content": "Explain gravity"}]
+
+
+def sdk(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def client(shared_server: ServerProcess) -> Iterator[openai.OpenAI]:
+    with sdk(shared_server) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def name(client: openai.OpenAI) -> str:
+    return client.models.list().data[0].id
+
+
+def refinement(**kw: object) -> dict:
+    return {"refinement": kw}
+
+
+def test_models_list_has_the_refined_and_leader_ids(client: openai.OpenAI, name: str) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == [name, name + ":leader"]
+    assert all(m.owned_by == "slhf" and m.created > 0 for m in models)
+    assert models[0].model_extra["max_model_len"] == 512
+
+
+def test_chat_with_rounds_and_trace(client: openai.OpenAI, name: str) -> None:
+    r = client.chat.completions.create(
+        model=name,
+        messages=USER,
+        max_tokens=10,
+        extra_body=refinement(rounds=2, return_trace=True, stop_when_unchanged=False),
+    )
+    choice = r.choices[0]
+    trace = choice.model_extra["refinement"]
+    assert trace["leader"]["source"] == "leader" and len(trace["rounds"]) == 2
+    assert choice.message.content == trace["rounds"][-1]["text"]
+    assert choice.finish_reason in ("stop", "length")
+    steps = [trace["leader"], *trace["rounds"]]
+    assert r.usage.completion_tokens == sum(s["usage"]["completion_tokens"] for s in steps)
+    extra = r.usage.model_extra
+    assert [x["round"] for x in extra["by_round"]] == [0, 1, 2]
+    assert extra["by_role"]["follower"]["completion_tokens"] == sum(
+        s["usage"]["completion_tokens"] for s in trace["rounds"]
+    )
+
+
+def test_chat_final_equals_refine_final_for_the_same_seed(
+    client: openai.OpenAI, shared_server: ServerProcess, name: str
+) -> None:
+    chat = client.chat.completions.create(
+        model=name,
+        messages=USER,
+        seed=5,
+        extra_body=refinement(rounds=2, stop_when_unchanged=False),
+    )
+    refined = httpx.post(
+        shared_server.url + "/v1/refine",
+        json={"messages": USER, "rounds": 2, "seed": 5, "stop_when_unchanged": False},
+        timeout=120,
+    ).json()
+    assert chat.choices[0].message.content == refined["final"]
+
+
+def test_seeded_request_repeats_and_another_seed_differs(client: openai.OpenAI, name: str) -> None:
+    def text(seed: int) -> str:
+        r = client.chat.completions.create(
+            model=name, messages=USER, seed=seed, extra_body=refinement(rounds=1)
+        )
+        return r.choices[0].message.content or ""
+
+    assert text(21) == text(21)
+    assert text(21) != text(22)
+
+
+def test_n2_gives_two_different_refined_choices(client: openai.OpenAI, name: str) -> None:
+    r = client.chat.completions.create(
+        model=name, messages=USER, n=2, seed=3, extra_body=refinement(rounds=1, return_trace=True)
+    )
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.choices[0].message.content != r.choices[1].message.content
+    assert all(len(c.model_extra["refinement"]["rounds"]) == 1 for c in r.choices)
+    assert r.usage.model_extra["by_round"][0]["completion_tokens"] == sum(
+        c.model_extra["refinement"]["leader"]["usage"]["completion_tokens"] for c in r.choices
+    )
+
+
+def test_stop_ends_every_round_at_the_stop_string(client: openai.OpenAI, name: str) -> None:
+    plain = client.chat.completions.create(model=name + ":leader", messages=USER, **GREEDY)
+    text = plain.choices[0].message.content or ""
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    assert stop.strip(), text
+    cut = client.chat.completions.create(
+        model=name + ":leader", messages=USER, stop=[stop], **GREEDY
+    )
+    assert cut.choices[0].message.content == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_stream_sends_the_final_round(client: openai.OpenAI, name: str) -> None:
+    kw = dict(model=name, messages=USER, seed=9, **GREEDY)
+    body = refinement(rounds=2, stop_when_unchanged=False)
+    whole = client.chat.completions.create(extra_body=body, **kw)  # type: ignore[call-overload]
+    stream = client.chat.completions.create(
+        stream=True, stream_options={"include_usage": True}, extra_body=body, **kw
+    )  # type: ignore[call-overload]
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(content) > 1  # token by token, not one piece
+    assert {c.choices[0].model_extra["round"] for c in content} == {2}
+    assert "".join(c.choices[0].delta.content for c in content) == whole.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+
+
+def test_stream_rounds_marks_every_round(client: openai.OpenAI, name: str) -> None:
+    stream = client.chat.completions.create(
+        model=name,
+        messages=USER,
+        stream=True,
+        max_tokens=8,
+        extra_body=refinement(rounds=2, stream_rounds=True, stop_when_unchanged=False),
+    )
+    texts: dict[int, str] = {}
+    for chunk in stream:
+        for c in chunk.choices:
+            if c.delta.content:
+                r = c.model_extra["round"]
+                texts[r] = texts.get(r, "") + c.delta.content
+    assert sorted(texts) == [0, 1, 2]
+
+
+def test_completions_endpoint(client: openai.OpenAI, name: str) -> None:
+    r = client.completions.create(
+        model=name, prompt="Describe the sea", max_tokens=8, extra_body=refinement(rounds=1)
+    )
+    assert r.object == "text_completion" and r.choices[0].text
+    chunks = list(
+        client.completions.create(model=name, prompt="Describe the sea", max_tokens=8, stream=True)
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices)
+
+
+def test_async_client_and_async_stream(shared_server: ServerProcess, name: str) -> None:
+    async def go() -> tuple[list[str], str]:
+        async with openai.AsyncOpenAI(
+            base_url=shared_server.url + "/v1", api_key="x", max_retries=0, timeout=120
+        ) as c:
+            many = await asyncio.gather(
+                *(
+                    c.chat.completions.create(
+                        model=name, messages=[{"role": "user", "content": f"Q{i}"}], max_tokens=8
+                    )
+                    for i in range(6)
+                )
+            )
+            stream = await c.chat.completions.create(
+                model=name, messages=USER, max_tokens=8, stream=True
+            )
+            streamed = "".join([ch.choices[0].delta.content or "" async for ch in stream])
+            return [m.choices[0].message.content or "" for m in many], streamed
+
+    texts, streamed = asyncio.run(go())
+    assert len(texts) == 6 and all(texts) and streamed
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, fragment",
+    [
+        ({"model": "nope"}, openai.NotFoundError, "does not exist"),
+        ({"extra_body": refinement(rounds=5)}, openai.BadRequestError, "between 0 and 4"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}]},
+            openai.BadRequestError,
+            "`tools` is not supported",
+        ),
+        ({"n": 0}, openai.BadRequestError, "n"),
+        ({"messages": []}, openai.BadRequestError, "at least one message"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+                ]
+            },
+            openai.BadRequestError,
+            "only 'text'",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "w " * 600}]},
+            openai.BadRequestError,
+            "max_model_len",
+        ),
+        ({"model": "{name}@upstream"}, openai.BadRequestError, "SLHF_UPSTREAM_BASE_URL"),
+    ],
+)
+def test_bad_input_raises_the_sdk_error(
+    client: openai.OpenAI, name: str, kwargs: dict, error: type, fragment: str
+) -> None:
+    args = {"model": name, "messages": USER, **kwargs}
+    args["model"] = args["model"].format(name=name)
+    with pytest.raises(error) as info:
+        client.chat.completions.create(**args)
+    assert fragment in str(info.value)
+
+
+# -- upstream: a Qwen2-family server of ours gives the first answer, a Llama Follower refines it ---
+def test_upstream_answers_are_refined(
+    lora_server: ServerProcess, upstream_server: ServerProcess
+) -> None:
+    with sdk(lora_server) as ours, sdk(upstream_server) as theirs:
+        name = ours.models.list().data[0].id
+        assert name + "@upstream" in [m.id for m in ours.models.list().data]
+        r = ours.chat.completions.create(
+            model=name + "@upstream",
+            messages=USER,
+            extra_body=refinement(
+                rounds=1, return_trace=True, leader=GREEDY, stop_when_unchanged=False
+            ),
+        )
+        direct = theirs.chat.completions.create(
+            model=UPSTREAM_NAME + ":leader", messages=USER, **GREEDY
+        )
+    trace = r.choices[0].model_extra["refinement"]
+    assert trace["leader"]["source"] == "upstream"
+    assert trace["leader"]["text"] == direct.choices[0].message.content  # greedy: same answer
+    assert len(trace["rounds"]) == 1 and r.choices[0].message.content == trace["rounds"][0]["text"]
+    body = httpx.post(
+        lora_server.url + "/v1/refine",
+        json={"prompt": "Explain gravity", "rounds": 1, "leader": {"source": "upstream", **GREEDY}},
+        timeout=120,
+    ).json()
+    assert body["leader"]["source"] == "upstream"
+    assert body["leader"]["text"] == direct.choices[0].message.content
