@@ -25,7 +25,7 @@ $(VENV)/.installed-$(EXTRA): pyproject.toml | $(PY)
 	touch $@
 
 $(VENV)/.installed-$(EXTRA)-dev: pyproject.toml | $(PY)
-	$(PIP) install $(PIPFLAGS) -e '.[$(EXTRA),dev]'
+	$(PIP) install $(PIPFLAGS) -e '.[$(EXTRA),train,dev]'
 	$(post_install)
 	touch $@ $(VENV)/.installed-$(EXTRA)
 

@@ -1,4 +1,4 @@
-"""``slhf`` command line: ``slhf serve``, ``slhf game`` (later: train, eval, refine, bench)."""
+"""``slhf`` command line: ``slhf serve``, ``slhf game``, ``slhf train`` (later: eval, bench)."""
 
 from __future__ import annotations
 
@@ -78,16 +78,36 @@ def game(args: argparse.Namespace) -> int:
     return run_game(args)
 
 
+def _train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from models.trainer.cli import add_train_arguments
+
+    p = sub.add_parser(
+        "train",
+        help="train a Leader/Follower with StackelbergGDA (CONFIG.yaml [key=value ...])",
+        description="Writes checkpoints, log.jsonl and output_dir/final with its slhf.json.",
+    )
+    add_train_arguments(p)
+
+
+def train(args: argparse.Namespace) -> int:
+    from models.trainer.cli import run_train
+
+    return run_train(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slhf", description="SLHF refinement server and tools")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _game_parser(sub)
+    _train_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
     if args.command == "game":
         return game(args)
+    if args.command == "train":
+        return train(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

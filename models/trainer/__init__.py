@@ -1,1 +1,1 @@
-"""The SLHF trainer (PAPER.md, Algorithm 2): config, losses, and later the trainer loop."""
+"""The SLHF trainer (PAPER.md, Algorithm 2): config, losses, data, rollouts, checkpoints, loop."""

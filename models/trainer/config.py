@@ -40,7 +40,7 @@ class StackelbergConfig:
     model: str
     """Policy to train: a model folder or Hugging Face id; one model plays both roles."""
     dataset: str
-    """Training prompts: a ``.jsonl`` file (one object per line) or a Hugging Face dataset name."""
+    """Training prompts: a ``.jsonl`` or ``.parquet`` file, or a Hugging Face dataset name."""
     dataset_split: str = "train"
     """Split of a Hugging Face dataset (ignored for ``.jsonl`` files)."""
     prompt_field: str = "prompt"
@@ -109,6 +109,11 @@ class StackelbergConfig:
     """Where stats go besides the console: ``jsonl`` writes output_dir/log.jsonl."""
     run_name: str | None = None
     """Name of the run in the logs; None: the output_dir's name."""
+    preference: str | None = None
+    """Preference spec for ``slhf train``: ``callable:MODULE:FUNCTION``, ``reward_model:PATH`` or
+    ``judge:BASE_URL:MODEL`` (see models/trainer/cli.py); the Python API takes an object."""
+    resume_from: str | None = None
+    """A checkpoint folder (``output_dir/checkpoints/step-N``) or ``latest`` to continue from."""
 
     def __post_init__(self) -> None:
         for name, hint in _type_hints().items():  # strings -> the field's type, then choices

@@ -1,0 +1,113 @@
+"""Rollouts with Hugging Face ``generate`` and per-token log-probabilities of the answers.
+
+A ``Rollout`` keeps one role's batch as the model saw it: the left-padded prompt ids (rendered by
+``TemplateRenderer``, the server's templates) followed by the sampled answer ids, with a mask
+that is 1 on answer tokens up to and including the first EOS. The same tensors are then scored
+by the policy (with grad) and by the reference (without), so both see identical inputs.
+
+Log-probabilities are taken at the sampling temperature (logits / T), i.e. of the distribution
+the answers were drawn from (top-k truncation aside).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """One role's prompts and sampled answers.
+
+    Attributes:
+        input_ids: ``(B, P + T)`` left-padded prompt ids, then answer ids (padded after EOS).
+        attention_mask: ``(B, P + T)`` 1 on real prompt tokens and on answer tokens.
+        answer_mask: ``(B, T)`` 1 on answer tokens up to and including the first EOS.
+        texts: the decoded answers (special tokens dropped), what the next role and the
+            preference see.
+        missing_eos: ``(B,)`` True where the answer hit max_new_tokens without EOS.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    answer_mask: torch.Tensor
+    texts: list[str]
+    missing_eos: torch.Tensor
+
+    @property
+    def prompt_len(self) -> int:
+        return self.input_ids.shape[1] - self.answer_mask.shape[1]
+
+    def micro(self, rows: slice) -> Rollout:
+        return Rollout(
+            self.input_ids[rows],
+            self.attention_mask[rows],
+            self.answer_mask[rows],
+            self.texts[rows],
+            self.missing_eos[rows],
+        )
+
+
+def _answer_mask(answers: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, T)`` mask up to and including the first EOS, and ``(B,)`` missing-EOS flags."""
+    is_eos = answers == eos_token_id
+    after_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0  # strictly after the 1st EOS
+    return (~after_eos).long(), ~is_eos.any(dim=1)
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompt_texts: list[str],
+    *,
+    add_special_tokens: bool,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+) -> Rollout:
+    """Sample one answer per prompt text (left padding; torch's global RNG)."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer(
+        prompt_texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
+    )
+    was_training = model.training
+    model.eval()
+    out = model.generate(
+        **enc,
+        do_sample=True,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # (B, P + T'), T' ≤ max_new_tokens
+    model.train(was_training)
+    answers = out[:, enc.input_ids.shape[1] :]  # (B, T')
+    answer_mask, missing = _answer_mask(answers, tokenizer.eos_token_id)
+    answers = answers.masked_fill(answer_mask == 0, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
+    return Rollout(
+        input_ids=torch.cat([enc.input_ids, answers], dim=1),
+        attention_mask=torch.cat([enc.attention_mask, answer_mask], dim=1),
+        answer_mask=answer_mask,
+        texts=texts,
+        missing_eos=missing,
+    )
+
+
+def answer_logprobs(model: Any, rollout: Rollout, temperature: float) -> torch.Tensor:
+    """``(B, T)`` log-probabilities of the answer tokens under ``model`` (0 on padding)."""
+    mask = rollout.attention_mask
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate() numbers left padding
+    logits = model(
+        input_ids=rollout.input_ids, attention_mask=mask, position_ids=position_ids
+    ).logits  # (B, P + T, V)
+    p = rollout.prompt_len
+    logits = logits[:, p - 1 : -1].float() / temperature  # predictions of the answer tokens
+    targets = rollout.input_ids[:, p:]  # (B, T)
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    return logprobs * rollout.answer_mask
