@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PIPFLAGS ?= --disable-pip-version-check
 
-.PHONY: install install-dev serve test test-unit test-integration lint format typecheck bench clean
+.PHONY: install install-dev serve test test-unit test-integration lint format typecheck bench docs docker-lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -63,7 +63,18 @@ typecheck: install-dev
 	$(VENV)/bin/mypy
 
 bench: install-dev
+	$(PIP) install -q $(PIPFLAGS) -e '.[$(EXTRA),train,dev,bench]'
+	$(post_install)
 	$(PY) bench/serve_overhead.py
+	$(PY) bench/openai_stream.py
+	$(PY) bench/train_throughput.py
+
+# The README's settings table is generated from ServerSettings (a unit test keeps it in sync).
+docs: install-dev
+	$(PY) docs/gen_settings.py --write
+
+docker-lint: install-dev
+	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.cpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -58,8 +58,13 @@ def save_checkpoint(
     params: dict[str, torch.Tensor],
     optimizer: dict[str, Any],
     state: dict[str, Any],
+    process_rngs: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Write ``step-N`` atomically and return its path."""
+    """Write ``step-N`` atomically and return its path.
+
+    ``process_rngs``: every process's RNG states (multi-process runs), in ``rng_processes.pt``;
+    ``rng.pt`` always holds this (the main) process's states.
+    """
     root = output_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -68,6 +73,8 @@ def save_checkpoint(
         torch.save(params, tmp / "params.pt")
         torch.save(optimizer, tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
+        if process_rngs is not None:
+            torch.save(process_rngs, tmp / "rng_processes.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
         for f in tmp.iterdir():
             _fsync(f)
@@ -105,10 +112,49 @@ def resolve_checkpoint(resume_from: str, output_dir: Path) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint's parts: ``params``, ``optimizer``, ``rng``, ``state``."""
+    """The checkpoint's parts: ``params``, ``optimizer``, ``rng``, ``state``, ``process_rngs``."""
+    per_process = path / "rng_processes.pt"
     return {
+        "process_rngs": torch.load(per_process, weights_only=False)
+        if per_process.exists()
+        else None,
         "params": torch.load(path / "params.pt", weights_only=True),
         "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
         "rng": torch.load(path / "rng.pt", weights_only=False),  # python/numpy states
         "state": json.loads((path / "state.json").read_text()),
     }
+
+
+def restore_checkpoint(
+    path: Path,
+    params: dict[str, torch.nn.Parameter],
+    optimizer: Any,
+    *,
+    rank: int = 0,
+    num_processes: int = 1,
+) -> tuple[int, int]:
+    """Load ``path`` into ``params``, ``optimizer`` and this process's RNGs.
+
+    Returns ``(step, data_position)``. The run must have the same trainable parameters and the
+    same number of processes (``batch_size`` is per process, so the data stream depends on it).
+    """
+    ckpt = load_checkpoint(path)
+    missing = set(params) - set(ckpt["params"])
+    if missing:
+        raise CheckpointError(
+            f"{path}: lacks {len(missing)} trainable parameters (e.g. {sorted(missing)[0]}); "
+            "was it written with another use_lora/follower_weights/lora_* setting?"
+        )
+    saved = ckpt["state"].get("num_processes", 1)
+    if saved != num_processes:
+        raise CheckpointError(
+            f"{path} was written by {saved} process(es); this run has {num_processes}. "
+            "Resume with the same number of processes (batch_size is per process)"
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(ckpt["params"][name])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    rngs = ckpt["process_rngs"]
+    set_rng_state(rngs[rank] if rngs else ckpt["rng"])
+    return int(ckpt["state"]["step"]), int(ckpt["state"]["data_position"])

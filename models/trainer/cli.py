@@ -11,8 +11,11 @@ preference comes from the ``preference`` setting, one of::
 
 The final weights go to ``output_dir/final`` (adapters on a reference to the base model with
 ``use_lora: true``; full weights otherwise); checkpoints to ``output_dir/checkpoints``; metrics to
-``output_dir/log.jsonl``. Multi-GPU: ``accelerate launch -m models.trainer.cli CONFIG.yaml``
-is the intended entry point (not yet distributed-aware: see the README).
+``output_dir/log.jsonl`` (evaluations on ``eval_dataset`` every ``eval_every`` steps too).
+
+Multi-GPU runs go through accelerate (configs in recipes/accelerate/)::
+
+    accelerate launch --config_file recipes/accelerate/fsdp.yaml -m models.trainer.cli CONFIG.yaml
 """
 
 from __future__ import annotations
@@ -83,6 +86,9 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = StackelbergConfig.from_yaml(args.config, args.overrides)
         preference = build_preference(cfg.preference)
         prompts = load_prompts(cfg.dataset, split=cfg.dataset_split, field=cfg.prompt_field)
+        eval_prompts = None
+        if cfg.eval_dataset is not None:
+            eval_prompts = load_prompts(cfg.eval_dataset, split="test", field=cfg.prompt_field)
     except (ConfigError, DataError) as e:
         print(f"slhf train: {e}", file=sys.stderr)
         return 2
@@ -91,7 +97,9 @@ def run_train(args: argparse.Namespace) -> int:
     ref_model = None
     if not cfg.use_lora:
         ref_model = AutoModelForCausalLM.from_pretrained(cfg.reference_model, dtype=torch.float32)
-    trainer = StackelbergTrainer(model, ref_model, tokenizer, preference, prompts, cfg)
+    trainer = StackelbergTrainer(
+        model, ref_model, tokenizer, preference, prompts, cfg, eval_dataset=eval_prompts
+    )
     try:
         trainer.train()
     except CheckpointError as e:

@@ -46,7 +46,8 @@ class StackelbergConfig:
     prompt_field: str = "prompt"
     """Field holding ``x``: a string, or a list of chat messages ending with a user turn."""
     eval_dataset: str | None = None
-    """Held-out prompts for evaluation (same format as ``dataset``); None: no evaluation."""
+    """Held-out prompts for evaluation (same format as ``dataset``; the ``test`` split of a Hugging
+    Face dataset): every ``eval_every`` steps the mean p(Follower ≻ Leader) goes to the log."""
     reference: str | None = None
     """Frozen reference π_ref for the KL terms; None: the initial ``model`` weights."""
     use_lora: bool = True
@@ -78,7 +79,8 @@ class StackelbergConfig:
     follower_weights: Literal["shared", "separate_adapter"] = "shared"
     """``shared``: one set of weights plays both roles; ``separate_adapter``: a second LoRA."""
     batch_size: int = 32
-    """Prompts per optimiser step (each gets one Leader and one Follower answer)."""
+    """Prompts per optimiser step and process (each gets one Leader and one Follower answer);
+    under ``accelerate launch`` the global batch is batch_size × num_processes."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per step; batch_size must be divisible by it."""
     max_grad_norm: float | None = 1.0
@@ -106,7 +108,9 @@ class StackelbergConfig:
     log_every: int = 10
     """Log the loss stats every n steps."""
     report_to: Literal["none", "jsonl", "tensorboard", "wandb"] = "jsonl"
-    """Where stats go besides the console: ``jsonl`` writes output_dir/log.jsonl."""
+    """Where stats go besides the console: ``jsonl`` writes output_dir/log.jsonl; ``tensorboard``
+    writes it too, plus output_dir/tensorboard (needs ``pip install tensorboard``); ``wandb`` is
+    not supported yet and is rejected."""
     run_name: str | None = None
     """Name of the run in the logs; None: the output_dir's name."""
     preference: str | None = None
@@ -137,6 +141,10 @@ class StackelbergConfig:
             self.eval_every == 0 or self.eval_dataset is not None,
             f"eval_every is {self.eval_every} but eval_dataset is not set; "
             "set eval_dataset or eval_every: 0",
+        )
+        _require(
+            self.report_to != "wandb",
+            "report_to 'wandb' is not supported yet; use jsonl or tensorboard",
         )
         _require(bool(self.output_dir.strip()), "output_dir must not be empty")
         _require(bool(self.follower_instruction.strip()), "follower_instruction must not be empty")

@@ -100,14 +100,46 @@ def generate(
 
 
 def answer_logprobs(model: Any, rollout: Rollout, temperature: float) -> torch.Tensor:
-    """``(B, T)`` log-probabilities of the answer tokens under ``model`` (0 on padding)."""
+    """``(B, T)`` log-probabilities of the answer tokens under ``model`` (0 on padding).
+
+    Only the ``T`` positions that predict answer tokens go through the output head
+    (``logits_to_keep``): the prompt's logits are never needed.
+    """
     mask = rollout.attention_mask
     position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate() numbers left padding
+    t = rollout.answer_mask.shape[1]
     logits = model(
-        input_ids=rollout.input_ids, attention_mask=mask, position_ids=position_ids
-    ).logits  # (B, P + T, V)
-    p = rollout.prompt_len
-    logits = logits[:, p - 1 : -1].float() / temperature  # predictions of the answer tokens
-    targets = rollout.input_ids[:, p:]  # (B, T)
+        input_ids=rollout.input_ids,
+        attention_mask=mask,
+        position_ids=position_ids,
+        logits_to_keep=t + 1,
+    ).logits  # (B, T + 1, V)
+    logits = logits[:, :-1].float() / temperature  # predictions of the answer tokens
+    targets = rollout.input_ids[:, -t:]  # (B, T)
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
     return logprobs * rollout.answer_mask
+
+
+def stack_rollouts(a: Rollout, b: Rollout, pad_token_id: int) -> Rollout:
+    """``a`` and ``b`` as one batch (rows of ``a`` first), to score both roles in one forward.
+
+    Answers are right-padded to the longer answer length and prompts left-padded to the longer
+    prompt length; padding is masked, so each row's log-probabilities are unchanged.
+    """
+    t = max(a.answer_mask.shape[1], b.answer_mask.shape[1])
+    p = max(a.prompt_len, b.prompt_len)
+
+    def pad(r: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        left, right = p - r.prompt_len, t - r.answer_mask.shape[1]
+        ids = torch.nn.functional.pad(r.input_ids, (left, right), value=pad_token_id)
+        attention = torch.nn.functional.pad(r.attention_mask, (left, right))
+        return ids, attention, torch.nn.functional.pad(r.answer_mask, (0, right))
+
+    (ids_a, att_a, ans_a), (ids_b, att_b, ans_b) = pad(a), pad(b)
+    return Rollout(
+        input_ids=torch.cat([ids_a, ids_b]),
+        attention_mask=torch.cat([att_a, att_b]),
+        answer_mask=torch.cat([ans_a, ans_b]),
+        texts=[*a.texts, *b.texts],
+        missing_eos=torch.cat([a.missing_eos, b.missing_eos]),
+    )

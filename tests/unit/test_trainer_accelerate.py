@@ -1,0 +1,141 @@
+"""StackelbergTrainer: gradient accumulation, a full fine-tune with a reference model, evaluation
+and TensorBoard logging. A tiny model, batch 2-4, 8 new tokens, 1-2 steps. Two processes under
+torch.distributed: tests/integration/test_train_distributed.py."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from models.preferences import CallablePreference
+from models.tiny import build_tiny_model
+from models.trainer.config import StackelbergConfig
+from models.trainer.trainer import TIMING_KEYS, StackelbergTrainer
+
+PROMPTS = ["What is the map?", "Tell me about the river.", "Why does it rain?", "Name a tree."]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+def longer_wins(x: Any, a: str, b: str) -> float:
+    return 1.0 if len(a) > len(b) else 0.0 if len(a) < len(b) else 0.5
+
+
+def settings(model_dir: Path, out: Path, **overrides: Any) -> StackelbergConfig:
+    values: dict[str, Any] = dict(
+        model=str(model_dir),
+        dataset="unused",
+        output_dir=str(out),
+        batch_size=2,
+        max_new_tokens=8,
+        steps=2,
+        lora_r=4,
+        lora_alpha=8.0,
+        lora_dropout=0.0,
+        learning_rate=1e-2,
+        log_every=1,
+    )
+    return StackelbergConfig(**(values | overrides))
+
+
+def make_trainer(model_dir: Path, out: Path, **overrides: Any) -> StackelbergTrainer:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = settings(model_dir, out, **overrides)
+    load = AutoModelForCausalLM.from_pretrained
+    ref = None if cfg.use_lora else load(model_dir, dtype=torch.float32)
+    return StackelbergTrainer(
+        load(model_dir, dtype=torch.float32),
+        ref,
+        AutoTokenizer.from_pretrained(model_dir),
+        CallablePreference(longer_wins),
+        PROMPTS,
+        cfg,
+        eval_dataset=PROMPTS[:3] if cfg.eval_every else None,
+    )
+
+
+def grads_after_accumulate(trainer: StackelbergTrainer, micro_batches: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    renderer = trainer.renderer
+    leader = trainer._rollout("leader", [renderer.render_leader(x) for x in PROMPTS])
+    follower_prompts = [
+        renderer.render_follower(x, y) for x, y in zip(PROMPTS, leader.texts, strict=True)
+    ]
+    follower = trainer._rollout("follower", follower_prompts)
+    prefs = torch.tensor([0.9, 0.2, 0.5, 0.7])
+    trainer.config.gradient_accumulation_steps = micro_batches
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer._accumulate(leader, follower, prefs, update_leader=True)
+    return {n: p.grad.clone() for n, p in trainer.params.items()}
+
+
+@pytest.mark.parametrize("weights", ["shared", "separate_adapter"])
+def test_two_micro_batches_of_two_give_the_gradients_of_one_batch_of_four(
+    tiny: Path, tmp_path: Path, weights: str
+) -> None:
+    # Constant baseline: every row's loss term depends on that row only, so splitting the batch
+    # into micro-batches (each loss / n, gradients summed) is exact up to float rounding. The
+    # leave-one-out baseline would differ: it averages over the micro-batch, not the batch.
+    trainer = make_trainer(tiny, tmp_path, batch_size=4, follower_weights=weights)
+    one = grads_after_accumulate(trainer, 1)
+    two = grads_after_accumulate(trainer, 2)
+    assert any(g.abs().sum() > 0 for g in one.values())
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_full_fine_tune_with_a_ref_model_moves_every_weight_and_starts_at_zero_kl(
+    tiny: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    trainer = make_trainer(tiny, tmp_path / "run", use_lora=False, learning_rate=1e-3)
+    before = {n: p.detach().clone() for n, p in trainer.params.items()}
+    history = trainer.train()
+    assert history[0]["kl/leader"] == pytest.approx(0.0, abs=1e-6)  # π_θ = π_ref at step 1
+    assert all(math.isfinite(m["loss"]) for m in history)
+    moved = [n for n, p in trainer.params.items() if not torch.equal(before[n], p)]
+    assert len(moved) == len(before)
+    ref = dict(trainer.ref_model.named_parameters())
+    assert all(torch.equal(before[n], ref[n]) for n in before)  # the reference stays frozen
+    final = trainer.save_model()
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_evaluation_and_tensorboard_log_without_changing_the_training_run(
+    tiny: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("tensorboard")
+    plain = make_trainer(tiny, tmp_path / "plain").train()
+    evaluated = make_trainer(
+        tiny, tmp_path / "eval", eval_every=1, eval_dataset="held-out", report_to="tensorboard"
+    ).train()
+
+    def strip(m: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in m.items() if k not in TIMING_KEYS}
+
+    assert [strip(m) for m in evaluated] == [strip(m) for m in plain]
+    lines = [json.loads(x) for x in (tmp_path / "eval" / "log.jsonl").read_text().splitlines()]
+    evals = [m for m in lines if "eval/follower_vs_leader" in m]
+    assert [m["step"] for m in evals] == [1, 2]
+    assert all(0.0 <= m["eval/follower_vs_leader"] <= 1.0 for m in evals)
+    assert all(m["eval/prompts"] == 3 for m in evals)
+    assert list((tmp_path / "eval" / "tensorboard").glob("events.out.tfevents.*"))
