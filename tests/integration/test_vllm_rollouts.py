@@ -1,0 +1,253 @@
+"""vLLM rollouts for StackelbergTrainer (``rollout_backend: vllm``) on in-process CPU engines.
+
+One LoRA trainer (with its engine) is shared by the module; the full fine-tune check starts a
+second engine. Engines run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) with a 1 GiB
+CPU KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from models.preferences import CallablePreference
+from models.tiny import build_tiny_model
+from models.trainer.config import StackelbergConfig
+from models.trainer.rollouts import encode_prompts, generate, prompt_token_ids
+from models.trainer.trainer import StackelbergTrainer
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = ["What is the map?", "Tell me about the river.", "Why does it rain?"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def in_process_engines() -> Iterator[None]:
+    saved = {
+        k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE")
+    }
+    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+def longer_wins(x: Any, a: str, b: str) -> float:
+    return 1.0 if len(a) > len(b) else 0.0 if len(a) < len(b) else 0.5
+
+
+def make_trainer(model_dir: Path, out: Path, **overrides: Any) -> StackelbergTrainer:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    values: dict[str, Any] = dict(
+        model=str(model_dir),
+        dataset="unused",
+        output_dir=str(out),
+        batch_size=2,
+        max_new_tokens=8,
+        steps=2,
+        lora_r=4,
+        lora_alpha=8.0,
+        learning_rate=1e-2,
+        log_every=1,
+        rollout_backend="vllm",
+        vllm_max_model_len=256,
+        vllm_enforce_eager=True,
+    )
+    cfg = StackelbergConfig(**(values | overrides))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ref = None
+    if not cfg.use_lora:
+        ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    preference = CallablePreference(longer_wins)
+    return StackelbergTrainer(model, ref, tokenizer, preference, PROMPTS, cfg)
+
+
+@pytest.fixture(scope="module")
+def lora_trainer(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> StackelbergTrainer:
+    return make_trainer(tiny, tmp_path_factory.mktemp("run"), follower_weights="separate_adapter")
+
+
+def greedy_ids(trainer: StackelbergTrainer, role: str, n: int = 8) -> list[list[int]]:
+    """vLLM's greedy answers (top_k 1) to the Leader prompts, ``n`` tokens at most."""
+    cfg = trainer.config
+    saved = cfg.top_k, cfg.max_new_tokens
+    cfg.top_k, cfg.max_new_tokens = 1, n
+    try:
+        texts = [trainer.renderer.render_leader(x) for x in PROMPTS]
+        rollout = trainer.vllm.generate(
+            role, texts, add_special_tokens=not trainer.renderer.uses_chat
+        )
+    finally:
+        cfg.top_k, cfg.max_new_tokens = saved
+    return rollout.input_ids[:, rollout.prompt_len :].tolist()
+
+
+def adapter_state(trainer: StackelbergTrainer, role: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    request = trainer.vllm.lora[role]
+    return load_file(str(Path(request.lora_path) / "adapter_model.safetensors"))
+
+
+def test_two_vllm_steps_train_and_sync_the_current_adapters(
+    lora_trainer: StackelbergTrainer,
+) -> None:
+    trainer = lora_trainer
+    history = trainer.train()
+    assert [m["step"] for m in history] == [1, 2]
+    for m in history:
+        for key in ("loss", "loss/follower", "kl/follower", "preference"):
+            assert math.isfinite(m[key]), (key, m)
+        assert 1 <= m["length/leader"] <= 8
+    # one sync when the trainer is built, one after each optimiser step; new LoRA ids each time
+    assert trainer.vllm.sync_id == 3
+    ids = {trainer.vllm.lora[r].lora_int_id for r in ("leader", "follower")}
+    assert ids == {5, 6}
+    assert trainer.vllm.llm.llm_engine.list_loras() == ids
+    for role in ("leader", "follower"):  # the adapter vLLM holds is the trained one of step 2
+        saved = adapter_state(trainer, role)
+        trained = {n: p for n, p in trainer.params.items() if f".{role}." in n}
+        assert len(saved) == len(trained) > 0
+        for name, tensor in saved.items():
+            key = name.replace(".weight", f".{role}.weight")
+            assert torch.equal(tensor, trained[key].detach()), name
+
+
+def test_a_sync_changes_vllm_greedy_rollouts_only_once_it_happens(
+    lora_trainer: StackelbergTrainer,
+) -> None:
+    trainer = lora_trainer
+    before = greedy_ids(trainer, "follower")
+    with torch.no_grad():
+        for name, p in trainer.params.items():
+            if ".follower." in name and "lora_B" in name:
+                p.normal_(std=2.0)  # a deliberately large change of the follower's adapter
+    assert greedy_ids(trainer, "follower") == before  # not synced yet: vLLM is unchanged
+    leader_before = greedy_ids(trainer, "leader")
+    trainer.vllm.sync(trainer.policy, trainer.adapters)
+    assert greedy_ids(trainer, "follower") != before
+    assert greedy_ids(trainer, "leader") == leader_before  # the leader adapter did not move
+
+
+def test_both_backends_sample_from_the_same_prompt_token_ids(
+    lora_trainer: StackelbergTrainer,
+) -> None:
+    trainer = lora_trainer
+    tok, special = trainer.tokenizer, not trainer.renderer.uses_chat
+    texts = [trainer.renderer.render_leader(x) for x in PROMPTS]
+    texts += [trainer.renderer.render_follower(x, "An answer.") for x in PROMPTS]
+    expected = [tok(t, add_special_tokens=special).input_ids for t in texts]
+    enc = encode_prompts(tok, texts, add_special_tokens=special)
+    assert prompt_token_ids(enc) == expected
+    with trainer._as_role("leader"):
+        hf = generate(
+            trainer.policy,
+            tok,
+            texts,
+            add_special_tokens=special,
+            max_new_tokens=2,
+            temperature=1.0,
+            top_k=0,
+        )
+    vl = trainer.vllm.generate("leader", texts, add_special_tokens=special)
+    assert torch.equal(hf.input_ids[:, : hf.prompt_len], vl.input_ids[:, : vl.prompt_len])
+    assert torch.equal(hf.attention_mask[:, : hf.prompt_len], vl.attention_mask[:, : vl.prompt_len])
+    assert vl.answer_mask.shape[1] <= trainer.config.max_new_tokens
+
+
+def test_vllm_rollouts_are_reproducible_from_torchs_rng(lora_trainer: StackelbergTrainer) -> None:
+    trainer = lora_trainer
+    texts = [trainer.renderer.render_leader(x) for x in PROMPTS]
+    special = not trainer.renderer.uses_chat
+
+    def sample(seed: int) -> Any:
+        torch.manual_seed(seed)  # the trainer seeds torch per process; vLLM's seeds come from it
+        return trainer.vllm.generate("follower", texts, add_special_tokens=special)
+
+    a, b, c = sample(3), sample(3), sample(4)
+    assert torch.equal(a.input_ids, b.input_ids) and a.texts == b.texts
+    assert not torch.equal(a.input_ids, c.input_ids)
+    eos, pad = trainer.tokenizer.eos_token_id, trainer.tokenizer.pad_token_id
+    answers = a.input_ids[:, a.prompt_len :]
+    assert torch.equal(a.attention_mask[:, a.prompt_len :], a.answer_mask)
+    assert bool((answers[a.answer_mask == 0] == pad).all())
+    assert torch.equal(a.missing_eos, ~((answers == eos) & (a.answer_mask == 1)).any(dim=1))
+
+
+def test_a_resumed_trainer_syncs_the_restored_adapters(
+    lora_trainer: StackelbergTrainer,
+) -> None:
+    from models.trainer.checkpoint import latest_checkpoint
+
+    out = Path(lora_trainer.config.output_dir)
+    if latest_checkpoint(out) is None:
+        lora_trainer.save_checkpoint(0)
+    resumed = make_trainer(
+        Path(lora_trainer.config.model), out, follower_weights="separate_adapter"
+    )
+    assert resumed.vllm.sync_id == 1  # the fresh (untrained) adapters
+    resumed._resume(latest_checkpoint(out))
+    assert resumed.vllm.sync_id == 2
+    for role in ("leader", "follower"):
+        saved = adapter_state(resumed, role)
+        for name, tensor in saved.items():
+            key = name.replace(".weight", f".{role}.weight")
+            assert torch.equal(tensor, resumed.params[key].detach()), name
+    assert any(bool(resumed.params[n].abs().sum()) for n in resumed.params if "lora_B" in n)
+
+
+def test_full_fine_tune_sync_matches_hf_greedy_tokens(tiny: Path, tmp_path: Path) -> None:
+    trainer = make_trainer(tiny, tmp_path, use_lora=False, steps=1)
+    trainer.vllm.sync(trainer.policy, trainer.adapters)
+    base = greedy_ids(trainer, "leader")
+    with torch.no_grad():  # perturb every weight (bf16-representable, so both sides agree)
+        gen = torch.Generator().manual_seed(0)
+        for p in trainer.policy.parameters():
+            noise = torch.randn(p.shape, generator=gen) * 0.5 * p.float().std().nan_to_num(1.0)
+            p.copy_((p + noise).bfloat16().float())
+    trainer.vllm.sync(trainer.policy, trainer.adapters)
+    synced = greedy_ids(trainer, "leader", n=5)
+    texts = [trainer.renderer.render_leader(x) for x in PROMPTS]
+    enc = encode_prompts(
+        trainer.tokenizer, texts, add_special_tokens=not trainer.renderer.uses_chat
+    )
+    hf = trainer.policy.generate(
+        **enc, do_sample=False, max_new_tokens=5, pad_token_id=trainer.tokenizer.pad_token_id
+    )[:, enc.input_ids.shape[1] :].tolist()
+    # the first 5 tokens only: vLLM runs bf16, the HF model fp32; near-ties may flip later
+    assert [row[:5] for row in synced] == [row[:5] for row in hf]
+    assert [row[:5] for row in synced] != [row[:5] for row in base]
+    history = trainer.train()  # one full fine-tune step with the synced engine
+    assert math.isfinite(history[0]["loss"]) and trainer.vllm.sync_id == 4
+
+
+def test_several_processes_and_unknown_lora_ranks_are_refused(tiny: Path) -> None:
+    from models.trainer.vllm_rollouts import VllmRollouts, max_lora_rank
+
+    cfg = StackelbergConfig(model=str(tiny), dataset="unused", rollout_backend="vllm")
+    with pytest.raises(ValueError, match="supports one training process; got 2"):
+        VllmRollouts(cfg, None, num_processes=2)
+    assert [max_lora_rank(r) for r in (1, 4, 8, 9, 64, 500)] == [1, 8, 8, 16, 64, 512]
+    with pytest.raises(ValueError, match="above vLLM's largest max_lora_rank"):
+        max_lora_rank(513)
