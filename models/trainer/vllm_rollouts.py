@@ -114,7 +114,7 @@ class VllmRollouts:
     ) -> Rollout:
         """Sample one answer per prompt with ``role``'s weights; tensors on ``device``."""
         from vllm import SamplingParams
-        from vllm.inputs import tokens_input
+        from vllm.inputs import TokensPrompt
 
         cfg = self.config
         enc = encode_prompts(self.tokenizer, prompt_texts, add_special_tokens=add_special_tokens)
@@ -130,7 +130,7 @@ class VllmRollouts:
             )
             for seed in seeds
         ]
-        prompts = [tokens_input(ids) for ids in prompt_token_ids(enc)]
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids(enc)]
         outputs = self.llm.generate(prompts, params, lora_request=self.lora[role], use_tqdm=False)
         answers = [list(out.outputs[0].token_ids) for out in outputs]
         lengths = torch.tensor([len(a) for a in answers])
