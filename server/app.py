@@ -13,8 +13,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from models.loading import ServedWeights, resolve_weights
+from server.admission import Admission
 from server.errors import install_error_handlers
 from server.generation import Engine
+from server.lifecycle import install_drain
+from server.logs import configure_logging
+from server.metrics import ServiceMetrics
+from server.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from server.routes import router
 from server.routes_openai import router as openai_router
 from server.service import Service
@@ -57,19 +62,25 @@ def create_app(
     """Build the app. Tests pass a fake ``engine_factory`` (and ``weights``)."""
     settings = settings or ServerSettings()
     factory = engine_factory or _vllm_engine
+    metrics = ServiceMetrics()
+    admission = Admission(settings.max_inflight_generations, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging(settings.log_format)
         served = weights or resolve_served_weights(settings)
         logger.info("serving %s (topology %s) from %s", served.name, served.topology, served.source)
         engine = factory(served, settings)
         upstream = UpstreamClient.from_settings(settings)
         if upstream is not None:
             logger.info("upstream: %s (model %s)", upstream.base_url, upstream.model)
-        app.state.service = Service.build(settings, served, engine, upstream)
+        metrics.watch_engine(engine.num_running)
+        app.state.service = Service.build(settings, served, engine, upstream, admission, metrics)
+        uninstall_drain = install_drain(admission, settings.drain_grace_s)
         try:
             yield
         finally:
+            uninstall_drain()
             app.state.service = None
             if upstream is not None:
                 await upstream.aclose()
@@ -78,7 +89,13 @@ def create_app(
     app = FastAPI(title="SLHF refinement server", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.service = None
+    app.state.metrics = metrics
+    app.state.admission = admission
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(openai_router)
+    open_paths = ["/health", "/ready"] + ([] if settings.metrics_require_auth else ["/metrics"])
+    app.add_middleware(AuthMiddleware, keys=settings.api_key_list(), open_paths=open_paths)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)  # added last: outermost
     return app

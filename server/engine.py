@@ -6,6 +6,10 @@ One ``AsyncLLM`` runs in-process per distinct model:
 - "lora":     one engine with ``enable_lora``; each role passes its own ``LoRARequest``;
 - "separate": two engines, one per role (on a GPU they split ``gpu_memory_utilization``).
 
+vLLM's Prometheus stat logger (``vllm:*`` metrics in prometheus_client's default registry, served
+at ``/metrics``) is on when ``SLHF_ENGINE_METRICS`` is (the default), without vLLM's periodic
+stats log lines. With two engines only the Leader's reports (vLLM keeps one set per process).
+
 Requests go in as token ids (the templates are rendered by ``models.templates``), so the server
 knows every prompt's length before it reaches the engine.
 """
@@ -29,6 +33,7 @@ from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
+from vllm.v1.metrics.loggers import PrometheusStatLogger
 
 from models.loading import ServedWeights
 from models.templates import ROLES, ChatTokenizer, Role
@@ -87,6 +92,11 @@ def _engine_args(
     return AsyncEngineArgs(**kwargs)
 
 
+def _new_llm(args: AsyncEngineArgs, metrics: bool) -> AsyncLLM:
+    """An ``AsyncLLM``; with ``metrics``, vLLM's Prometheus stat logger (and no stats logging)."""
+    return AsyncLLM.from_engine_args(args, stat_loggers=[PrometheusStatLogger] if metrics else None)
+
+
 def _load_tokenizer(path: str, settings: ServerSettings) -> ChatTokenizer:
     from transformers import AutoTokenizer
 
@@ -117,14 +127,15 @@ class VllmEngine:
             for role in ROLES:
                 w = weights.role(role)
                 logger.info("starting the %s engine on %s", role, w.model)
-                llm = AsyncLLM.from_engine_args(
+                llm = _new_llm(
                     _engine_args(
                         w.model,
                         settings,
                         max_model_len=max_len,
                         enable_lora=False,
                         memory_share=0.5,
-                    )
+                    ),
+                    settings.engine_metrics and role == "leader",
                 )
                 bindings[role] = _RoleBinding(
                     llm, _load_tokenizer(w.model, settings), None, llm.model_config.max_model_len
@@ -134,14 +145,15 @@ class VllmEngine:
             logger.info(
                 "starting the engine on %s (topology %s)", weights.leader.model, weights.topology
             )
-            llm = AsyncLLM.from_engine_args(
+            llm = _new_llm(
                 _engine_args(
                     weights.leader.model,
                     settings,
                     max_model_len=max_len,
                     enable_lora=lora,
                     memory_share=1.0,
-                )
+                ),
+                settings.engine_metrics,
             )
             tok = _load_tokenizer(weights.leader.model, settings)
             for i, role in enumerate(ROLES, start=1):

@@ -26,11 +26,19 @@ class SLHFError(Exception):
     status_code = 500
     error_type = "internal_server_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers
 
 
 class InvalidRequestError(SLHFError):
@@ -58,6 +66,34 @@ class ModelNotFoundError(SLHFError):
 class ServiceUnavailableError(SLHFError):
     status_code = 503
     error_type = "service_unavailable"
+
+
+class AuthenticationError(SLHFError):
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class PayloadTooLargeError(SLHFError):
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
+class OverloadedError(SLHFError):
+    """Admission control said no: the in-flight work is at its bound (429, Retry-After)."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_s: int, code: str = "overloaded"):
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceededError(SLHFError):
+    """The deadline passed before the first answer was complete: nothing to return."""
+
+    status_code = 504
+    error_type = "timeout_error"
 
 
 def error_body(
@@ -124,8 +160,12 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SLHFError)
-    async def _domain(_: Request, exc: SLHFError) -> JSONResponse:
-        return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.code)
+    async def _domain(request: Request, exc: SLHFError) -> JSONResponse:
+        if exc.error_type.startswith("upstream"):
+            request.app.state.metrics.upstream_errors.labels(exc.error_type).inc()
+        return error_response(
+            exc.status_code, exc.message, exc.error_type, exc.param, exc.code, exc.headers
+        )
 
     @app.exception_handler(TemplateError)
     async def _template(_: Request, exc: TemplateError) -> JSONResponse:

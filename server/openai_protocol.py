@@ -37,6 +37,9 @@ class RefinementOptions(_Request):
     """Leader-only sampling over the request's fields; ``source`` = "upstream" as ``@upstream``."""
     follower: SamplingParams | None = None
     """Follower-only sampling over the request's fields."""
+    deadline_s: float | None = Field(None, gt=0)
+    """Seconds the refinement may take (capped by SLHF_MAX_DEADLINE_S); when it passes, the best
+    completed round is the answer (``finish_reason`` = "deadline")."""
 
     @field_validator("response")
     @classmethod
@@ -78,6 +81,12 @@ class _OpenAIRequest(_Request):
     refinement: RefinementOptions | None = None
     # harmless: accepted and ignored
     user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+        return SamplingParams._stop(v)
+
     metadata: dict[str, Any] | None = None
     store: bool | None = None
     service_tier: str | None = None

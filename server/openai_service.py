@@ -66,6 +66,10 @@ class OpenAIPlan:
     stream_rounds: bool
     include_usage: bool
 
+    @property
+    def rounds(self) -> int:
+        return self.jobs[0].rounds if self.jobs else 0
+
 
 def check_supported(req: ChatCompletionRequest | CompletionRequest) -> None:
     """Reject (400, naming the field) any unsupported field set to a value that would matter."""
@@ -154,6 +158,15 @@ def plan_request(
     base = SamplingParams(
         max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop
     )
+    choices = len(prompts) * req.n
+    if choices > service.settings.max_n:
+        raise InvalidRequestError(
+            f"this request asks for {choices} choices ({len(prompts)} prompt(s) x n={req.n}); "
+            f"the limit is {service.settings.max_n} (SLHF_MAX_N)",
+            param="n",
+            code="too_many_choices",
+        )
+    deadline_s = service.settings.deadline_s(opts.deadline_s)
     request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     jobs = []
     for p, prompt in enumerate(prompts):
@@ -167,6 +180,7 @@ def plan_request(
                 given_answer=opts.response,
                 stop_when_unchanged=opts.stop_when_unchanged,
                 from_upstream=from_upstream,
+                deadline_s=deadline_s,
             )
             if j == 0:  # every prompt checked against the context before any work starts
                 service.refiner.first_prompt_ids(job)
@@ -228,6 +242,9 @@ def usage_breakdown(outcomes: Sequence[RefineOutcome]) -> UsageBreakdown:
 
 
 def finish_reason(outcome: RefineOutcome) -> str:
+    """The final round's finish reason; "deadline" when the deadline cut the refinement."""
+    if outcome.stopped_reason == "deadline":
+        return "deadline"
     if outcome.rounds:
         return outcome.rounds[-1].finish_reason
     return outcome.leader.finish_reason or "stop"

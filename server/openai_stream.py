@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,7 +153,12 @@ def sse(body: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
-async def open_stream(plan: OpenAIPlan, refiner: Refiner) -> AsyncIterator[str]:
+Observer = Callable[[RefineOutcome], None]
+
+
+async def open_stream(
+    plan: OpenAIPlan, refiner: Refiner, observe: Observer | None = None
+) -> AsyncIterator[str]:
     """Start the jobs and wait for their first event, so that a failure before any text (an
     upstream error, a Leader failure) still gets a plain error response with its status."""
     events = refinement_events(refiner, plan.jobs, plan.stream_rounds)
@@ -162,11 +167,14 @@ async def open_stream(plan: OpenAIPlan, refiner: Refiner) -> AsyncIterator[str]:
     except BaseException:
         await events.aclose()
         raise
-    return _sse_stream(plan, first, events)
+    return _sse_stream(plan, first, events, observe)
 
 
 async def _sse_stream(
-    plan: OpenAIPlan, first: Event, events: AsyncGenerator[Event, None]
+    plan: OpenAIPlan,
+    first: Event,
+    events: AsyncGenerator[Event, None],
+    observe: Observer | None,
 ) -> AsyncIterator[str]:
     writer = ChunkWriter(plan)
     outcomes: dict[int, RefineOutcome] = {}
@@ -177,6 +185,8 @@ async def _sse_stream(
         while ev is not None:
             if isinstance(ev, ChoiceDone):
                 outcomes[ev.index] = ev.outcome
+                if observe is not None:
+                    observe(ev.outcome)
             yield writer.event(ev)
             ev = await anext(events, None)
         for line in writer.closing([outcomes[i] for i in sorted(outcomes)]):

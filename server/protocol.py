@@ -73,6 +73,10 @@ class RefineRequest(_Request):
     stop_when_unchanged: bool = True
     seed: int | None = None
     """Base seed for every round (a role's own ``seed`` takes precedence for that role)."""
+    deadline_s: float | None = Field(None, gt=0)
+    """Seconds the refinement may take (capped by SLHF_MAX_DEADLINE_S). When it passes, the
+    best completed round is returned with ``stopped_reason`` = "deadline"; a 504 if not even
+    the first answer was complete."""
 
     @model_validator(mode="after")
     def _prompt_xor_messages(self) -> RefineRequest:

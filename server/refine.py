@@ -6,8 +6,11 @@ round i:  the Follower answers ``T_F(x, answer of round i-1)``: it sees the prom
 
 Stops after ``rounds`` Follower rounds ("max_rounds"), or early when a round returns the previous
 answer unchanged ("unchanged"), or when the next Follower prompt no longer fits the context
-("context_length"). Each round's seed is derived from the request's seed, so a seeded request is
-reproducible and rounds do not share a random stream.
+("context_length"), or when the request's deadline passes ("deadline": the round in flight is
+cancelled, which aborts it in the engine, and the best completed round is the answer; a deadline
+that passes before the first answer is complete is a ``DeadlineExceededError``, 504).
+Each round's seed is derived from the request's seed, so a seeded request is reproducible and
+rounds do not share a random stream.
 
 Written against the ``Engine`` protocol; many requests run this loop concurrently and batch in the
 engine. Cancelling the task (client gone) cancels the in-flight engine request, which aborts it,
@@ -16,14 +19,15 @@ and no further round starts.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from models.templates import Message, Role, TemplateRenderer
-from server.errors import InvalidRequestError, PromptTooLongError
+from server.errors import DeadlineExceededError, InvalidRequestError, PromptTooLongError
 from server.generation import Engine, FinishReason, Generation, GenerationParams
 from server.protocol import LeaderAnswer, RoundResult, StoppedReason, Usage
 
@@ -43,6 +47,30 @@ def choice_seed(base: int | None, choice: int) -> int | None:
         return base
     digest = hashlib.sha256(f"slhf-choice:{base}:{choice}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
+
+
+T = TypeVar("T")
+
+
+class _Expired(Exception):
+    """The request's deadline passed while waiting for a generation (which was cancelled)."""
+
+
+async def within(expires: float | None, work: Awaitable[T]) -> T:
+    """``await work`` until the monotonic time ``expires``; then cancel it, raise ``_Expired``."""
+    if expires is None:
+        return await work
+    remaining = expires - time.monotonic()
+    if remaining <= 0:
+        if asyncio.iscoroutine(work):
+            work.close()
+        raise _Expired
+    try:
+        return await asyncio.wait_for(work, remaining)
+    except TimeoutError:
+        if time.monotonic() < expires:
+            raise  # not ours
+        raise _Expired from None
 
 
 DeltaSink = Callable[[int, str], None]
@@ -71,6 +99,8 @@ class RefineJob:
     from_upstream: bool = False
     """Round 0 comes from the upstream server instead of the Leader (``leader.source`` =
     "upstream"); ignored when ``given_answer`` is set."""
+    deadline_s: float | None = None
+    """Seconds the whole refinement may take; None = no deadline."""
 
 
 @dataclass(frozen=True)
@@ -205,9 +235,22 @@ class Refiner:
         return Generation("".join(parts), len(ids), tokens, finish)
 
     async def _first_answer(
-        self, job: RefineJob, sink: DeltaSink | None
+        self, job: RefineJob, sink: DeltaSink | None, expires: float | None
     ) -> tuple[LeaderAnswer, list[int] | None]:
         """Round 0 and, when already known, the first Follower prompt."""
+        try:
+            return await within(expires, self._first_answer_now(job, sink))
+        except _Expired:
+            raise DeadlineExceededError(
+                f"the deadline of {job.deadline_s:g} s passed before the first answer was "
+                "complete; ask for a longer deadline_s or fewer max_tokens",
+                param="deadline_s",
+                code="deadline_exceeded",
+            ) from None
+
+    async def _first_answer_now(
+        self, job: RefineJob, sink: DeltaSink | None
+    ) -> tuple[LeaderAnswer, list[int] | None]:
         first_ids = self.first_prompt_ids(job)
         if job.given_answer is not None:
             given = LeaderAnswer(
@@ -248,12 +291,40 @@ class Refiner:
         def streamed(i: int) -> DeltaSink | None:
             return sink if stream_rounds or i == job.rounds else None
 
-        leader, next_ids = await self._first_answer(job, streamed(0))
+        expires = None if job.deadline_s is None else time.monotonic() + job.deadline_s
+        leader, next_ids = await self._first_answer(job, streamed(0), expires)
         if sink is not None and stream_rounds and leader.source != "leader":
             sink(0, leader.text)
+        rounds, stopped = await self._follow(job, leader.text, next_ids, expires, streamed)
+        outcome = RefineOutcome(
+            leader=leader,
+            rounds=rounds,
+            stopped_reason=stopped,
+            usage=_sum_usage([leader.usage, *(r.usage for r in rounds)]),
+        )
+        if sink is not None:
+            final_index = rounds[-1].round if rounds else 0
+            # A deadline that cut a streamed round leaves its partial text sent: no resend.
+            cut_streamed = stopped == "deadline" and streamed(final_index + 1) is not None
+            was_streamed = (
+                stream_rounds
+                or cut_streamed
+                or (final_index == job.rounds and (final_index > 0 or leader.source == "leader"))
+            )
+            if not was_streamed and outcome.final:
+                sink(final_index, outcome.final)
+        return outcome
+
+    async def _follow(
+        self,
+        job: RefineJob,
+        previous: str,
+        next_ids: list[int] | None,
+        expires: float | None,
+        streamed: Callable[[int], DeltaSink | None],
+    ) -> tuple[list[RoundResult], StoppedReason]:
+        """The Follower rounds after the first answer ``previous``, and why they stopped."""
         rounds: list[RoundResult] = []
-        stopped: StoppedReason = "max_rounds"
-        previous = leader.text
         for i in range(1, job.rounds + 1):
             ids = (
                 next_ids
@@ -262,9 +333,13 @@ class Refiner:
             )
             next_ids = None
             if len(ids) >= self.engine.max_model_len("follower"):
-                stopped = "context_length"
-                break
-            gen, ms = await self._run("follower", ids, job.follower, i, job, streamed(i))
+                return rounds, "context_length"
+            try:
+                gen, ms = await within(
+                    expires, self._run("follower", ids, job.follower, i, job, streamed(i))
+                )
+            except _Expired:
+                return rounds, "deadline"
             rounds.append(
                 RoundResult(
                     round=i,
@@ -275,20 +350,6 @@ class Refiner:
                 )
             )
             if job.stop_when_unchanged and same_answer(gen.text, previous):
-                stopped = "unchanged"
-                break
+                return rounds, "unchanged"
             previous = gen.text
-        outcome = RefineOutcome(
-            leader=leader,
-            rounds=rounds,
-            stopped_reason=stopped,
-            usage=_sum_usage([leader.usage, *(r.usage for r in rounds)]),
-        )
-        if sink is not None:
-            final_index = rounds[-1].round if rounds else 0
-            was_streamed = stream_rounds or (
-                final_index == job.rounds and (final_index > 0 or leader.source == "leader")
-            )
-            if not was_streamed and outcome.final:
-                sink(final_index, outcome.final)
-        return outcome
+        return rounds, "max_rounds"

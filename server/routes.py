@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 import uuid
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from server.lifecycle import run_guarded
 from server.protocol import ModelCard, ModelList, RefineRequest, RefineResponse
 from server.refine import RefineJob
 from server.service import ServiceDep
@@ -17,15 +19,21 @@ router = APIRouter()
 @router.get("/health")
 async def health(service: ServiceDep) -> dict[str, str]:
     """Liveness: the process answers and its engine is alive."""
-    await service.check_ready()
+    await service.check_health()
     return {"status": "ok"}
 
 
 @router.get("/ready")
 async def ready(service: ServiceDep) -> dict[str, str]:
-    """Readiness: the engines are loaded and healthy."""
+    """Readiness: the engines are loaded and healthy, and the server is not draining."""
     await service.check_ready()
     return {"status": "ready", "model": service.name, "topology": service.weights.topology}
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    """Prometheus text: the service's ``slhf_*`` metrics and vLLM's ``vllm:*`` engine metrics."""
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/models")
@@ -73,7 +81,7 @@ async def list_models(service: ServiceDep) -> ModelList:
 
 
 @router.post("/v1/refine")
-async def refine(body: RefineRequest, service: ServiceDep) -> RefineResponse:
+async def refine(body: RefineRequest, request: Request, service: ServiceDep) -> RefineResponse:
     leader_only = service.resolve_model(body.model)
     rounds = (
         body.rounds if body.rounds is not None else (0 if leader_only else service.default_rounds)
@@ -91,8 +99,15 @@ async def refine(body: RefineRequest, service: ServiceDep) -> RefineResponse:
         given_answer=body.response,
         stop_when_unchanged=body.stop_when_unchanged,
         from_upstream=body.leader is not None and body.leader.source == "upstream",
+        deadline_s=service.settings.deadline_s(body.deadline_s),
     )
-    outcome = await service.refiner.refine(job)
+    service.refiner.first_prompt_ids(job)  # a prompt too long is a 400 before admission
+    ticket = await service.admit(1, rounds)
+    try:
+        outcome = await run_guarded(request, ticket, service.refiner.refine(job))
+    finally:
+        ticket.release()
+    service.metrics.observe_outcome(outcome)
     return RefineResponse(
         id=job.request_id,
         created=int(time.time()),

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from server.lifecycle import guarded_stream, run_guarded
 from server.openai_protocol import (
     AssistantMessage,
     ChatChoice,
@@ -26,6 +27,7 @@ from server.openai_service import (
     usage_breakdown,
 )
 from server.openai_stream import open_stream
+from server.refine import RefineOutcome
 from server.service import Service, ServiceDep
 
 router = APIRouter()
@@ -33,19 +35,40 @@ router = APIRouter()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _stream(plan: OpenAIPlan, service: Service) -> StreamingResponse:
-    lines = await open_stream(plan, service.refiner)
-    return StreamingResponse(lines, media_type="text/event-stream", headers=SSE_HEADERS)
+async def _stream(plan: OpenAIPlan, request: Request, service: Service) -> StreamingResponse:
+    """Admit, start the stream; the ticket is released when the stream ends."""
+    ticket = await service.admit(len(plan.jobs), plan.rounds)
+    try:
+        lines = await run_guarded(
+            request, ticket, open_stream(plan, service.refiner, service.metrics.observe_outcome)
+        )
+    except BaseException:
+        ticket.release()
+        raise
+    body = guarded_stream(request, ticket, lines)
+    return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def _run(plan: OpenAIPlan, request: Request, service: Service) -> list[RefineOutcome]:
+    """Admit and run every choice of a non-streaming request."""
+    ticket = await service.admit(len(plan.jobs), plan.rounds)
+    try:
+        outcomes = await run_guarded(request, ticket, run_jobs(service.refiner, plan.jobs))
+    finally:
+        ticket.release()
+    for o in outcomes:
+        service.metrics.observe_outcome(o)
+    return outcomes
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(
-    body: ChatCompletionRequest, service: ServiceDep
+    body: ChatCompletionRequest, request: Request, service: ServiceDep
 ) -> ChatCompletionResponse | StreamingResponse:
     plan = plan_chat(service, body)
     if body.stream:
-        return await _stream(plan, service)
-    outcomes = await run_jobs(service.refiner, plan.jobs)
+        return await _stream(plan, request, service)
+    outcomes = await _run(plan, request, service)
     choices = [
         ChatChoice(
             index=i,
@@ -66,12 +89,12 @@ async def chat_completions(
 
 @router.post("/v1/completions", response_model=None)
 async def completions(
-    body: CompletionRequest, service: ServiceDep
+    body: CompletionRequest, request: Request, service: ServiceDep
 ) -> CompletionResponse | StreamingResponse:
     plan = plan_completion(service, body)
     if body.stream:
-        return await _stream(plan, service)
-    outcomes = await run_jobs(service.refiner, plan.jobs)
+        return await _stream(plan, request, service)
+    outcomes = await _run(plan, request, service)
     choices = [
         CompletionChoice(
             index=i,

@@ -11,8 +11,10 @@ from fastapi import Depends, Request
 from models.loading import ServedWeights
 from models.manifest import SamplingDefaults
 from models.templates import ROLES, Role, TemplateRenderer
+from server.admission import Admission, Ticket
 from server.errors import InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
 from server.generation import Engine, EngineError, GenerationParams
+from server.metrics import ServiceMetrics
 from server.protocol import SamplingParams
 from server.refine import Refiner
 from server.settings import ServerSettings
@@ -28,7 +30,9 @@ class Service:
     weights: ServedWeights
     engine: Engine
     refiner: Refiner
-    upstream: UpstreamClient | None = None
+    upstream: UpstreamClient | None
+    admission: Admission
+    metrics: ServiceMetrics
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
@@ -38,12 +42,21 @@ class Service:
         weights: ServedWeights,
         engine: Engine,
         upstream: UpstreamClient | None = None,
+        admission: Admission | None = None,
+        metrics: ServiceMetrics | None = None,
     ) -> Service:
         template = weights.manifest.template.to_config()
         renderers = {role: TemplateRenderer(engine.tokenizer(role), template) for role in ROLES}
         refiner = Refiner(engine, renderers, upstream)
+        metrics = metrics or ServiceMetrics()
         return cls(
-            settings=settings, weights=weights, engine=engine, refiner=refiner, upstream=upstream
+            settings=settings,
+            weights=weights,
+            engine=engine,
+            refiner=refiner,
+            upstream=upstream,
+            admission=admission or Admission(settings.max_inflight_generations, metrics),
+            metrics=metrics,
         )
 
     # -- models -------------------------------------------------------------------------------
@@ -100,9 +113,17 @@ class Service:
         """A role's request values over the manifest's defaults for that role."""
         d = self.role_defaults(role)
         g = given or SamplingParams()
+        cap = self.settings.max_tokens_cap
+        if g.max_tokens is not None and g.max_tokens > cap:
+            raise InvalidRequestError(
+                f"max_tokens is {g.max_tokens:,} for the {role}; the limit is {cap:,} "
+                "(SLHF_MAX_TOKENS_CAP)",
+                param="max_tokens",
+                code="max_tokens_too_large",
+            )
         stop = g.stop if g.stop is not None else d.stop
         return GenerationParams(
-            max_tokens=g.max_tokens if g.max_tokens is not None else d.max_tokens,
+            max_tokens=g.max_tokens if g.max_tokens is not None else min(d.max_tokens, cap),
             temperature=g.temperature if g.temperature is not None else d.temperature,
             top_p=g.top_p if g.top_p is not None else d.top_p,
             top_k=g.top_k if g.top_k is not None else d.top_k,
@@ -110,11 +131,23 @@ class Service:
             stop=(stop,) if isinstance(stop, str) else tuple(stop),
         )
 
-    async def check_ready(self) -> None:
+    async def check_health(self) -> None:
         try:
             await self.engine.check_health()
         except EngineError as e:
             raise ServiceUnavailableError(str(e), code="engine_dead") from e
+
+    async def check_ready(self) -> None:
+        await self.check_health()
+        if self.admission.draining:
+            raise ServiceUnavailableError("the server is shutting down", code="draining")
+
+    async def admit(self, choices: int, rounds: int) -> Ticket:
+        """Admit ``choices`` refinements of ``rounds`` rounds, or raise 503 (engine dead,
+        draining) / 429 (at capacity)."""
+        if not self.admission.draining:
+            await self.check_health()
+        return self.admission.acquire(choices * (rounds + 1))
 
 
 def get_service(request: Request) -> Service:

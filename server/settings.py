@@ -6,6 +6,7 @@ the app and routes get it through a dependency.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -48,6 +49,8 @@ class ServerSettings(BaseSettings):
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     max_lora_rank: int = Field(64, ge=1)
+    engine_metrics: bool = True
+    """Export vLLM's own ``vllm:*`` Prometheus metrics at ``/metrics``."""
     seed: int = 0
     """Engine seed (requests without a seed still sample randomly)."""
 
@@ -56,7 +59,33 @@ class ServerSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     api_keys: str | None = None
-    """Comma-separated API keys; unset = no auth."""
+    """Comma-separated API keys; unset (and no keys file) = no auth."""
+    api_keys_file: Path | None = None
+    """A file with one API key per line (blank lines and ``#`` comments ignored), added to
+    ``api_keys``."""
+    metrics_require_auth: bool = False
+    """Whether ``/metrics`` needs an API key too (``/health`` and ``/ready`` never do)."""
+    log_format: Literal["json", "text"] = "json"
+    """"json": one JSON object per log line, with the request id; "text": plain lines."""
+
+    # -- admission control and limits -------------------------------------------------------
+    max_inflight_generations: int = Field(64, ge=1)
+    """Admission bound: the in-flight work, in generations. A request weighs
+    ``n x (rounds + 1)``; one that would exceed the bound gets a 429 with Retry-After. 64 keeps
+    a 2-core CPU box responsive; on a GPU raise it to a few times ``max_num_seqs``."""
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    """Largest request body (413 above it)."""
+    max_tokens_cap: int = Field(8192, ge=1)
+    """Largest ``max_tokens`` a request may ask for, per role and round."""
+    max_n: int = Field(16, ge=1, le=128)
+    """Largest number of choices (``n`` x prompts) of one OpenAI request."""
+    default_deadline_s: float | None = Field(None, gt=0)
+    """Deadline of a request that names none (seconds); unset = ``max_deadline_s``."""
+    max_deadline_s: float = Field(600.0, gt=0)
+    """Largest deadline a request may ask for; longer ones are capped to it."""
+    drain_grace_s: float = Field(30.0, ge=0)
+    """On SIGTERM: seconds in-flight requests get to finish (new ones get 503) before the rest
+    are aborted and the process exits 0."""
 
     # -- upstream (first answers from another OpenAI-compatible server) ------------------------
     upstream_base_url: str | None = None
@@ -76,6 +105,8 @@ class ServerSettings(BaseSettings):
         "upstream_base_url",
         "upstream_model",
         "upstream_api_key",
+        "api_keys",
+        "api_keys_file",
         mode="before",
     )
     @classmethod
@@ -95,3 +126,16 @@ class ServerSettings(BaseSettings):
                 "(the model id to ask the upstream server for)"
             )
         return self
+
+    def api_key_list(self) -> list[str]:
+        """The configured API keys (``api_keys`` and ``api_keys_file``); empty = no auth."""
+        keys = [k.strip() for k in (self.api_keys or "").split(",")]
+        if self.api_keys_file is not None:
+            lines = self.api_keys_file.read_text().splitlines()
+            keys += [ln.strip() for ln in lines if not ln.strip().startswith("#")]
+        return [k for k in keys if k]
+
+    def deadline_s(self, requested: float | None) -> float:
+        """A request's deadline in seconds: its own (or the default), capped by the maximum."""
+        d = requested if requested is not None else self.default_deadline_s
+        return self.max_deadline_s if d is None else min(d, self.max_deadline_s)

@@ -133,7 +133,14 @@ def _serve(
     tmp_path_factory: pytest.TempPathFactory, name: str, **settings: str
 ) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("logs") / f"{name}.log"
-    server = ServerProcess.start(log, SLHF_MAX_ROUNDS="4", SLHF_MAX_MODEL_LEN="512", **settings)
+    # a roomy admission bound: these servers test behaviour, test_hardening tests the bound
+    server = ServerProcess.start(
+        log,
+        SLHF_MAX_ROUNDS="4",
+        SLHF_MAX_MODEL_LEN="512",
+        SLHF_MAX_INFLIGHT_GENERATIONS="1024",
+        **settings,
+    )
     try:
         yield server
     finally:

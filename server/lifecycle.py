@@ -1,0 +1,140 @@
+"""A request's life around its work: client disconnects, and the SIGTERM drain.
+
+Starlette does not cancel a non-streaming endpoint when its client goes away, and vLLM keeps
+generating for a request nobody awaits. ``run_guarded`` runs the work in a task and watches the
+ASGI receive channel for ``http.disconnect``: when the client leaves, the task is cancelled,
+which cancels the awaited engine request (vLLM aborts it) and starts no further round.
+``guarded_stream`` does the same for an SSE body.
+
+``install_drain`` wraps uvicorn's SIGTERM handler: the first SIGTERM marks the server draining
+(new requests and ``/ready`` get 503), lets admitted requests finish for ``SLHF_DRAIN_GRACE_S``,
+aborts what remains, then asks uvicorn to stop -- without re-raising the signal, so the process
+exits 0. A second SIGTERM goes straight to uvicorn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import FrameType
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+
+from server.admission import Admission, Ticket
+from server.errors import ServiceUnavailableError, SLHFError
+
+logger = logging.getLogger("slhf.server")
+
+T = TypeVar("T")
+
+
+class ClientDisconnectedError(SLHFError):
+    """The client went away before the response (logged and counted as 499)."""
+
+    status_code = 499
+    error_type = "client_disconnected"
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def run_guarded(request: Request, ticket: Ticket, work: Awaitable[T]) -> T:
+    """``await work``, cancelled when the client disconnects or a drain aborts the request."""
+    task: asyncio.Task[T] = asyncio.ensure_future(work)
+    ticket.tasks.add(task)  # type: ignore[arg-type]
+    watcher = asyncio.create_task(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise ClientDisconnectedError("the client disconnected; the request was aborted")
+        if task.cancelled() and ticket.aborted:
+            raise ServiceUnavailableError(
+                "the server shut down before this request finished", code="shutdown"
+            )
+        return task.result()
+    finally:
+        watcher.cancel()
+        task.cancel()
+        ticket.tasks.discard(task)  # type: ignore[arg-type]
+
+
+async def guarded_stream(
+    request: Request, ticket: Ticket, lines: AsyncIterator[str]
+) -> AsyncIterator[str]:
+    """``lines`` as a response body: the ticket is released when the stream ends, and the
+    stream is cancelled when the client disconnects or a drain aborts it."""
+    me = asyncio.current_task()
+    watcher = asyncio.create_task(_wait_disconnect(request))
+    if me is not None:
+        ticket.tasks.add(me)
+        watcher.add_done_callback(lambda w: None if w.cancelled() else me.cancel())
+    try:
+        async for line in lines:
+            yield line
+    finally:
+        watcher.cancel()
+        if me is not None:
+            ticket.tasks.discard(me)
+        ticket.release()
+        close = getattr(lines, "aclose", None)
+        if close is not None:
+            await close()
+
+
+SignalHandler = Callable[[int, FrameType | None], Any]
+
+
+def _stop_uvicorn(previous: object, sig: int) -> None:
+    """Ask uvicorn to exit. Setting ``should_exit`` (instead of calling its handler) keeps it
+    from re-raising SIGTERM after shutdown, so the exit status is 0."""
+    import uvicorn
+
+    server = getattr(previous, "__self__", None)
+    if isinstance(server, uvicorn.Server):
+        server.should_exit = True
+    elif callable(previous):
+        previous(sig, None)
+    else:
+        raise SystemExit(0)
+
+
+def install_drain(admission: Admission, grace_s: float) -> Callable[[], None]:
+    """Wrap the current SIGTERM handler (uvicorn's) with a drain; returns an uninstaller.
+
+    A no-op outside the main thread (e.g. under TestClient).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    previous = signal.getsignal(signal.SIGTERM)
+    running: set[asyncio.Task[None]] = set()  # keeps the drain task referenced
+
+    async def drain() -> None:
+        logger.info("SIGTERM: draining for up to %.1f s", grace_s)
+        aborted = await admission.drain(grace_s)
+        logger.info("drained; aborted %d request(s) still running after the grace", aborted)
+        _stop_uvicorn(previous, signal.SIGTERM)
+
+    def handler(sig: int, frame: FrameType | None) -> None:
+        if admission.draining:  # a second SIGTERM: no more patience
+            if callable(previous):
+                previous(sig, frame)
+            return
+        admission.draining = True
+        loop.call_soon_threadsafe(lambda: running.add(loop.create_task(drain())))
+
+    signal.signal(signal.SIGTERM, handler)
+
+    def uninstall() -> None:
+        if signal.getsignal(signal.SIGTERM) is handler:
+            signal.signal(signal.SIGTERM, previous)
+
+    return uninstall
