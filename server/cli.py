@@ -1,4 +1,4 @@
-"""``slhf`` command line: ``slhf serve``, ``slhf game``, ``slhf train`` (later: eval, bench)."""
+"""``slhf`` command line: ``slhf serve``, ``slhf game``, ``slhf train``, ``slhf refine``."""
 
 from __future__ import annotations
 
@@ -95,12 +95,30 @@ def train(args: argparse.Namespace) -> int:
     return run_train(args)
 
 
+def _refine_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from slhf_client.cli import add_refine_arguments  # the client package: httpx only
+
+    p = sub.add_parser(
+        "refine",
+        help="ask a running server for a refined answer; show every round and what changed",
+        description="Server from --url or SLHF_BASE_URL, key from --api-key or SLHF_API_KEY.",
+    )
+    add_refine_arguments(p)
+
+
+def refine(args: argparse.Namespace) -> int:
+    from slhf_client.cli import run_refine
+
+    return run_refine(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slhf", description="SLHF refinement server and tools")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _game_parser(sub)
     _train_parser(sub)
+    _refine_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
@@ -108,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return game(args)
     if args.command == "train":
         return train(args)
+    if args.command == "refine":
+        return refine(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -1,0 +1,248 @@
+"""Typed results mirroring the server's wire contract (DESIGN.md, "Wire contract").
+
+The server may add fields at any time; parsing keeps the ones named here and ignores the rest,
+so an older client keeps working against a newer server. ``raw`` keeps the whole body.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _int(d: dict[str, Any], key: str) -> int:
+    v = d.get(key)
+    return int(v) if v is not None else 0
+
+
+def _float(d: dict[str, Any], key: str) -> float:
+    v = d.get(key)
+    return float(v) if v is not None else 0.0
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> Usage:
+        d = d or {}
+        return cls(_int(d, "prompt_tokens"), _int(d, "completion_tokens"), _int(d, "total_tokens"))
+
+
+@dataclass(frozen=True)
+class LeaderAnswer:
+    """Round 0: the first answer. ``source``: "leader", "given" or "upstream"."""
+
+    text: str
+    source: str
+    finish_reason: str | None
+    usage: Usage
+    latency_ms: float
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LeaderAnswer:
+        return cls(
+            text=str(d.get("text", "")),
+            source=str(d.get("source", "leader")),
+            finish_reason=d.get("finish_reason"),
+            usage=Usage.from_dict(d.get("usage")),
+            latency_ms=_float(d, "latency_ms"),
+        )
+
+
+@dataclass(frozen=True)
+class Round:
+    """One Follower round (``round`` counts from 1)."""
+
+    round: int
+    text: str
+    finish_reason: str | None
+    usage: Usage
+    latency_ms: float
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Round:
+        return cls(
+            round=_int(d, "round"),
+            text=str(d.get("text", "")),
+            finish_reason=d.get("finish_reason"),
+            usage=Usage.from_dict(d.get("usage")),
+            latency_ms=_float(d, "latency_ms"),
+        )
+
+
+@dataclass(frozen=True)
+class RefinementTrace:
+    """The Leader answer, every round, and why refinement stopped."""
+
+    leader: LeaderAnswer
+    rounds: list[Round]
+    stopped_reason: str
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RefinementTrace:
+        return cls(
+            leader=LeaderAnswer.from_dict(d.get("leader") or {}),
+            rounds=[Round.from_dict(r) for r in d.get("rounds") or []],
+            stopped_reason=str(d.get("stopped_reason", "")),
+        )
+
+    @property
+    def texts(self) -> list[str]:
+        """Round 0 (the Leader answer) and every round's text, in order."""
+        return [self.leader.text, *(r.text for r in self.rounds)]
+
+
+@dataclass(frozen=True)
+class Refinement(RefinementTrace):
+    """The response of ``POST /v1/refine``."""
+
+    id: str = ""
+    model: str = ""
+    created: int = 0
+    final: str = ""
+    usage: Usage = field(default_factory=Usage)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Refinement:
+        t = RefinementTrace.from_dict(d)
+        return cls(
+            leader=t.leader,
+            rounds=t.rounds,
+            stopped_reason=t.stopped_reason,
+            id=str(d.get("id", "")),
+            model=str(d.get("model", "")),
+            created=_int(d, "created"),
+            final=str(d.get("final", "")),
+            usage=Usage.from_dict(d.get("usage")),
+            raw=d,
+        )
+
+
+@dataclass(frozen=True)
+class ChatUsage(Usage):
+    """OpenAI ``usage`` plus ``by_role`` and ``by_round`` (round 0 = the first answer)."""
+
+    by_role: dict[str, dict[str, int]] = field(default_factory=dict)
+    by_round: list[dict[str, int]] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> ChatUsage:
+        d = d or {}
+        base = Usage.from_dict(d)
+        return cls(
+            base.prompt_tokens,
+            base.completion_tokens,
+            base.total_tokens,
+            by_role=dict(d.get("by_role") or {}),
+            by_round=list(d.get("by_round") or []),
+        )
+
+
+@dataclass(frozen=True)
+class ChatChoice:
+    index: int
+    content: str
+    finish_reason: str | None
+    refinement: RefinementTrace | None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ChatChoice:
+        message = d.get("message") or {}
+        trace = d.get("refinement")
+        return cls(
+            index=_int(d, "index"),
+            content=str(message.get("content") or ""),
+            finish_reason=d.get("finish_reason"),
+            refinement=RefinementTrace.from_dict(trace) if trace else None,
+        )
+
+
+@dataclass(frozen=True)
+class ChatCompletion:
+    """The response of ``POST /v1/chat/completions``; ``content`` is choice 0's final answer."""
+
+    id: str
+    model: str
+    created: int
+    choices: list[ChatChoice]
+    usage: ChatUsage
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def content(self) -> str:
+        return self.choices[0].content if self.choices else ""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ChatCompletion:
+        return cls(
+            id=str(d.get("id", "")),
+            model=str(d.get("model", "")),
+            created=_int(d, "created"),
+            choices=[ChatChoice.from_dict(c) for c in d.get("choices") or []],
+            usage=ChatUsage.from_dict(d.get("usage")),
+            raw=d,
+        )
+
+
+@dataclass(frozen=True)
+class ChatChunk:
+    """One streamed event of one choice.
+
+    ``text`` is new content of round ``round`` (with ``stream_rounds`` every round streams, and a
+    UI resets its text when ``round`` changes). The last chunk of a choice has ``finish_reason``
+    (and ``refinement`` when a trace was asked for); a final usage-only chunk has ``index`` -1.
+    """
+
+    index: int
+    text: str
+    round: int | None = None
+    finish_reason: str | None = None
+    refinement: RefinementTrace | None = None
+    usage: ChatUsage | None = None
+
+
+def chunks_from_event(body: dict[str, Any]) -> list[ChatChunk]:
+    """The chunks of one SSE ``data:`` object of a chat or text completion stream."""
+    out: list[ChatChunk] = []
+    for c in body.get("choices") or []:
+        delta = c.get("delta")
+        text = (delta or {}).get("content") if delta is not None else c.get("text")
+        trace = c.get("refinement")
+        out.append(
+            ChatChunk(
+                index=_int(c, "index"),
+                text=str(text or ""),
+                round=c.get("round"),
+                finish_reason=c.get("finish_reason"),
+                refinement=RefinementTrace.from_dict(trace) if trace else None,
+            )
+        )
+    if not out and body.get("usage"):
+        out.append(ChatChunk(index=-1, text="", usage=ChatUsage.from_dict(body["usage"])))
+    return out
+
+
+@dataclass(frozen=True)
+class Model:
+    """One entry of ``GET /v1/models``; ``slhf`` holds topology, rounds, template, manifest."""
+
+    id: str
+    root: str
+    parent: str | None
+    max_model_len: int
+    slhf: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Model:
+        return cls(
+            id=str(d.get("id", "")),
+            root=str(d.get("root", "")),
+            parent=d.get("parent"),
+            max_model_len=_int(d, "max_model_len"),
+            slhf=dict(d.get("slhf") or {}),
+        )
