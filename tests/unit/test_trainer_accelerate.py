@@ -123,7 +123,8 @@ def test_a_full_fine_tune_with_a_ref_model_moves_every_weight_and_starts_at_zero
 def test_evaluation_and_tensorboard_log_without_changing_the_training_run(
     tiny: Path, tmp_path: Path
 ) -> None:
-    pytest.importorskip("tensorboard")
+    import tensorboard  # noqa: F401  # in the train extra: a missing install must fail
+
     plain = make_trainer(tiny, tmp_path / "plain").train()
     evaluated = make_trainer(
         tiny, tmp_path / "eval", eval_every=1, eval_dataset="held-out", report_to="tensorboard"
