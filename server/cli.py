@@ -1,4 +1,4 @@
-"""``slhf`` command line: ``slhf serve``, ``slhf game``, ``slhf train``, ``slhf refine``."""
+"""``slhf`` command line: ``slhf serve``, ``game``, ``train``, ``eval``, ``refine``."""
 
 from __future__ import annotations
 
@@ -95,6 +95,23 @@ def train(args: argparse.Namespace) -> int:
     return run_train(args)
 
 
+def _eval_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from models.eval_cli import add_eval_arguments
+
+    p = sub.add_parser(
+        "eval",
+        help="win rates with 95%% CIs: Leader vs base, Follower vs Leader, rounds, cross-family",
+        description="Writes eval.json, eval.md and eval_rounds.png to --out.",
+    )
+    add_eval_arguments(p)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from models.eval_cli import run_eval
+
+    return run_eval(args)
+
+
 def _refine_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from slhf_client.cli import add_refine_arguments  # the client package: httpx only
 
@@ -118,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _serve_parser(sub)
     _game_parser(sub)
     _train_parser(sub)
+    _eval_parser(sub)
     _refine_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -126,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return game(args)
     if args.command == "train":
         return train(args)
+    if args.command == "eval":
+        return evaluate(args)
     if args.command == "refine":
         return refine(args)
     parser.error(f"unknown command {args.command}")

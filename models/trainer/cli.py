@@ -8,6 +8,7 @@ preference comes from the ``preference`` setting, one of::
     judge:BASE_URL:MODEL          an OpenAI-compatible judge, e.g.
                                   judge:http://127.0.0.1:8000/v1:gpt-4o-mini
                                   (API key from $SLHF_JUDGE_API_KEY, if set)
+    task:NAME                     a synthetic task's attribute vote (models/tasks), e.g. task:arith
 
 The final weights go to ``output_dir/final`` (adapters on a reference to the base model with
 ``use_lora: true``; full weights otherwise); checkpoints to ``output_dir/checkpoints``; metrics to
@@ -34,7 +35,7 @@ from models.preferences import (
 )
 from models.trainer.config import ConfigError, StackelbergConfig
 
-PREFERENCE_KINDS = ("callable", "reward_model", "judge")
+PREFERENCE_KINDS = ("callable", "reward_model", "judge", "task")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,8 +48,8 @@ def build_preference(spec: str | None) -> Preference:
     """Parse a preference spec (see the module docstring)."""
     if not spec:
         raise ConfigError(
-            "preference must be set for slhf train: callable:MODULE:FUNCTION, "
-            "reward_model:PATH or judge:BASE_URL:MODEL"
+            "preference must be set: callable:MODULE:FUNCTION, "
+            "reward_model:PATH, judge:BASE_URL:MODEL or task:NAME"
         )
     kind, _, rest = spec.partition(":")
     if kind == "callable":
@@ -69,6 +70,12 @@ def build_preference(spec: str | None) -> Preference:
         if not base_url.startswith(("http://", "https://")) or not model:
             raise ConfigError(f"preference {spec!r} must look like judge:BASE_URL:MODEL")
         return LLMJudgePreference(base_url, model, api_key=os.environ.get("SLHF_JUDGE_API_KEY"))
+    if kind == "task":
+        if rest != "arith":
+            raise ConfigError(f"preference {spec!r}: unknown task {rest!r}; tasks: arith")
+        from models.tasks.arith import TaskPreference
+
+        return TaskPreference()
     raise ConfigError(
         f"preference {spec!r}: unknown kind {kind!r}; use one of {', '.join(PREFERENCE_KINDS)}"
     )
