@@ -18,11 +18,11 @@ import torch
 
 pytest.importorskip("vllm")
 
-from models.preferences import CallablePreference
 from models.tiny import build_tiny_model
 from models.trainer.config import StackelbergConfig
 from models.trainer.rollouts import encode_prompts, generate, prompt_token_ids
 from models.trainer.trainer import StackelbergTrainer
+from tests.trainer_helpers import tiny_config, tiny_trainer
 
 pytestmark = pytest.mark.integration
 
@@ -51,36 +51,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 
 
-def longer_wins(x: Any, a: str, b: str) -> float:
-    return 1.0 if len(a) > len(b) else 0.0 if len(a) < len(b) else 0.5
-
-
 def make_trainer(model_dir: Path, out: Path, **overrides: Any) -> StackelbergTrainer:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    values: dict[str, Any] = dict(
-        model=str(model_dir),
-        dataset="unused",
-        output_dir=str(out),
-        batch_size=2,
-        max_new_tokens=8,
-        steps=2,
-        lora_r=4,
-        lora_alpha=8.0,
-        learning_rate=1e-2,
-        log_every=1,
-        rollout_backend="vllm",
-        vllm_max_model_len=256,
-        vllm_enforce_eager=True,
-    )
-    cfg = StackelbergConfig(**(values | overrides))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    ref = None
-    if not cfg.use_lora:
-        ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    preference = CallablePreference(longer_wins)
-    return StackelbergTrainer(model, ref, tokenizer, preference, PROMPTS, cfg)
+    vllm_run = {"rollout_backend": "vllm", "vllm_max_model_len": 256, "vllm_enforce_eager": True}
+    return tiny_trainer(tiny_config(model_dir, out, **(vllm_run | overrides)), PROMPTS)
 
 
 @pytest.fixture(scope="module")

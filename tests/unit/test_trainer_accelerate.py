@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import torch
 
-from models.preferences import CallablePreference
 from models.tiny import build_tiny_model
 from models.trainer.config import StackelbergConfig
 from models.trainer.trainer import TIMING_KEYS, StackelbergTrainer
+from tests.trainer_helpers import tiny_config, tiny_trainer
 
 PROMPTS = ["What is the map?", "Tell me about the river.", "Why does it rain?", "Name a tree."]
 
@@ -33,42 +33,13 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 
 
-def longer_wins(x: Any, a: str, b: str) -> float:
-    return 1.0 if len(a) > len(b) else 0.0 if len(a) < len(b) else 0.5
-
-
 def settings(model_dir: Path, out: Path, **overrides: Any) -> StackelbergConfig:
-    values: dict[str, Any] = dict(
-        model=str(model_dir),
-        dataset="unused",
-        output_dir=str(out),
-        batch_size=2,
-        max_new_tokens=8,
-        steps=2,
-        lora_r=4,
-        lora_alpha=8.0,
-        lora_dropout=0.0,
-        learning_rate=1e-2,
-        log_every=1,
-    )
-    return StackelbergConfig(**(values | overrides))
+    return tiny_config(model_dir, out, **({"lora_dropout": 0.0} | overrides))
 
 
 def make_trainer(model_dir: Path, out: Path, **overrides: Any) -> StackelbergTrainer:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     cfg = settings(model_dir, out, **overrides)
-    load = AutoModelForCausalLM.from_pretrained
-    ref = None if cfg.use_lora else load(model_dir, dtype=torch.float32)
-    return StackelbergTrainer(
-        load(model_dir, dtype=torch.float32),
-        ref,
-        AutoTokenizer.from_pretrained(model_dir),
-        CallablePreference(longer_wins),
-        PROMPTS,
-        cfg,
-        eval_dataset=PROMPTS[:3] if cfg.eval_every else None,
-    )
+    return tiny_trainer(cfg, PROMPTS, eval_dataset=PROMPTS[:3] if cfg.eval_every else None)
 
 
 def grads_after_accumulate(trainer: StackelbergTrainer, micro_batches: int) -> dict[str, Any]:

@@ -12,11 +12,10 @@ import torch
 
 from models.loading import resolve_weights
 from models.manifest import Manifest
-from models.preferences import CallablePreference
 from models.tiny import build_tiny_model
 from models.trainer.checkpoint import latest_checkpoint
-from models.trainer.config import StackelbergConfig
 from models.trainer.trainer import TIMING_KEYS, StackelbergTrainer
+from tests.trainer_helpers import tiny_config, tiny_trainer
 
 PROMPTS = [
     "What is the map?",
@@ -39,29 +38,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 
 
-def longer_wins(x: Any, a: str, b: str) -> float:
-    return 1.0 if len(a) > len(b) else 0.0 if len(a) < len(b) else 0.5
-
-
 def make_trainer(model_dir: Path, out: Path, **overrides: Any) -> StackelbergTrainer:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    values: dict[str, Any] = dict(
-        model=str(model_dir),
-        dataset="unused",
-        output_dir=str(out),
-        batch_size=2,
-        max_new_tokens=8,
-        steps=3,
-        lora_r=4,
-        lora_alpha=8.0,
-        learning_rate=1e-2,
-        log_every=1,
-    )
-    cfg = StackelbergConfig(**(values | overrides))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return StackelbergTrainer(model, None, tokenizer, CallablePreference(longer_wins), PROMPTS, cfg)
+    return tiny_trainer(tiny_config(model_dir, out, **({"steps": 3} | overrides)), PROMPTS)
 
 
 def read_metrics(out: Path) -> list[dict[str, Any]]:
