@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PIPFLAGS ?= --disable-pip-version-check
 
-.PHONY: install install-dev serve test test-unit test-integration lint format typecheck bench docs docker-lint clean
+.PHONY: install install-dev serve test test-unit test-integration lint format typecheck bench bench-quick bench-install docs docker-lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -62,12 +62,20 @@ format: install-dev
 typecheck: install-dev
 	$(VENV)/bin/mypy
 
-bench: install-dev
+# Benchmarks print ratios against peers measured in the same run (bench/results/*).
+bench-install: install-dev
 	$(PIP) install -q $(PIPFLAGS) -e '.[$(EXTRA),train,dev,bench]'
 	$(post_install)
-	$(PY) bench/serve_overhead.py
+
+bench-quick: bench-install
+	$(PY) bench/serving.py --quick
+	$(PY) bench/train_throughput.py --steps 3 --warmup 1
+
+bench: bench-install
+	$(PY) bench/serving.py
+	$(PY) bench/train_throughput.py --repeats 2
+	$(PY) bench/serve_overhead.py --requests 20
 	$(PY) bench/openai_stream.py
-	$(PY) bench/train_throughput.py
 
 # The README's settings table is generated from ServerSettings (a unit test keeps it in sync).
 docs: install-dev

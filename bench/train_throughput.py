@@ -219,8 +219,40 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}", file=sys.stderr)
+    write_report(result, args.out)
+    print(f"wrote {args.out} and its .md/.png", file=sys.stderr)
     return 0
+
+
+def write_report(result: dict[str, Any], out: Path) -> None:
+    """``out`` with .md (the table) and .png (a bar chart of prompts/s per run)."""
+    med, runs = result["median_prompts_per_s"], result["prompts_per_s"]
+    s = result["settings"]
+    out.with_suffix(".md").write_text(
+        f"Command: `{result['command']}`; machine: {result['machine']['platform']}, "
+        f"{result['machine']['cpus']} CPUs, {s['threads']} torch thread(s). Batch "
+        f"{s['batch_prompts']} prompts, {s['max_new_tokens']} new tokens, 2 generations per "
+        "prompt.\n\n"
+        "| trainer | prompts/s (median) | runs |\n|---|---|---|\n"
+        f"| slhf StackelbergTrainer | {med['slhf']:.2f} | "
+        + ", ".join(f"{x:.2f}" for x in runs["slhf"])
+        + f" |\n| TRL RLOOTrainer | {med['trl_rloo']:.2f} | "
+        + ", ".join(f"{x:.2f}" for x in runs["trl_rloo"])
+        + f" |\n\nratio slhf / TRL = {result['ratio_slhf_over_trl']:.2f}\n"
+    )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.bar(["slhf StackelbergGDA", "TRL RLOO"], [med["slhf"], med["trl_rloo"]])
+    for i, xs in enumerate([runs["slhf"], runs["trl_rloo"]]):
+        ax.scatter([i] * len(xs), xs, color="black", zorder=3, s=12)
+    ax.set_ylabel("prompts/s")
+    ax.set_title(f"training throughput (ratio {result['ratio_slhf_over_trl']:.2f})")
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
 
 
 if __name__ == "__main__":
