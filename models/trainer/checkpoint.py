@@ -32,6 +32,8 @@ class CheckpointError(ValueError):
 def rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
+        # HF generate samples on the model's device: on a GPU that is the CUDA generator.
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "python": random.getstate(),
         "numpy": np.random.get_state(),
     }
@@ -39,6 +41,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
 

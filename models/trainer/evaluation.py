@@ -33,7 +33,10 @@ def follower_vs_leader(
 ) -> list[tuple[float, float, float]]:
     """Per prompt: ``(p(y' ≻ y | x), leader length, follower length)``."""
     rows: list[tuple[float, float, float]] = []
-    with torch.random.fork_rng(devices=[]):
+    # Sampling on a GPU draws from the CUDA generators: fork those too, or evaluating would move
+    # the training run's random stream.
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         for i in range(0, len(prompts), batch_size):
             batch = list(prompts[i : i + batch_size])
