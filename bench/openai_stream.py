@@ -20,15 +20,14 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
+from common import PROMPTS as ALL_PROMPTS
+from common import REPO, start_slhf, wait_ready
 
-REPO = Path(__file__).resolve().parents[1]
-PROMPTS = ["Explain gravity", "Describe the sea", "Why is the sky blue?", "Name three colors"]
+PROMPTS = ALL_PROMPTS[:4]
 
 
 def median(xs: list[float]) -> float:
@@ -117,25 +116,10 @@ def measure(client: httpx.Client, args: argparse.Namespace, name: str) -> dict:
     return out
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    port = 19000 + os.getpid() % 1000
-    env = {
-        **os.environ,
-        "SLHF_PORT": str(port),
-        "SLHF_HOST": "127.0.0.1",
-        "SLHF_MAX_MODEL_LEN": str(args.max_model_len),
-        "SLHF_LOG_LEVEL": "warning",
-    }
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=env)
-    url = f"http://127.0.0.1:{port}"
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.25)
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
+    proc, url = start_slhf(19000 + os.getpid() % 1000, SLHF_MAX_MODEL_LEN=str(args.max_model_len))
+    wait_ready(proc, url + "/ready")
+    return proc, url
 
 
 def main() -> None:

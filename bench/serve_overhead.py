@@ -28,24 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import PROMPTS, REPO, pct, start_slhf, wait_ready
+
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-sys.path.insert(0, str(REPO))
-
-PROMPTS = [
-    "Explain gravity",
-    "Describe the sea",
-    "Why is the sky blue?",
-    "Name three colors",
-    "How do trees grow?",
-    "What is a prime number?",
-    "Tell me about rain",
-]
-
-
-def pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
 def request_body(i: int, rounds: int, max_tokens: int) -> dict:
@@ -61,27 +46,8 @@ def request_body(i: int, rounds: int, max_tokens: int) -> dict:
 
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str, float]:
-    import httpx
-
-    port = 18000 + os.getpid() % 1000
-    env = {
-        **os.environ,
-        "SLHF_PORT": str(port),
-        "SLHF_HOST": "127.0.0.1",
-        "SLHF_MAX_MODEL_LEN": str(args.max_model_len),
-        "SLHF_LOG_LEVEL": "warning",
-    }
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=env)
-    url = f"http://127.0.0.1:{port}"
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return proc, url, time.perf_counter() - t0
-        except httpx.HTTPError:
-            time.sleep(0.25)
+    proc, url = start_slhf(18000 + os.getpid() % 1000, SLHF_MAX_MODEL_LEN=str(args.max_model_len))
+    return proc, url, wait_ready(proc, url + "/ready")
 
 
 async def measure(args: argparse.Namespace, url: str) -> dict:

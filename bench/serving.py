@@ -36,7 +36,6 @@ import os
 import platform
 import re
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,30 +45,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from common import PROMPTS, REPO, free_port, pct, start_slhf, wait_ready
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
-PROMPTS = [
-    "Explain gravity",
-    "Describe the sea",
-    "Why is the sky blue?",
-    "Name three colors",
-    "How do trees grow?",
-    "What is a prime number?",
-    "Tell me about rain",
-]
 SYSTEMS = ("ours", "peer", "in_process")
 PEER_FLAGS = "--disable-log-stats --disable-uvicorn-access-log"
 
 OneRequest = Callable[[int, int], Awaitable[int]]
 """``one(i, k)`` runs request i with k rounds; returns the tokens it generated."""
-
-
-def pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
 def sampling(role_defaults: Any, max_tokens: int) -> dict[str, Any]:
@@ -97,36 +80,20 @@ def prefix_counters(text: str) -> dict[str, float]:
 
 
 # -- the three systems ------------------------------------------------------------------------
-def wait_ready(proc: subprocess.Popen[bytes], url: str) -> float:
-    t0 = time.perf_counter()
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"{url}: server exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return time.perf_counter() - t0
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-
-
 def inflight_bound(args: argparse.Namespace) -> int:
     """Admission bound that never rejects: every request of the largest cell in flight."""
     return max(args.concurrency) * (max(args.rounds) + 1) * 2
 
 
 def start_ours(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "SLHF_MODEL": str(args.model),
-        "SLHF_HOST": "127.0.0.1",
-        "SLHF_PORT": str(port),
-        "SLHF_MAX_MODEL_LEN": str(args.max_model_len),
-        "SLHF_MAX_INFLIGHT_GENERATIONS": str(inflight_bound(args)),
-        "SLHF_LOG_LEVEL": "warning",
-        "SLHF_LOG_FORMAT": "text",
-    }
-    return subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=env)
+    proc, _ = start_slhf(
+        port,
+        SLHF_MODEL=str(args.model),
+        SLHF_MAX_MODEL_LEN=str(args.max_model_len),
+        SLHF_MAX_INFLIGHT_GENERATIONS=str(inflight_bound(args)),
+        SLHF_LOG_FORMAT="text",
+    )
+    return proc
 
 
 def start_peer(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
@@ -417,12 +384,6 @@ def plot(res: dict[str, list[dict[str, Any]]], rounds: list[int], out: Path) -> 
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def load_average() -> list[float]:

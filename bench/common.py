@@ -1,0 +1,69 @@
+"""What the serving benchmarks share: the prompts, a percentile, and starting ``slhf serve``.
+
+Scripts run as ``python bench/NAME.py``, so this folder is on ``sys.path`` and they import it as
+``common``; it puts the repository on ``sys.path`` for their ``server`` / ``models`` imports.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+PROMPTS = [
+    "Explain gravity",
+    "Describe the sea",
+    "Why is the sky blue?",
+    "Name three colors",
+    "How do trees grow?",
+    "What is a prime number?",
+    "Tell me about rain",
+]
+
+
+def pct(xs: list[float], q: float) -> float:
+    """The ``q`` quantile of ``xs`` (nearest rank)."""
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(proc: subprocess.Popen[bytes], url: str) -> float:
+    """Seconds until ``url`` answers 200; exits if the server process dies first."""
+    t0 = time.perf_counter()
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"{url}: server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return time.perf_counter() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+
+
+def start_slhf(port: int, **settings: str) -> tuple[subprocess.Popen[bytes], str]:
+    """``slhf serve`` on loopback with quiet logs and ``settings`` (SLHF_* names) on top."""
+    env = {
+        **os.environ,
+        "SLHF_HOST": "127.0.0.1",
+        "SLHF_PORT": str(port),
+        "SLHF_LOG_LEVEL": "warning",
+        **settings,
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=env)
+    return proc, f"http://127.0.0.1:{port}"
