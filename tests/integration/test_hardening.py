@@ -188,7 +188,7 @@ def test_deadline_returns_best_so_far(hardened_server: ServerProcess) -> None:
 def test_sigterm_drains_then_exits_zero(tmp_path_factory: pytest.TempPathFactory) -> None:
     log = tmp_path_factory.mktemp("logs") / "drain.log"
     server = ServerProcess.start(
-        log, SLHF_MAX_ROUNDS="4", SLHF_MAX_MODEL_LEN="512", SLHF_DRAIN_GRACE_S="20"
+        log, SLHF_MAX_ROUNDS="4", SLHF_MAX_MODEL_LEN="2048", SLHF_DRAIN_GRACE_S="120"
     )
     try:
         outcome = asyncio.run(_drain_scenario(server))
@@ -203,12 +203,22 @@ def test_sigterm_drains_then_exits_zero(tmp_path_factory: pytest.TempPathFactory
 
 async def _drain_scenario(server: ServerProcess) -> dict[str, int]:
     async with httpx.AsyncClient(timeout=60) as client:
-        body = {"prompt": "Write a story", "rounds": 2, "leader": LONG, "follower": LONG}
+        # Five 400-token generations (a context of 2,048 leaves every round its full length):
+        # seconds of work, so the request is still running well after SIGTERM arrives, even
+        # when it is noticed late on a loaded machine.
+        body = {
+            "prompt": "Write a story",
+            "rounds": 4,
+            "leader": LONG,
+            "follower": LONG,
+            "stop_when_unchanged": False,
+        }
         in_flight = asyncio.ensure_future(client.post(server.url + "/v1/refine", json=body))
         for _ in range(100):
             await asyncio.sleep(0.05)
             if await asyncio.to_thread(running, server) > 0:
                 break
+        assert not in_flight.done(), "the request finished before SIGTERM could be sent"
         server.proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.3)
         new = await client.post(server.url + "/v1/refine", json={"prompt": "x"})
