@@ -57,7 +57,11 @@ class _Expired(Exception):
 
 
 async def within(expires: float | None, work: Awaitable[T]) -> T:
-    """``await work`` until the monotonic time ``expires``; then cancel it, raise ``_Expired``."""
+    """``await work`` until the monotonic time ``expires``; then cancel it, raise ``_Expired``.
+
+    Whether the deadline fired is asked of the timeout itself, never re-derived from the clock:
+    uvloop's timers run on a cached millisecond clock and may fire a fraction of a millisecond
+    before ``time.monotonic()`` reaches ``expires``."""
     if expires is None:
         return await work
     remaining = expires - time.monotonic()
@@ -65,12 +69,14 @@ async def within(expires: float | None, work: Awaitable[T]) -> T:
         if asyncio.iscoroutine(work):
             work.close()
         raise _Expired
+    timeout = asyncio.timeout(remaining)
     try:
-        return await asyncio.wait_for(work, remaining)
+        async with timeout:
+            return await work
     except TimeoutError:
-        if time.monotonic() < expires:
-            raise  # not ours
-        raise _Expired from None
+        if timeout.expired():
+            raise _Expired from None
+        raise  # not ours
 
 
 DeltaSink = Callable[[int, str], None]

@@ -31,7 +31,8 @@ def hardened_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
     server = ServerProcess.start(
         log,
         SLHF_MAX_ROUNDS="4",
-        SLHF_MAX_MODEL_LEN="512",
+        # room for every round's full 400 tokens: long requests stay long (disconnect, deadline)
+        SLHF_MAX_MODEL_LEN="2048",
         SLHF_API_KEYS=KEY,
         SLHF_MAX_INFLIGHT_GENERATIONS=str(BOUND),
         SLHF_MAX_DEADLINE_S="30",
