@@ -1,11 +1,13 @@
 """Supervised warm start: fine-tune a causal LM on demonstrations in the Leader template.
 
 Each row ``{"prompt", "answer"}`` becomes ``T_L(prompt)`` (models/templates.py) followed by the
-answer and the tokenizer's EOS; the loss is the mean cross-entropy over answer tokens only
-(prompt tokens are masked with -100). Plain PyTorch AdamW loop, seeded (data order and init of
-any randomness), batches padded on the right. The result is an HF folder with an ``slhf.json``
-(the input model's manifest, or a plain one, with the SFT run in its provenance), ready to be
-served or to be the base and reference of ``slhf train``. How to run::
+answer and the tokenizer's EOS; a row that also has a ``response`` becomes ``T_F(prompt,
+response)`` and the answer. The loss is the mean cross-entropy over answer tokens only (prompt
+tokens are masked with -100). Plain PyTorch AdamW loop on the model's device (CUDA when
+available), seeded (data order and init of any randomness), batches padded on the right. The
+result is an HF folder with an ``slhf.json`` (the input model's manifest, or a plain one, with
+the SFT run in its provenance), ready to be served or to be the base and reference of
+``slhf train``. How to run::
 
     python -m models.tasks.arith demos demos.jsonl --n 4000
     python -m models.sft MODEL_FOLDER demos.jsonl OUT_FOLDER --steps 600 --batch-size 32
@@ -55,8 +57,15 @@ class SFTConfig:
 
 
 def encode_row(renderer: TemplateRenderer, tokenizer: Any, row: dict[str, Any], max_length: int):
-    """``(input_ids, labels)`` of one demonstration: prompt masked, answer + EOS supervised."""
-    prompt_ids = renderer.encode_role("leader", row["prompt"], None)
+    """``(input_ids, labels)`` of one demonstration: prompt masked, answer + EOS supervised.
+
+    A row with a ``response`` is rendered in the Follower template ``T_F(prompt, response)``.
+    """
+    response = row.get("response")
+    if response is None:
+        prompt_ids = renderer.encode_role("leader", row["prompt"], None)
+    else:
+        prompt_ids = renderer.encode_role("follower", row["prompt"], response)
     answer_ids = list(tokenizer.encode(row["answer"], add_special_tokens=False))
     answer_ids.append(tokenizer.eos_token_id)
     ids = (prompt_ids + answer_ids)[:max_length]
@@ -99,6 +108,7 @@ def train_sft(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     order: list[int] = []
     losses: list[float] = []
+    device = next(model.parameters()).device
     model.train()
     bar = tqdm(range(config.steps), desc="sft", disable=None)
     for _ in bar:
@@ -106,7 +116,7 @@ def train_sft(
             order += rng.sample(range(len(examples)), len(examples))
         batch = [examples[i] for i in order[: config.batch_size]]
         del order[: config.batch_size]
-        ids, labels, mask = _collate(batch, pad_id)
+        ids, labels, mask = (t.to(device) for t in _collate(batch, pad_id))
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss  # mean over answers
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -159,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = SFTConfig(**{k: getattr(args, k) for k in asdict(defaults)})
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    if torch.cuda.is_available():
+        model.to("cuda")
     rows = read_rows(args.demos)
     losses = train_sft(model, tokenizer, rows, config)
     info = {"demos": args.demos, "final_loss": losses[-1]}

@@ -54,7 +54,7 @@ from typing import Any
 from models.manifest import Manifest, ManifestError, RoleSpec, SamplingDefaults, TemplateSpec
 
 #: Bump when the factory's output changes, so cached default models are rebuilt.
-FACTORY_VERSION = 1
+FACTORY_VERSION = 2
 #: Model families the factory builds, with their HF architecture.
 FAMILIES: dict[str, str] = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -62,7 +62,7 @@ ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)  # ids 0, 1, 2
 #: vLLM on CPU downcasts float32 checkpoints to bfloat16 (with a warning per tensor).
 DTYPE = "bfloat16"
-VOCAB_SIZE = 1280  # the corpus supports ~1,320 tokens; a multiple of 64
+VOCAB_SIZE = 1024  # the corpus supports ~1,035 tokens; a multiple of 64
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
@@ -71,15 +71,27 @@ CHATML_TEMPLATE = (
 )
 
 _CONFIG = {
-    "hidden_size": 128,
-    "num_attention_heads": 2,  # head_dim 64
-    "num_hidden_layers": 2,
-    "intermediate_size": 256,
     "max_position_embeddings": 2048,
     "tie_word_embeddings": True,
     # HF's default 0.02 leaves the tied embedding dominant: greedy decoding then repeats the
     # last prompt token whatever the prompt. 0.2 gives prompt-dependent (random) text.
     "initializer_range": 0.2,
+}
+#: Shapes by size: "tiny" for tests (~0.4M parameters); "small" for the trained demo model
+#: (~3.5M parameters, 7 MB in bfloat16), which has room to learn the arithmetic task.
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {
+        "hidden_size": 128,
+        "num_attention_heads": 2,  # head_dim 64
+        "num_hidden_layers": 2,
+        "intermediate_size": 256,
+    },
+    "small": {
+        "hidden_size": 256,
+        "num_attention_heads": 4,  # head_dim 64
+        "num_hidden_layers": 4,
+        "intermediate_size": 768,
+    },
 }
 _KV_HEADS = {"llama": 1, "qwen2": 2}
 
@@ -96,6 +108,7 @@ def build_tiny_model(
     family: str = "llama",
     *,
     seed: int = 0,
+    size: str = "tiny",
     adapters: bool = False,
     chat_template: bool = True,
     name: str | None = None,
@@ -108,9 +121,11 @@ def build_tiny_model(
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {family!r}")
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {', '.join(SIZES)}; got {size!r}")
     out = Path(out_dir).absolute()
     manifest = tiny_manifest(
-        family, seed=seed, adapters=adapters, chat_template=chat_template, name=name
+        family, seed=seed, size=size, adapters=adapters, chat_template=chat_template, name=name
     )
     if not overwrite and _is_built(out):
         return out
@@ -124,7 +139,9 @@ def build_tiny_model(
             )
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
-            _write_model(tmp, family, seed=seed, adapters=adapters, chat_template=chat_template)
+            _write_model(
+                tmp, family, seed=seed, size=size, adapters=adapters, chat_template=chat_template
+            )
             manifest.save(tmp)
             _make_readable(tmp)
             _swap_into_place(tmp, out)
@@ -216,6 +233,7 @@ _FIXED_LINES = (
     "Hello! How can I help you today?",
     "Sure, here is a better answer: the result is correct.",
     "def add(a, b):\n    return a + b",
+    "Sure! Here is the answer. Sure! Let me work it out step by step.",
     '{"name": "tiny", "rounds": 2, "ok": true}',
 )
 
@@ -241,6 +259,10 @@ def training_corpus(n_sentences: int = 800) -> list[str]:
             lines.append(f"The {pick('subject')}s counted {a} + {b} = {a + b} {pick('object')}s!")
         else:
             lines.append(f'{pick("subject").capitalize()}: "{pick("adjective")}, {pick("tail")}"')
+    for _ in range(n_sentences // 8):  # the arithmetic task's phrasing (models/tasks/arith.py)
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        lines.append(f"Add {a} and {b}. What is {a} plus {b}? {a} plus {b} is {a + b}.")
+        lines.append(f"Subtract {b} from {a}. What is {a} minus {b}? {a} minus {b} is {a - b}.")
     return lines
 
 
@@ -250,7 +272,14 @@ def build_tokenizer(chat_template: bool = True) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits are single tokens (as in Qwen2's and Llama's tokenizers): "17" and " 17" then share
+    # their digits, which a model that must copy and add numbers needs.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
@@ -284,7 +313,9 @@ def _quiet_progress_bars() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
-def _write_model(out: Path, family: str, *, seed: int, adapters: bool, chat_template: bool) -> None:
+def _write_model(
+    out: Path, family: str, *, seed: int, size: str, adapters: bool, chat_template: bool
+) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -300,6 +331,7 @@ def _write_model(out: Path, family: str, *, seed: int, adapters: bool, chat_temp
         vocab_size=len(tokenizer),
         num_key_value_heads=_KV_HEADS[family],
         architectures=[FAMILIES[family]],
+        **SIZES[size],
         **_CONFIG,
         **ids,
     )
@@ -368,7 +400,13 @@ def write_lora_adapter(
 
 
 def tiny_manifest(
-    family: str, *, seed: int, adapters: bool, chat_template: bool, name: str | None = None
+    family: str,
+    *,
+    seed: int,
+    adapters: bool,
+    chat_template: bool,
+    size: str = "tiny",
+    name: str | None = None,
 ) -> Manifest:
     """The ``slhf.json`` of a tiny model: "shared" topology, or "lora" with adapters."""
     sampling = SamplingDefaults(max_tokens=32, temperature=0.9, top_k=50)
@@ -384,6 +422,7 @@ def tiny_manifest(
             "producer": "models.tiny",
             "family": family,
             "seed": seed,
+            "size": size,
             "format": "hf-safetensors",
             "dtype": DTYPE,
             "factory_version": FACTORY_VERSION,
@@ -399,6 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--family", choices=list(FAMILIES), default="llama")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", choices=list(SIZES), default="tiny")
     parser.add_argument("--adapters", action="store_true", help="add leader/follower LoRAs")
     parser.add_argument("--no-chat-template", dest="chat_template", action="store_false")
     parser.add_argument("--name", help="manifest name (default: slhf-tiny-FAMILY[-lora])")
@@ -408,6 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out_dir,
         args.family,
         seed=args.seed,
+        size=args.size,
         adapters=args.adapters,
         chat_template=args.chat_template,
         name=args.name,

@@ -27,6 +27,7 @@ partial, verbose, repetitive, unended and truncated answers and their combinatio
 model trained on them leaves room to improve. How to run::
 
     python -m models.tasks.arith demos OUT.jsonl --n 4000      # SFT rows {prompt, answer, style}
+    python -m models.tasks.arith demos OUT.jsonl --follower-share 0.5   # half in T_F (+response)
     python -m models.tasks.arith prompts OUT.jsonl --split test --n 256
     python -m models.tasks.arith cycles --n 200                 # cycle share over demo answers
 """
@@ -286,11 +287,19 @@ def sample_defects(rng: random.Random) -> list[str]:
     return [d for d, share in DEMO_DEFECTS.items() if rng.random() < share]
 
 
-def demonstrations(n: int, *, seed: int = 0, split_seed: int = 0) -> list[dict[str, str]]:
+def demonstrations(
+    n: int, *, seed: int = 0, split_seed: int = 0, follower_share: float = 0.0
+) -> list[dict[str, str]]:
     """``n`` SFT rows ``{"prompt", "answer", "style"}`` on train prompts (DEMO_DEFECTS mix).
 
-    ``style`` names the defects joined by "+", or "correct".
+    ``style`` names the defects joined by "+", or "correct". A ``follower_share`` of the rows
+    also get a ``response``: another, independently drawn demo answer to the same prompt, which
+    the warm start renders in the Follower template. Those rows teach the template's format
+    only: their ``answer`` is drawn without looking at ``response``, so the warm start learns no
+    refinement (the Follower of the base is as good as its Leader, the paper's control).
     """
+    if not 0.0 <= follower_share <= 1.0:
+        raise TaskError(f"follower_share must be in [0, 1]; got {follower_share}")
     rng = random.Random(f"arith-demos:{seed}")
     problems = sample_problems(n, "train", seed=seed, split_seed=split_seed)
     rows = []
@@ -298,7 +307,10 @@ def demonstrations(n: int, *, seed: int = 0, split_seed: int = 0) -> list[dict[s
         defects = sample_defects(rng)
         answer = demo_answer(problem, defects, rng)
         style = "+".join(defects) or "correct"
-        rows.append({"prompt": render_prompt(problem, i), "answer": answer, "style": style})
+        row = {"prompt": render_prompt(problem, i), "answer": answer, "style": style}
+        if rng.random() < follower_share:
+            row["response"] = demo_answer(problem, sample_defects(rng), rng)
+        rows.append(row)
     return rows
 
 
@@ -342,10 +354,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--n", type=int, default=200)
         p.add_argument("--seed", type=int, default=0)
     prompts.add_argument("--split", choices=SPLITS, default="test")
+    demos.add_argument(
+        "--follower-share",
+        type=float,
+        default=0.0,
+        help="share of rows that also carry a response, for the Follower template",
+    )
     cycles.add_argument("--answers", type=int, default=5)
     args = parser.parse_args(argv)
     if args.command == "demos":
-        print(write_jsonl(demonstrations(args.n, seed=args.seed), args.out))
+        rows = demonstrations(args.n, seed=args.seed, follower_share=args.follower_share)
+        print(write_jsonl(rows, args.out))
     elif args.command == "prompts":
         rows = [{"prompt": x} for x in sample_prompts(args.n, args.split, seed=args.seed)]
         print(write_jsonl(rows, args.out))
