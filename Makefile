@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PIPFLAGS ?= --disable-pip-version-check
 
-.PHONY: install install-dev serve test test-unit test-integration lint format typecheck bench bench-quick bench-install docs docker-lint clean
+.PHONY: install install-dev serve test test-unit test-integration lint format typecheck bench bench-quick bench-install docs docker-lint clean demo-model demo-eval
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,19 @@ typecheck: install-dev
 	$(VENV)/bin/mypy
 
 # Benchmarks print ratios against peers measured in the same run (bench/results/*).
+# The shipped default model (models/weights/slhf-arith-tiny): warm starts of two tiny families,
+# then StackelbergGDA (recipes/demo.yaml), seeded, on CPU; then its evaluation report.
+DEMO_WORK ?= runs/demo
+DEMO_MODEL := models/weights/slhf-arith-tiny
+
+demo-model: install-dev
+	$(PY) -m models.demo $(DEMO_WORK) --ship $(DEMO_MODEL)
+
+demo-eval: install-dev
+	$(VENV)/bin/slhf eval --model $(DEMO_MODEL) --base $(DEMO_WORK)/sft-llama \
+		--other $(DEMO_WORK)/sft-qwen2 --task arith --num-prompts 256 --rounds 4 --seed 0 \
+		--max-tokens 48 --out $(DEMO_MODEL)/eval
+
 bench-install: install-dev
 	$(PIP) install -q $(PIPFLAGS) -e '.[$(EXTRA),train,dev,bench]'
 	$(post_install)

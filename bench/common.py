@@ -57,7 +57,15 @@ def wait_ready(proc: subprocess.Popen[bytes], url: str) -> float:
 
 
 def start_slhf(port: int, **settings: str) -> tuple[subprocess.Popen[bytes], str]:
-    """``slhf serve`` on loopback with quiet logs and ``settings`` (SLHF_* names) on top."""
+    """``slhf serve`` on loopback with quiet logs and ``settings`` (SLHF_* names) on top.
+
+    The model defaults to the random tiny llama (``random_model_dir``): it rarely stops, so every
+    request generates its full ``max_tokens``, which a benchmark needs (the shipped demo model
+    answers in a dozen tokens)."""
+    if "SLHF_MODEL" not in settings:
+        from models.tiny import random_model_dir
+
+        settings["SLHF_MODEL"] = str(random_model_dir())
     env = {
         **os.environ,
         "SLHF_HOST": "127.0.0.1",

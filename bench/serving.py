@@ -417,9 +417,9 @@ def main() -> None:
     if args.requests_c1 is None:
         args.requests_c1 = 8 if args.quick else 32
     if args.model is None:
-        from models.tiny import default_model_dir
+        from models.tiny import random_model_dir
 
-        args.model = default_model_dir()
+        args.model = random_model_dir()
 
     bench = Bench(args)
     res: dict[str, list[dict[str, Any]]] = {}
@@ -451,7 +451,7 @@ def main() -> None:
         },
         "settings": {
             "quick": args.quick,
-            "model": "tiny-llama (models.tiny.default_model_dir)",
+            "model": "tiny-llama (models.tiny.random_model_dir)",
             "max_tokens": args.max_tokens,
             "stop_when_unchanged": False,
             "seeded": args.seeded,

@@ -111,7 +111,8 @@ def train_sft(
     device = next(model.parameters()).device
     model.train()
     bar = tqdm(range(config.steps), desc="sft", disable=None)
-    for _ in bar:
+    every = max(config.steps // 10, 1)  # without a terminal (logs, CI) the bar is off: print
+    for step in bar:
         if len(order) < config.batch_size:  # a fresh seeded permutation per epoch
             order += rng.sample(range(len(examples)), len(examples))
         batch = [examples[i] for i in order[: config.batch_size]]
@@ -125,6 +126,8 @@ def train_sft(
         schedule.step()
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if bar.disable and (step + 1) % every == 0:
+            print(f"sft step {step + 1}/{config.steps} loss {losses[-1]:.3f}", flush=True)
     model.eval()
     return losses
 

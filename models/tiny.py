@@ -26,9 +26,9 @@ differently, and the manifest serves them as topology "lora".
 
 Usage::
 
-    from models.tiny import build_tiny_model, default_model_dir
+    from models.tiny import build_tiny_model, default_model_dir, random_model_dir
     path = build_tiny_model(tmp_path / "m", family="qwen2", adapters=True, seed=1)
-    path = default_model_dir()        # the server's default model, built once into the cache
+    path = random_model_dir()         # a random tiny llama, built once into the cache
 
     python -m models.tiny OUT_DIR [--family qwen2] [--adapters] [--seed 1] [--no-chat-template]
 
@@ -46,6 +46,7 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -159,13 +160,33 @@ def cache_dir() -> Path:
     return Path(xdg).expanduser() / "slhf"
 
 
-def default_model_dir(*, build: bool = True) -> Path:
-    """The server's default model: a tiny llama in the cache, built on first use.
+def random_model_dir(*, build: bool = True) -> Path:
+    """A tiny random llama in the cache, built on first use (tests, benchmarks: it rarely stops).
 
     ``build=False`` only returns the path (the folder may not exist yet).
     """
     path = cache_dir() / f"tiny-llama-v{FACTORY_VERSION}"
     return build_tiny_model(path, family="llama", seed=0) if build else path
+
+
+#: The demo model trained by ``make demo-model`` (models/demo.py) and shipped in the package.
+SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "weights" / "slhf-arith-tiny"
+
+
+def default_model_dir(*, build: bool = True) -> Path:
+    """The server's default model: the shipped demo model (``SHIPPED_MODEL_DIR``).
+
+    A checkout without it (before ``make demo-model`` has run) falls back to
+    ``random_model_dir`` with a warning.
+    """
+    if _is_built(SHIPPED_MODEL_DIR):
+        return SHIPPED_MODEL_DIR
+    warnings.warn(
+        f"the shipped demo model is missing ({SHIPPED_MODEL_DIR}); serving a random tiny model "
+        "instead. Run `make demo-model` to train it.",
+        stacklevel=2,
+    )
+    return random_model_dir(build=build)
 
 
 # -- folder handling -------------------------------------------------------------------------

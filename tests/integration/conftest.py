@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from models.tiny import build_tiny_model
+from models.tiny import FACTORY_VERSION, build_tiny_model
 
 pytestmark = pytest.mark.integration
 
@@ -148,11 +148,20 @@ def _serve(
 
 
 @pytest.fixture(scope="session")
+def random_model(cache_dir: Path) -> Path:
+    """The random tiny llama (``models.tiny.random_model_dir``) in the session's cache: it rarely
+    stops, so requests generate their full ``max_tokens`` (the shipped demo model does not)."""
+    return build_tiny_model(cache_dir / f"tiny-llama-v{FACTORY_VERSION}", family="llama", seed=0)
+
+
+@pytest.fixture(scope="session")
 def shared_server(
-    tmp_path_factory: pytest.TempPathFactory, cache_dir: Path
+    tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, random_model: Path
 ) -> Iterator[ServerProcess]:
-    """Topology (a), on the default model exactly as ``make serve`` gets it (no SLHF_MODEL)."""
-    yield from _serve(tmp_path_factory, "shared", SLHF_CACHE_DIR=str(cache_dir))
+    """Topology (a) on the random tiny llama: one model, both roles."""
+    yield from _serve(
+        tmp_path_factory, "shared", SLHF_CACHE_DIR=str(cache_dir), SLHF_MODEL=str(random_model)
+    )
 
 
 UPSTREAM_NAME = "tiny-qwen2-upstream"

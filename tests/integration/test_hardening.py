@@ -10,6 +10,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -26,10 +27,13 @@ FIGURES: dict[str, object] = {}
 
 
 @pytest.fixture(scope="session")
-def hardened_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def hardened_server(
+    tmp_path_factory: pytest.TempPathFactory, random_model: Path
+) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("logs") / "hardened.log"
     server = ServerProcess.start(
         log,
+        SLHF_MODEL=str(random_model),
         SLHF_MAX_ROUNDS="4",
         # room for every round's full 400 tokens: long requests stay long (disconnect, deadline)
         SLHF_MAX_MODEL_LEN="2048",
@@ -186,10 +190,16 @@ def test_deadline_returns_best_so_far(hardened_server: ServerProcess) -> None:
     assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
 
 
-def test_sigterm_drains_then_exits_zero(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_sigterm_drains_then_exits_zero(
+    tmp_path_factory: pytest.TempPathFactory, random_model: Path
+) -> None:
     log = tmp_path_factory.mktemp("logs") / "drain.log"
     server = ServerProcess.start(
-        log, SLHF_MAX_ROUNDS="4", SLHF_MAX_MODEL_LEN="2048", SLHF_DRAIN_GRACE_S="120"
+        log,
+        SLHF_MODEL=str(random_model),
+        SLHF_MAX_ROUNDS="4",
+        SLHF_MAX_MODEL_LEN="2048",
+        SLHF_DRAIN_GRACE_S="120",
     )
     try:
         outcome = asyncio.run(_drain_scenario(server))

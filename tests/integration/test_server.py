@@ -33,7 +33,7 @@ def ok(server: ServerProcess, **body: object) -> dict:
 
 
 # -- topology (a): the default model, as `make serve` serves it --------------------------------
-def test_default_model_is_built_locally_and_refines_two_rounds(
+def test_random_model_is_built_locally_and_refines_two_rounds(
     shared_server: ServerProcess, cache_dir: Path
 ) -> None:
     assert any(p.name.startswith("tiny-llama") for p in cache_dir.iterdir())

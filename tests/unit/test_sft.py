@@ -59,3 +59,15 @@ def test_a_few_steps_lower_the_loss_and_the_folder_is_servable(tiny, tmp_path):
 def test_config_validation():
     with pytest.raises(ValueError, match="steps"):
         SFTConfig(steps=0)
+
+
+def test_a_row_with_a_response_is_encoded_in_the_follower_template(tiny):
+    _, _, tokenizer = tiny
+    renderer = TemplateRenderer(tokenizer)
+    row = {"prompt": "Add 1 and 2.", "answer": "1 plus 2 is 3.", "response": "4."}
+    ids, labels = encode_row(renderer, tokenizer, row, 256)
+    prompt = renderer.encode_role("follower", "Add 1 and 2.", "4.")
+    assert ids[: len(prompt)] == prompt and labels[: len(prompt)] == [IGNORE] * len(prompt)
+    assert tokenizer.decode(ids[len(prompt) : -1]) == "1 plus 2 is 3."
+    leader_ids, _ = encode_row(renderer, tokenizer, {**row, "response": None}, 256)
+    assert leader_ids[: len(renderer.encode_role("leader", "Add 1 and 2.", None))] != prompt

@@ -139,6 +139,22 @@ def test_demonstrations_are_mixed_and_seeded(tmp_path):
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:3]
 
 
+def test_follower_rows_carry_an_independent_response():
+    rows = arith.demonstrations(400, seed=0, follower_share=0.5)
+    follower = [r for r in rows if "response" in r]
+    assert 150 < len(follower) < 250
+    for r in follower:  # both answer the row's own problem
+        problem = arith.parse_prompt(r["prompt"])
+        assert str(problem.b) in r["response"] or arith.score_correct(problem, r["response"]) > -10
+    # format only: the target is not conditioned on the response (it equals it no more often
+    # than two independent draws of the mix do)
+    same = sum(r["answer"] == r["response"] for r in follower) / len(follower)
+    assert same < 0.3
+    assert [r for r in arith.demonstrations(400, seed=0) if "response" in r] == []
+    with pytest.raises(arith.TaskError, match="follower_share"):
+        arith.demonstrations(10, follower_share=1.5)
+
+
 def test_demo_cycle_share_is_a_share():
     share = arith.demo_cycle_share(50, 8, seed=0)
     assert 0.0 <= share <= 1.0

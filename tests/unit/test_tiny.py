@@ -272,17 +272,17 @@ def test_unknown_family_is_rejected(tmp_path: Path) -> None:
         tiny.build_tiny_model(tmp_path / "m", "gpt2")
 
 
-def test_default_model_dir_is_versioned_under_the_cache_dir(tmp_path: Path, monkeypatch) -> None:
+def test_random_model_dir_is_versioned_under_the_cache_dir(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("SLHF_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert tiny.default_model_dir(build=False) == (
+    assert tiny.random_model_dir(build=False) == (
         tmp_path / "xdg" / "slhf" / f"tiny-llama-v{tiny.FACTORY_VERSION}"
     )
     monkeypatch.setenv("SLHF_CACHE_DIR", str(tmp_path / "cache"))
     expected = tmp_path / "cache" / f"tiny-llama-v{tiny.FACTORY_VERSION}"
-    assert tiny.default_model_dir(build=False) == expected
+    assert tiny.random_model_dir(build=False) == expected
     assert not expected.exists()
-    assert tiny.default_model_dir() == expected
+    assert tiny.random_model_dir() == expected
     assert Manifest.load(expected).provenance["family"] == "llama"
 
 

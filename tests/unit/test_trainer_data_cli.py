@@ -82,6 +82,10 @@ def test_preference_specs() -> None:
     judge = build_preference("judge:http://127.0.0.1:9/v1:judge-model")
     assert isinstance(judge, LLMJudgePreference) and judge.model == "judge-model"
     assert judge.url == "http://127.0.0.1:9/v1/chat/completions"
+    task = build_preference("task:arith")
+    assert task(["Add 17 and 25."], ["17 plus 25 is 42."], ["17 plus 25 is 40."]) == [0.6]
+    with pytest.raises(ConfigError, match="unknown task 'chess'; tasks: arith"):
+        build_preference("task:chess")
     with pytest.raises(ConfigError, match="unknown kind 'magic'"):
         build_preference("magic:x")
     with pytest.raises(ConfigError, match="preference must be set"):
