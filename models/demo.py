@@ -137,6 +137,9 @@ def ship(final: Path, dest: Path, provenance: dict[str, Any]) -> Path:
         }
     )
     manifest.save(tmp)
+    for path in tmp.iterdir():  # some writers create owner-only files; a model is for everyone
+        path.chmod(0o644)
+    tmp.chmod(0o755)
     for extra in ("eval", "README.md"):  # keep the committed report and notes
         if (dest / extra).exists():
             shutil.move(str(dest / extra), tmp / extra)

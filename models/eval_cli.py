@@ -221,9 +221,8 @@ def run_eval(args: argparse.Namespace) -> int:
             for spec in specs.values():
                 if spec and spec not in urls and not (args.other_model and spec == args.other):
                     served = spec.startswith(("http://", "https://"))
-                    urls[spec] = (
-                        spec if served else stack.enter_context(serve_folder(spec, args.out))
-                    )
+                    logs = args.out / "logs"  # one server log per served folder
+                    urls[spec] = spec if served else stack.enter_context(serve_folder(spec, logs))
             gens: dict[str, Any] = {
                 role: ServedGenerator(urls[spec], sampling=sampling, api_key=args.api_key)
                 for role, spec in specs.items()
