@@ -78,6 +78,8 @@ def run_ours(model_dir: Path, out: Path, args: argparse.Namespace) -> float:
         tau_follower=0.05,
         report_to="none",
         log_every=10_000,
+        rollout_backend=args.rollout_backend,
+        vllm_max_model_len=256,
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -156,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for both")
     ap.add_argument("--repeats", type=int, default=1, help="runs per trainer (order alternates)")
     ap.add_argument(
+        "--rollout-backend",
+        choices=["hf", "vllm"],
+        default="hf",
+        help="our rollouts: HF generate (as TRL's here) or the in-process vLLM engine",
+    )
+    ap.add_argument(
         "--out", type=Path, default=REPO / "bench" / "results" / "train_throughput.json"
     )
     args = ap.parse_args(argv)
@@ -209,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_steps": args.warmup,
             "threads": args.threads,
             "repeats": args.repeats,
+            "slhf_rollout_backend": args.rollout_backend,
         },
         "prompts_per_s": {
             "slhf": runs["slhf StackelbergTrainer"],
