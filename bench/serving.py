@@ -92,6 +92,7 @@ def start_ours(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
         SLHF_MAX_MODEL_LEN=str(args.max_model_len),
         SLHF_MAX_INFLIGHT_GENERATIONS=str(inflight_bound(args)),
         SLHF_LOG_FORMAT="text",
+        **({"SLHF_KV_BLOCK_SIZE": str(args.block_size)} if args.block_size else {}),
     )
     return proc
 
@@ -111,6 +112,7 @@ def start_peer(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
         str(args.max_model_len),
         "--seed",
         "0",
+        *(["--block-size", str(args.block_size)] if args.block_size else []),
         *shlex.split(args.peer_flags),
     ]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
@@ -122,7 +124,9 @@ class Bench:
         from server.settings import ServerSettings
 
         self.args = args
-        self.settings = ServerSettings(model=str(args.model), max_model_len=args.max_model_len)
+        self.settings = ServerSettings(
+            model=str(args.model), max_model_len=args.max_model_len, kv_block_size=args.block_size
+        )
         weights = resolve_served_weights(self.settings)
         self.leader_sp = sampling(weights.manifest.role("leader").sampling, args.max_tokens)
         self.follower_sp = sampling(weights.manifest.role("follower").sampling, args.max_tokens)
@@ -408,6 +412,12 @@ def main() -> None:
     )
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="KV-cache block size for all three systems (default: vLLM's; 128 on CPU)",
+    )
     ap.add_argument("--model", type=Path, default=None, help="default: the shipped tiny model")
     ap.add_argument("--peer-flags", default=PEER_FLAGS, help="extra flags for vLLM's server")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serving.json")
@@ -458,6 +468,7 @@ def main() -> None:
             "leader_sampling": bench.leader_sp,
             "follower_sampling": bench.follower_sp,
             "peer_flags": args.peer_flags,
+            "block_size": args.block_size,
             "vllm_multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1"),
             "ours_max_inflight_generations": inflight_bound(args),
             "warmup_bursts": args.warmup,

@@ -85,6 +85,8 @@ def _engine_args(
     )
     if settings.max_num_seqs is not None:
         kwargs["max_num_seqs"] = settings.max_num_seqs
+    if settings.kv_block_size is not None:
+        kwargs["block_size"] = settings.kv_block_size
     if enable_lora:
         kwargs.update(enable_lora=True, max_loras=2, max_lora_rank=settings.max_lora_rank)
     if current_platform.is_cpu():

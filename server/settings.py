@@ -48,6 +48,10 @@ class ServerSettings(BaseSettings):
     pipeline_parallel_size: int = Field(1, ge=1)
     max_num_seqs: int | None = Field(None, ge=1)
     enable_prefix_caching: bool = True
+    kv_block_size: int | None = Field(None, ge=1)
+    """Tokens per KV-cache block (vLLM's ``--block-size``); unset: vLLM's default, 16 on GPU and
+    128 on CPU. The prefix cache reuses whole blocks only, so a prompt shorter than one block
+    never hits it: on CPU, 32 lets short prompts share their prefix across refinement rounds."""
     enforce_eager: bool = False
     max_lora_rank: int = Field(64, ge=1)
     engine_metrics: bool = True
