@@ -28,7 +28,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -47,17 +48,14 @@ FAMILIES = {"llama": 0, "qwen2": 1}  # family -> seed
 SAMPLING = SamplingDefaults(max_tokens=48, temperature=0.9, top_k=50)
 
 
-def _stage(name: str, timings: dict[str, float]):
-    class _Timer:
-        def __enter__(self) -> None:
-            print(f"== {name}", flush=True)
-            self.t0 = time.monotonic()
-
-        def __exit__(self, *exc: object) -> None:
-            timings[name] = round(time.monotonic() - self.t0, 1)
-            print(f"== {name}: {timings[name]} s", flush=True)
-
-    return _Timer()
+@contextmanager
+def _stage(name: str, timings: dict[str, float]) -> Iterator[None]:
+    """Print the stage's start and end; record its wall time in ``timings``."""
+    print(f"== {name}", flush=True)
+    t0 = time.monotonic()
+    yield
+    timings[name] = round(time.monotonic() - t0, 1)
+    print(f"== {name}: {timings[name]} s", flush=True)
 
 
 def build_data(out: Path) -> dict[str, Path]:
