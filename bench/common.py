@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -28,6 +29,32 @@ PROMPTS = [
     "What is a prime number?",
     "Tell me about rain",
 ]
+
+
+def bench_model_dir() -> Path:
+    """The benchmarks' model: the random tiny llama (``random_model_dir``). It rarely stops, so
+    every request generates its full ``max_tokens`` (the shipped demo model answers in a dozen
+    tokens); the server and the in-process chain must both use it."""
+    from models.tiny import random_model_dir
+
+    return random_model_dir()
+
+
+def in_process_job(service: Any, body: dict[str, Any], i: int, k: int) -> Any:
+    """The ``RefineJob`` our server would run for ``body`` (k rounds, early stop off), for the
+    in-process chain on ``service`` (a ``server.service.Service``)."""
+    from server.protocol import RefineRequest
+    from server.refine import RefineJob
+
+    request = RefineRequest(**body)
+    return RefineJob(
+        request_id=f"b{k}-{i}-{time.monotonic_ns()}",
+        prompt=request.prompt or "",
+        rounds=k,
+        leader=service.generation_params("leader", request.leader, request.seed),
+        follower=service.generation_params("follower", request.follower, request.seed),
+        stop_when_unchanged=False,
+    )
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -59,13 +86,8 @@ def wait_ready(proc: subprocess.Popen[bytes], url: str) -> float:
 def start_slhf(port: int, **settings: str) -> tuple[subprocess.Popen[bytes], str]:
     """``slhf serve`` on loopback with quiet logs and ``settings`` (SLHF_* names) on top.
 
-    The model defaults to the random tiny llama (``random_model_dir``): it rarely stops, so every
-    request generates its full ``max_tokens``, which a benchmark needs (the shipped demo model
-    answers in a dozen tokens)."""
-    if "SLHF_MODEL" not in settings:
-        from models.tiny import random_model_dir
-
-        settings["SLHF_MODEL"] = str(random_model_dir())
+    The model defaults to ``bench_model_dir()``."""
+    settings.setdefault("SLHF_MODEL", str(bench_model_dir()))
     env = {
         **os.environ,
         "SLHF_HOST": "127.0.0.1",

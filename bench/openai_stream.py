@@ -1,4 +1,4 @@
-"""OpenAI surface costs, against a real ``slhf serve`` process on the tiny default model.
+"""OpenAI surface costs, against a real ``slhf serve`` process on the random tiny model.
 
 Measures, in one run, at concurrency 1 (sequential requests), with identical seeds and early stop
 off (so every side generates the same tokens):

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import PROMPTS, REPO, pct, start_slhf, wait_ready
+from common import PROMPTS, REPO, bench_model_dir, in_process_job, pct, start_slhf, wait_ready
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -56,26 +56,16 @@ async def measure(args: argparse.Namespace, url: str) -> dict:
 
     from server.app import resolve_served_weights
     from server.engine import VllmEngine
-    from server.protocol import RefineRequest
-    from server.refine import RefineJob
     from server.service import Service
     from server.settings import ServerSettings
 
-    settings = ServerSettings(max_model_len=args.max_model_len)
+    settings = ServerSettings(model=str(bench_model_dir()), max_model_len=args.max_model_len)
     weights = resolve_served_weights(settings)
     engine = VllmEngine.start(weights, settings)
     service = Service.build(settings, weights, engine)
 
     async def direct(i: int, k: int) -> float:
-        body = RefineRequest(**request_body(i, k, args.max_tokens))
-        job = RefineJob(
-            request_id=f"b{k}-{i}-{time.monotonic_ns()}",
-            prompt=body.prompt or "",
-            rounds=k,
-            leader=service.generation_params("leader", body.leader, body.seed),
-            follower=service.generation_params("follower", body.follower, body.seed),
-            stop_when_unchanged=False,
-        )
+        job = in_process_job(service, request_body(i, k, args.max_tokens), i, k)
         t0 = time.perf_counter()
         await service.refiner.refine(job)
         return (time.perf_counter() - t0) * 1000

@@ -45,7 +45,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import PROMPTS, REPO, free_port, pct, start_slhf, wait_ready
+from common import (
+    PROMPTS,
+    REPO,
+    bench_model_dir,
+    free_port,
+    in_process_job,
+    pct,
+    start_slhf,
+    wait_ready,
+)
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 SYSTEMS = ("ours", "peer", "in_process")
@@ -278,8 +287,6 @@ class Bench:
 
         from server.app import resolve_served_weights
         from server.engine import VllmEngine
-        from server.protocol import RefineRequest
-        from server.refine import RefineJob
         from server.service import Service
 
         weights = resolve_served_weights(self.settings)
@@ -287,16 +294,7 @@ class Bench:
         service = Service.build(self.settings, weights, engine)
 
         async def one(i: int, k: int) -> int:
-            body = RefineRequest(**self.body(i, k))
-            job = RefineJob(
-                request_id=f"b{k}-{i}-{time.monotonic_ns()}",
-                prompt=body.prompt or "",
-                rounds=k,
-                leader=service.generation_params("leader", body.leader, body.seed),
-                follower=service.generation_params("follower", body.follower, body.seed),
-                stop_when_unchanged=False,
-            )
-            out = await service.refiner.refine(job)
+            out = await service.refiner.refine(in_process_job(service, self.body(i, k), i, k))
             return out.usage.completion_tokens
 
         async def counters() -> dict[str, float]:
@@ -427,9 +425,7 @@ def main() -> None:
     if args.requests_c1 is None:
         args.requests_c1 = 8 if args.quick else 32
     if args.model is None:
-        from models.tiny import random_model_dir
-
-        args.model = random_model_dir()
+        args.model = bench_model_dir()
 
     bench = Bench(args)
     res: dict[str, list[dict[str, Any]]] = {}
