@@ -1,26 +1,39 @@
 """Losses of StackelbergGDA for LLMs (PAPER.md, Algorithm 2), as pure functions.
 
 Per prompt ``x_b``: a Leader answer ``y_b``, a Follower answer ``y'_b`` (conditioned on ``x_b``
-and ``y_b``) and one preference ``p_b = p(y_b ≻ y'_b | x_b)``. With ``r = π_θ / π_ref`` per token
-and ``δ_t`` one of Schulman's KL estimators (detached)::
+and ``y_b``) and one preference ``p_b = p(y_b ≻ y'_b | x_b)``. With ``r_t = π_θ / π_ref`` per
+token and ``δ_t`` one of Schulman's KL estimators (docs/algorithm.md says why only these two)::
 
-    k1 = log r      k2 = ½ (log r)²      k3 = r⁻¹ − 1 + log r
+    k1 = log r        k3 = r⁻¹ − 1 + log r          (both have E_π[Σ_t δ_t] = KL(π ‖ π_ref))
 
-    L_L = mean_b Σ_t [τL·δ_t − A_L,b] · log π_θ(y_b,t  | T_L(x_b))
-    L_F = mean_b Σ_t [τF·δ_t − A_F,b] · log π_θ(y'_b,t | T_F(x_b, y_b))
-    total = L_L + κ·L_F             (shared weights; separate weights: Follower lr = κ·η)
+    L_role = mean_b Σ_t [τ·G_b,t − A_b] · log π_θ(y_b,t)  (+ τ·Σ_t k3_t with grad, k3 only)
+    G_b,t  = Σ_{t' ≥ t} δ_b,t'                         the KL still to come (detached)
+    total  = L_L + κ·L_F        (shared weights; separate weights: Follower lr = κ·η)
 
-Advantages, with ``c`` the missing-EOS penalty and scores ``s_L = p − c·1[no EOS in y]``,
-``s_F = (1 − p) − c·1[no EOS in y']``:
+Why this form: the gradient of ``E[A] − τ·KL(π ‖ π_ref)`` over whole answers weights each
+token's score ``∇log π(y_t)`` by the KL of that token *and every later one* (earlier tokens are
+fixed by then and average out). Weighting token t by its own δ_t alone is biased for answers
+longer than one token. With k1 the REINFORCE term is the whole gradient; with k3 it misses
+``E[∇k3]``, which the differentiable term adds back. Either way the expected gradient is the
+KL's, so the KL-regularised fixed point is ``π ∝ π_ref·exp(A/τ)`` (tests/unit/test_kl_gradients.py
+checks it exactly). k2 = ½(log r)² is not offered: its mean is not the KL.
 
-- ``"constant"`` baseline (the paper's runs): ``A = s − ½``, i.e. ``p − ½ − c·1[…]`` and
-  ``(1 − p) − ½ − c·1[…]``.
+Advantages, with ``c`` the missing-EOS penalty::
+
+    s_L = p + τF·KL̂_F − c·1[no EOS in y]     (leader_objective "full": the Leader's value, eq. 5)
+    s_L = p − c·1[no EOS in y]                (leader_objective "paper": Algorithm 2 as published)
+    s_F = (1 − p) − c·1[no EOS in y']
+
+``KL̂_F = Σ_t δ_t`` over the Follower's answer estimates ``KL(ω(·|x,y) ‖ ω_ref(·|x,y))``: the
+Follower has to pay that KL to answer ``y``, so eq. 5 credits it to the Leader. Without it the
+Leader's fixed point is ``π ∝ π_ref·exp(U/τL)`` with ``U(y) = E_ω*[p]``, not the equilibrium.
+
+- ``"constant"`` baseline (the paper's runs): ``A = s − ½``.
 - ``"leave_one_out"``: ``A_b = s_b − mean_{j≠b} s_j`` (the penalty enters the scores first).
 
 Every function takes tensors and returns the loss and a dict of detached scalar stats (no
 ``.item()``, so nothing syncs a GPU). Tokens are ``(B, T)``; ``mask`` is 1 on answer tokens and
-0 on padding; losses are summed over tokens and averaged over the batch. The gradient of a role
-loss with respect to ``logprobs[b, t]`` is ``mask[b, t]·(τ·δ_t − A_b) / B``.
+0 on padding; losses are summed over tokens and averaged over the batch.
 """
 
 from __future__ import annotations
@@ -32,8 +45,10 @@ import torch
 
 from models.templates import Role
 
-KLEstimator = Literal["k1", "k2", "k3"]
+KLEstimator = Literal["k1", "k3"]
+KL_ESTIMATORS: tuple[KLEstimator, ...] = ("k1", "k3")
 Baseline = Literal["constant", "leave_one_out"]
+LeaderObjective = Literal["full", "paper"]
 Stats = dict[str, torch.Tensor]
 
 
@@ -46,12 +61,14 @@ class RoleRollout:
         ref_logprobs: ``(B, T)`` log π_ref of the same tokens, under the same role template.
         mask: ``(B, T)`` 1 on answer tokens, 0 on padding.
         missing_eos: ``(B,)`` True where the answer was cut off before EOS.
+        entropy: ``(B, T)`` entropy of π_θ at each answer position (detached), or None.
     """
 
     logprobs: torch.Tensor
     ref_logprobs: torch.Tensor
     mask: torch.Tensor
     missing_eos: torch.Tensor
+    entropy: torch.Tensor | None = None
 
 
 def kl_per_token(
@@ -61,11 +78,21 @@ def kl_per_token(
     log_r = logprobs - ref_logprobs  # log π_θ/π_ref
     if estimator == "k1":
         return log_r
-    if estimator == "k2":
-        return 0.5 * log_r**2
     if estimator == "k3":
         return torch.expm1(-log_r) + log_r  # r⁻¹ − 1 + log r, ≥ 0
-    raise ValueError(f"kl estimator must be 'k1', 'k2' or 'k3'; got {estimator!r}")
+    raise ValueError(f"kl estimator must be 'k1' or 'k3'; got {estimator!r}")
+
+
+def kl_to_go(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` ``G_t = Σ_{t' ≥ t} δ_t'`` over answer tokens (0 on padding)."""
+    masked = delta * mask
+    return (masked.flip(1).cumsum(dim=1).flip(1)) * mask
+
+
+def sequence_kl(rollout: RoleRollout, estimator: KLEstimator) -> torch.Tensor:
+    """``(B,)`` detached ``Σ_t δ_t``: an unbiased estimate of each answer's KL to the reference."""
+    delta = kl_per_token(rollout.logprobs.detach(), rollout.ref_logprobs.detach(), estimator)
+    return (delta * rollout.mask.to(delta.dtype)).sum(dim=1)
 
 
 def missing_eos(token_ids: torch.Tensor, mask: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -93,22 +120,60 @@ def role_scores(
     return won - missing_eos_penalty * missing.to(preferences.dtype)
 
 
+def leader_scores(
+    preferences: torch.Tensor,
+    leader: RoleRollout,
+    follower: RoleRollout,
+    *,
+    tau_follower: float,
+    estimator: KLEstimator,
+    objective: LeaderObjective,
+    missing_eos_penalty: float = 0.0,
+) -> torch.Tensor:
+    """``(B,)`` the Leader's ``s_L``: with ``objective="full"`` plus ``τF·KL̂_F`` (eq. 5)."""
+    scores = role_scores(preferences, leader.missing_eos, "leader", missing_eos_penalty)
+    if objective == "full":
+        return scores + tau_follower * sequence_kl(follower, estimator).to(scores.dtype)
+    if objective == "paper":
+        return scores
+    raise ValueError(f"leader_objective must be 'full' or 'paper'; got {objective!r}")
+
+
+def reinforce_terms(
+    rollout: RoleRollout, advantage: torch.Tensor, tau: float, estimator: KLEstimator
+) -> torch.Tensor:
+    """``(B,)`` per-answer loss ``Σ_t [τ·G_t − A]·log π(t)`` (+ ``τ·Σ_t k3_t`` for k3).
+
+    Averaged over the batch it is ``reinforce_loss``; weighted by answer probabilities it is the
+    exact expected loss (tests/unit/test_kl_gradients.py).
+    """
+    mask = rollout.mask.to(rollout.logprobs.dtype)  # (B, T)
+    ref = rollout.ref_logprobs.detach()
+    delta = kl_per_token(rollout.logprobs.detach(), ref, estimator)  # (B, T)
+    coef = (tau * kl_to_go(delta, mask) - advantage.detach()[:, None]) * mask  # (B, T)
+    per_answer = (coef * rollout.logprobs).sum(dim=1)
+    if estimator == "k3":  # E[∇k3] = ∇KL − E[k3·∇log π]: the part REINFORCE does not see
+        per_answer = per_answer + tau * (kl_per_token(rollout.logprobs, ref, "k3") * mask).sum(1)
+    return per_answer
+
+
 def reinforce_loss(
     rollout: RoleRollout, advantage: torch.Tensor, tau: float, estimator: KLEstimator
 ) -> tuple[torch.Tensor, Stats]:
-    """``mean_b Σ_t [τ·δ_t − A_b] · log π_θ(t)``; δ and A are detached."""
+    """``mean_b`` of ``reinforce_terms``; δ and A are detached."""
     mask = rollout.mask.to(rollout.logprobs.dtype)  # (B, T)
-    delta = kl_per_token(rollout.logprobs.detach(), rollout.ref_logprobs.detach(), estimator)
-    coef = (tau * delta - advantage.detach()[:, None]) * mask  # (B, T)
-    loss = (coef * rollout.logprobs).sum(dim=1).mean()
-    kl_seq = (delta * mask).sum(dim=1)  # (B,) KL estimate per answer
+    loss = reinforce_terms(rollout, advantage, tau, estimator).mean()
+    lengths = mask.sum(dim=1)  # (B,)
     stats = {
         "loss": loss.detach(),
         "advantage": advantage.detach().mean(),
-        "kl": kl_seq.mean(),
-        "length": mask.sum(dim=1).mean(),
+        "kl": sequence_kl(rollout, estimator).mean(),
+        "length": lengths.mean(),
         "missing_eos": rollout.missing_eos.float().mean(),
     }
+    if rollout.entropy is not None:  # mean per-token entropy over answer tokens
+        tokens = lengths.sum().clamp(min=1.0)
+        stats["entropy"] = (rollout.entropy.detach() * mask).sum() / tokens
     return loss, stats
 
 
@@ -120,8 +185,9 @@ def stackelberg_loss(
     tau_leader: float,
     tau_follower: float,
     kappa: float,
-    estimator: KLEstimator = "k3",
+    estimator: KLEstimator = "k1",
     baseline: Baseline = "constant",
+    leader_objective: LeaderObjective = "full",
     missing_eos_penalty: float = 0.0,
     update_leader: bool = True,
 ) -> tuple[torch.Tensor, Stats]:
@@ -131,7 +197,15 @@ def stackelberg_loss(
     roles' terms (``leader/…``, ``follower/…``) and ``preference`` (the Leader's mean win rate).
     With separate Leader/Follower weights call ``reinforce_loss`` per role instead.
     """
-    scores_l = role_scores(preferences, leader.missing_eos, "leader", missing_eos_penalty)
+    scores_l = leader_scores(
+        preferences,
+        leader,
+        follower,
+        tau_follower=tau_follower,
+        estimator=estimator,
+        objective=leader_objective,
+        missing_eos_penalty=missing_eos_penalty,
+    )
     scores_f = role_scores(preferences, follower.missing_eos, "follower", missing_eos_penalty)
     loss_l, stats_l = reinforce_loss(leader, advantages(scores_l, baseline), tau_leader, estimator)
     loss_f, stats_f = reinforce_loss(

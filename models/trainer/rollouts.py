@@ -122,7 +122,15 @@ def generate(
 
 
 def answer_logprobs(model: Any, rollout: Rollout, temperature: float) -> torch.Tensor:
-    """``(B, T)`` log-probabilities of the answer tokens under ``model`` (0 on padding).
+    """``(B, T)`` log-probabilities of the answer tokens under ``model`` (0 on padding)."""
+    return answer_logprobs_and_entropy(model, rollout, temperature)[0]
+
+
+def answer_logprobs_and_entropy(
+    model: Any, rollout: Rollout, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, T)`` answer log-probabilities (with grad) and ``(B, T)`` entropies (detached) of the
+    sampling distribution at each answer position, both 0 on padding.
 
     Only the ``T`` positions that predict answer tokens go through the output head
     (``logits_to_keep``): the prompt's logits are never needed.
@@ -138,8 +146,11 @@ def answer_logprobs(model: Any, rollout: Rollout, temperature: float) -> torch.T
     ).logits  # (B, T + 1, V)
     logits = logits[:, :-1].float() / temperature  # predictions of the answer tokens
     targets = rollout.input_ids[:, -t:]  # (B, T)
-    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
-    return logprobs * rollout.answer_mask
+    log_p = torch.log_softmax(logits, dim=-1)  # (B, T, V)
+    logprobs = log_p.gather(-1, targets[..., None]).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(log_p.exp() * log_p).sum(dim=-1)  # (B, T)
+    return logprobs * rollout.answer_mask, entropy * rollout.answer_mask
 
 
 def stack_rollouts(a: Rollout, b: Rollout, pad_token_id: int) -> Rollout:

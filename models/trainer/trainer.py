@@ -5,9 +5,15 @@ One set of weights plays both roles through the server's templates (models/templ
     y_b  ~ π_θ(· | T_L(x_b))            Leader answer
     y'_b ~ π_θ(· | T_F(x_b, y_b))       Follower answer, conditioned on x_b and y_b
     p_b  = p(y_b ≻ y'_b | x_b)          one preference query per prompt
-    L_L  = mean_b Σ_t [τL·δ_t − (p_b − ½ − c·1[no EOS])] · log π_θ(y_b,t)
-    L_F  = mean_b Σ_t [τF·δ_t − ((1 − p_b) − ½ − c·1[no EOS])] · log π_θ(y'_b,t)
+    L_L  = mean_b Σ_t [τL·G_b,t − (p_b + τF·KL̂_F,b − ½ − c·1[no EOS])] · log π_θ(y_b,t)
+    L_F  = mean_b Σ_t [τF·G'_b,t − ((1 − p_b) − ½ − c·1[no EOS])] · log π_θ(y'_b,t)
     loss = L_L + κ·L_F      (shared weights; L_L only on every ``leader_update_every``-th step)
+
+``G_t`` is the KL estimate of token t and every later one (the exact gradient of the answer's KL;
+k3 adds its own gradient), ``KL̂_F`` the Follower's KL on its answer, which eq. 5 credits to the
+Leader (``leader_objective: paper`` drops it, as Algorithm 2 does). See models/trainer/losses.py
+and docs/algorithm.md. Per step the log has each role's mean per-token entropy
+(``entropy/leader``, ``entropy/follower``) and the learning rate (``lr``, after the schedule).
 
 With ``follower_weights: separate_adapter`` the roles have their own LoRA adapters on one base
 (``leader`` and ``follower``); each adapter gets its own role loss and the Follower's learning
@@ -65,12 +71,19 @@ from models.trainer.data import Prompt, PromptSampler
 from models.trainer.losses import (
     RoleRollout,
     advantages,
+    leader_scores,
     reinforce_loss,
     role_scores,
     stackelberg_loss,
 )
 from models.trainer.reporting import METRICS_FILE, MetricsReporter
-from models.trainer.rollouts import Rollout, answer_logprobs, generate, stack_rollouts
+from models.trainer.rollouts import (
+    Rollout,
+    answer_logprobs,
+    answer_logprobs_and_entropy,
+    generate,
+    stack_rollouts,
+)
 
 __all__ = ["METRICS_FILE", "TIMING_KEYS", "StackelbergTrainer", "config_hash"]
 TIMING_KEYS = ("steps_per_s", "prompts_per_s", "time_s")
@@ -118,6 +131,7 @@ class StackelbergTrainer:
         self.params = weights.trainable_params(model, config.use_lora)
         groups = weights.param_groups(self.params, config)
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        self.base_lrs = [group["lr"] for group in groups]  # the schedule multiplies these
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.ref_model = None
         if ref_model is not None:
@@ -164,10 +178,14 @@ class StackelbergTrainer:
         update_leader = step % cfg.leader_update_every == 0
         self.optimizer.zero_grad(set_to_none=True)
         stats = self._accumulate(leader, follower, prefs, update_leader)
-        # 7. clip and step
+        # 7. clip, schedule the learning rate and step
         if cfg.max_grad_norm is not None:
             norm = self.accelerator.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)
             stats["grad_norm"] = float(norm)
+        factor = cfg.lr_factor(step)  # a function of the step: a resumed run needs no state
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+        stats["lr"] = self.base_lrs[0] * factor
         self.optimizer.step()
         self._sync_rollout_weights()
         stats = self._mean_over_processes(stats)
@@ -212,19 +230,24 @@ class StackelbergTrainer:
 
     def _scored(self, role: Role, rollout: Rollout, grad: bool = True) -> RoleRollout:
         with self._as_role(role), nullcontext() if grad else torch.no_grad():
-            logprobs = answer_logprobs(self.model, rollout, self.config.temperature)
+            logprobs, entropy = answer_logprobs_and_entropy(
+                self.model, rollout, self.config.temperature
+            )
         ref = self._ref_logprobs(rollout)
-        return RoleRollout(logprobs, ref, rollout.answer_mask, rollout.missing_eos)
+        return RoleRollout(logprobs, ref, rollout.answer_mask, rollout.missing_eos, entropy)
 
     def _scored_together(self, leader: Rollout, follower: Rollout) -> tuple[RoleRollout, ...]:
         """Both roles of the shared weights in one policy and one reference forward pass."""
         both = stack_rollouts(leader, follower, self.tokenizer.pad_token_id)
-        logprobs = answer_logprobs(self.model, both, self.config.temperature)  # (2B, T)
+        logprobs, entropy = answer_logprobs_and_entropy(
+            self.model, both, self.config.temperature
+        )  # (2B, T) each
         ref = self._ref_logprobs(both)
         b, out = leader.answer_mask.shape[0], []
         for rows, r in ((slice(0, b), leader), (slice(b, 2 * b), follower)):
             t = r.answer_mask.shape[1]
-            out.append(RoleRollout(logprobs[rows, :t], ref[rows, :t], r.answer_mask, r.missing_eos))
+            lp, rf, ent = logprobs[rows, :t], ref[rows, :t], entropy[rows, :t]
+            out.append(RoleRollout(lp, rf, r.answer_mask, r.missing_eos, ent))
         return tuple(out)
 
     def _accumulate(
@@ -248,6 +271,7 @@ class StackelbergTrainer:
                         kappa=cfg.kappa,
                         estimator=cfg.kl_estimator,
                         baseline=cfg.baseline,
+                        leader_objective=cfg.leader_objective,
                         missing_eos_penalty=cfg.missing_eos_penalty,
                         update_leader=update_leader,
                     )
@@ -269,15 +293,32 @@ class StackelbergTrainer:
         update_leader: bool,
         last: bool,
     ) -> dict[str, Any]:
-        """Role losses on their own adapters; the Follower's κ is in its learning rate."""
+        """Role losses on their own adapters; the Follower's κ is in its learning rate.
+
+        The Leader goes first (the Follower's backward is the step's last one), so the Follower's
+        KL in the Leader's reward comes from a forward pass without grad.
+        """
         cfg = self.config
         stats: dict[str, Any] = {"preference": prefs.mean()}
-        for role in ROLES:  # leader first: the Follower's backward is the step's last one
+        follower_kl = self._scored("follower", follower, grad=False)
+        for role in ROLES:
             trained = role == "follower" or update_leader
             with self._sync(last and role == "follower"):
                 rollout = self._scored(role, leader if role == "leader" else follower, trained)
                 tau = cfg.tau_leader if role == "leader" else cfg.tau_follower
-                scores = role_scores(prefs, rollout.missing_eos, role, cfg.missing_eos_penalty)
+                scores = (
+                    leader_scores(
+                        prefs,
+                        rollout,
+                        follower_kl,
+                        tau_follower=cfg.tau_follower,
+                        estimator=cfg.kl_estimator,
+                        objective=cfg.leader_objective,
+                        missing_eos_penalty=cfg.missing_eos_penalty,
+                    )
+                    if role == "leader"
+                    else role_scores(prefs, rollout.missing_eos, role, cfg.missing_eos_penalty)
+                )
                 loss, role_stats = reinforce_loss(
                     rollout, advantages(scores, cfg.baseline), tau, cfg.kl_estimator
                 )

@@ -11,6 +11,8 @@ from models.trainer.losses import (
     RoleRollout,
     advantages,
     kl_per_token,
+    kl_to_go,
+    leader_scores,
     missing_eos,
     reinforce_loss,
     role_scores,
@@ -36,7 +38,6 @@ def rollout(logprobs: torch.Tensor, ref: torch.Tensor, mask=None, missing=None) 
     [
         # r = π/π_ref = 0.5/0.25 = 2, then r = 1, then r = 0.25/0.5 = ½
         ("k1", [LOG2, 0.0, -LOG2]),  # log r
-        ("k2", [0.5 * LOG2**2, 0.0, 0.5 * LOG2**2]),  # ½(log r)² = 0.24023
         ("k3", [0.5 - 1 + LOG2, 0.0, 2 - 1 - LOG2]),  # r⁻¹ − 1 + log r = 0.19315, 0.30685
     ],
 )
@@ -46,8 +47,8 @@ def test_kl_estimators_per_token(estimator: str, expected: list[float]) -> None:
 
 
 def test_unknown_estimator_and_baseline_are_errors() -> None:
-    with pytest.raises(ValueError, match="'k1', 'k2' or 'k3'; got 'k4'"):
-        kl_per_token(log(0.5), log(0.5), "k4")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'k1' or 'k3'; got 'k2'"):
+        kl_per_token(log(0.5), log(0.5), "k2")  # type: ignore[arg-type]  # removed: mean ≠ KL
     with pytest.raises(ValueError, match="'constant' or 'leave_one_out'"):
         advantages(torch.tensor([0.5]), "mean")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="batch of ≥ 2"):
@@ -150,3 +151,59 @@ def test_leave_one_out_baseline_in_the_combined_loss() -> None:
     total.backward()
     expected = -torch.tensor([[0.45], [-0.3], [-0.15]], dtype=torch.float64) / 3
     torch.testing.assert_close(leader.logprobs.grad, expected)
+
+
+def test_kl_to_go_sums_the_current_and_later_tokens_only() -> None:
+    # δ = (1, 2, 4 | padding): G = (1 + 2 + 4, 2 + 4, 4, 0); row 2 has T = 2 real tokens
+    delta = torch.tensor([[1.0, 2.0, 4.0, 9.0], [3.0, 5.0, 7.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    torch.testing.assert_close(
+        kl_to_go(delta, mask), torch.tensor([[7.0, 6.0, 4.0, 0.0], [8.0, 5.0, 0.0, 0.0]])
+    )
+
+
+def test_two_token_answer_weights_the_first_token_by_the_kl_still_to_come() -> None:
+    # B = 1, k1, τ = 0.1, A = 0.3: δ = (log 2, −log 2) → G = (0, −log 2);
+    # ∂loss/∂log π = τ·G − A = (−0.3, −0.1·log 2 − 0.3)
+    r = rollout(log(0.5, 0.25)[None], log(0.25, 0.5)[None])
+    loss, stats = reinforce_loss(r, torch.tensor([0.3], dtype=torch.float64), 0.1, "k1")
+    assert stats["kl"].item() == pytest.approx(0.0)
+    loss.backward()
+    expected = torch.tensor([[-0.3, -0.1 * LOG2 - 0.3]], dtype=torch.float64)
+    torch.testing.assert_close(r.logprobs.grad, expected)
+
+
+def test_k3_adds_its_own_gradient_to_the_reinforce_term() -> None:
+    # one token, π = ½, π_ref = ¼ (r = 2), τ = 1, A = 0: REINFORCE coef τ·k3 = ½ − 1 + log 2;
+    # ∂k3/∂log π = 1 − r⁻¹ = ½; total ∂loss/∂log π = log 2 − ½ + ½ = log 2
+    r = rollout(log(0.5)[None], log(0.25)[None])
+    loss, _ = reinforce_loss(r, torch.tensor([0.0], dtype=torch.float64), 1.0, "k3")
+    loss.backward()
+    torch.testing.assert_close(r.logprobs.grad, torch.tensor([[LOG2]], dtype=torch.float64))
+
+
+def test_full_leader_objective_adds_tau_f_times_the_followers_kl() -> None:
+    # Follower answers: KL estimates Σ_t k1 = log 2 (answer 1) and 0 (answer 2); τF = 0.5, p = 0.6
+    lead = rollout(log(0.5, 0.5)[:, None], log(0.5, 0.5)[:, None])
+    foll = rollout(log(0.5, 0.3)[:, None], log(0.25, 0.3)[:, None])
+    p = torch.tensor([0.6, 0.6], dtype=torch.float64)
+    kw = {"tau_follower": 0.5, "estimator": "k1"}
+    full = leader_scores(p, lead, foll, objective="full", **kw)  # type: ignore[arg-type]
+    torch.testing.assert_close(full, torch.tensor([0.6 + 0.5 * LOG2, 0.6], dtype=torch.float64))
+    paper = leader_scores(p, lead, foll, objective="paper", **kw)  # type: ignore[arg-type]
+    torch.testing.assert_close(paper, p)
+    _, stats = stackelberg_loss(
+        lead, foll, p, tau_leader=0.1, tau_follower=0.5, kappa=1.0, leader_objective="full"
+    )
+    assert stats["leader/advantage"].item() == pytest.approx(0.1 + 0.25 * LOG2)
+    with pytest.raises(ValueError, match="'full' or 'paper'; got 'nash'"):
+        leader_scores(p, lead, foll, objective="nash", **kw)  # type: ignore[arg-type]
+
+
+def test_entropy_stat_is_the_mean_over_answer_tokens() -> None:
+    lp = log(0.5, 0.5)[None]
+    r = RoleRollout(
+        lp, lp, torch.tensor([[1.0, 0.0]]), torch.tensor([False]), torch.tensor([[0.7, 9.0]])
+    )
+    _, stats = reinforce_loss(r, torch.tensor([0.0], dtype=torch.float64), 0.1, "k1")
+    assert stats["entropy"].item() == pytest.approx(0.7)  # the padded position is ignored

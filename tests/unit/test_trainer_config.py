@@ -22,7 +22,10 @@ def make(**kw: object) -> StackelbergConfig:
 def test_defaults_are_the_papers_small_run() -> None:
     cfg = make()
     assert (cfg.learning_rate, cfg.kappa, cfg.tau_leader, cfg.tau_follower) == (1e-5, 5, 1e-3, 1e-3)
-    assert (cfg.batch_size, cfg.steps, cfg.temperature, cfg.kl_estimator) == (32, 1000, 0.9, "k3")
+    assert (cfg.batch_size, cfg.steps, cfg.temperature) == (32, 1000, 0.9)
+    # departures from the paper's small runs (docs/algorithm.md): k1, and the Leader's full value
+    assert (cfg.kl_estimator, cfg.leader_objective) == ("k1", "full")
+    assert (cfg.lr_schedule, cfg.warmup_steps) == ("constant", 0)
     assert (cfg.use_lora, cfg.lora_r, cfg.lora_alpha, cfg.baseline) == (True, 64, 128, "constant")
     assert cfg.follower_instruction == DEFAULT_FOLLOWER_INSTRUCTION
     assert cfg.reference_model == "m"  # the reference defaults to the initial model
@@ -53,7 +56,11 @@ def test_follower_learning_rate_is_kappa_eta_only_with_separate_weights() -> Non
         ({"learning_rate": 0.0}, "learning_rate must be > 0; got 0.0"),
         ({"kappa": -1.0}, "kappa must be > 0; got -1.0"),
         ({"tau_follower": -0.1}, "tau_follower must be ≥ 0; got -0.1"),
-        ({"kl_estimator": "k4"}, "kl_estimator must be one of 'k1', 'k2', 'k3'; got 'k4'"),
+        ({"kl_estimator": "k4"}, "kl_estimator must be one of 'k1', 'k3'; got 'k4'"),
+        ({"kl_estimator": "k2"}, "kl_estimator 'k2' was removed: ½(log r)² does not average"),
+        ({"leader_objective": "x"}, "leader_objective must be one of 'full', 'paper'; got 'x'"),
+        ({"warmup_steps": -1}, "warmup_steps must be ≥ 0; got -1"),
+        ({"min_lr_ratio": 1.5}, "min_lr_ratio must be in [0, 1]; got 1.5"),
         ({"baseline": "mean"}, "baseline must be one of 'constant', 'leave_one_out'"),
         ({"baseline": "leave_one_out", "batch_size": 1}, "leave_one_out baseline needs batch_size"),
         ({"use_lora": False, "follower_weights": "separate_adapter"}, "set use_lora: true or"),
@@ -165,3 +172,15 @@ def test_bad_yaml_and_overrides(tmp_path: Path, text: str, overrides: list, mess
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config"):
         StackelbergConfig.from_yaml(tmp_path / "nope.yaml")
+
+
+def test_lr_schedules_warm_up_then_decay_to_the_floor() -> None:
+    # 10 steps, 2 of warm-up: factors ½, 1, then linear from 1 (step 2) to 0.1 (step 10)
+    linear = make(steps=10, warmup_steps=2, lr_schedule="linear", min_lr_ratio=0.1)
+    assert [linear.lr_factor(s) for s in (1, 2)] == [0.5, 1.0]
+    assert linear.lr_factor(6) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert linear.lr_factor(10) == pytest.approx(0.1)
+    cosine = make(steps=10, warmup_steps=2, lr_schedule="cosine")
+    assert cosine.lr_factor(6) == pytest.approx(0.5)  # half-way: cos(π/2) = 0
+    assert cosine.lr_factor(10) == pytest.approx(0.0)
+    assert [make(steps=10).lr_factor(s) for s in (1, 10)] == [1.0, 1.0]

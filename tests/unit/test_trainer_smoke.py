@@ -61,6 +61,10 @@ def test_three_steps_have_finite_losses_and_move_the_shared_adapter(
     for m in history:
         for key in ("loss", "loss/leader", "loss/follower", "kl/leader", "preference"):
             assert math.isfinite(m[key]), (key, m)
+        # the sampling distribution's entropy per role: positive, at most log(vocabulary)
+        for role in ("leader", "follower"):
+            assert 0 < m[f"entropy/{role}"] <= math.log(1024) + 1e-6, m
+        assert m["lr"] == trainer.config.learning_rate  # constant schedule, no warm-up
         assert m["length/leader"] <= 8 and m["prompts_per_s"] > 0
     previous = before
     for step in (1, 2, 3):  # the (shared) Follower weights change every step
