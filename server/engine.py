@@ -27,17 +27,18 @@ from typing import Any
 
 from vllm import RequestOutput, SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMClientError
 from vllm.inputs import tokens_input
 from vllm.lora.request import LoRARequest
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
-from vllm.v1.engine.exceptions import EngineDeadError
+from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 from vllm.v1.metrics.loggers import PrometheusStatLogger
 
 from models.loading import ServedWeights
 from models.templates import ROLES, ChatTokenizer, Role
-from server.errors import InvalidRequestError
+from server.errors import REQUEST_REJECTIONS
 from server.generation import (
     EngineError,
     FinishReason,
@@ -111,6 +112,23 @@ def _load_tokenizer(path: str, settings: ServerSettings) -> ChatTokenizer:
         path, revision=settings.revision, trust_remote_code=settings.trust_remote_code
     )
     return tok
+
+
+def _server_error(role: Role, exc: Exception) -> Exception:
+    """vLLM's failure of one request in the ``Engine`` protocol's terms: a dead engine is an
+    ``EngineError`` (503); a rejection of the request's values is re-raised as the plain
+    exception it is (vLLM's validation errors as ``ValueError``; the ``ValueError`` /
+    ``OverflowError`` its serializer raises, which vLLM wraps in ``EngineGenerateError``), which
+    the refiner turns into a 400 (``server.errors.request_rejected``); anything else is an
+    ``EngineError``."""
+    if isinstance(exc, EngineDeadError):
+        return EngineError(f"the {role} engine is dead: {exc}")
+    if isinstance(exc, VLLMClientError):
+        return ValueError(str(exc))
+    cause = exc.__cause__ if isinstance(exc, EngineGenerateError) else exc
+    if isinstance(cause, REQUEST_REJECTIONS):
+        return cause
+    return EngineError(f"the {role} engine failed the request: {type(cause).__name__}: {cause}")
 
 
 class VllmEngine:
@@ -219,17 +237,17 @@ class VllmEngine:
     ) -> AsyncIterator[RequestOutput]:
         """vLLM's outputs for one request; its errors turned into the server's errors."""
         binding = self._roles[role]
-        sampling = SamplingParams(
-            n=1,
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            seed=params.seed,
-            stop=list(params.stop),
-            output_kind=kind,
-        )
         try:
+            sampling = SamplingParams(
+                n=1,
+                max_tokens=params.max_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k,
+                seed=params.seed,
+                stop=list(params.stop),
+                output_kind=kind,
+            )
             async for out in binding.llm.generate(
                 tokens_input(prompt_token_ids),
                 sampling,
@@ -237,10 +255,8 @@ class VllmEngine:
                 lora_request=binding.lora,
             ):
                 yield out
-        except EngineDeadError as e:
-            raise EngineError(f"the {role} engine is dead: {e}") from e
-        except ValueError as e:  # vLLM's validation errors (VLLMValidationError is one)
-            raise InvalidRequestError(f"the engine rejected the {role} request: {e}") from e
+        except Exception as e:
+            raise _server_error(role, e) from e
 
     async def abort(self, request_id: str) -> None:
         for llm in self._llms:

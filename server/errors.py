@@ -4,11 +4,17 @@ Code below the routes raises ``SLHFError`` subclasses; ``install_error_handlers`
 FastAPI's validation errors and anything unexpected as
 ``{"error": {"message", "type", "param", "code"}}`` with the right status. A raw FastAPI 422
 body never leaves the server.
+
+``request_rejected`` is the one place where the engine's or a tokenizer's rejection of a request
+(the ``REQUEST_REJECTIONS`` exception types) becomes a 400: ``server.engine`` calls it for vLLM's
+errors, ``server.refine`` for the tokenizers'. Texts in an envelope are made encodable first, so
+an error about a lone surrogate can itself be sent (docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -73,6 +79,13 @@ class AuthenticationError(SLHFError):
     error_type = "authentication_error"
 
 
+class RequestTimeoutError(SLHFError):
+    """The client did not send its whole request body in time (408)."""
+
+    status_code = 408
+    error_type = "invalid_request_error"
+
+
 class PayloadTooLargeError(SLHFError):
     status_code = 413
     error_type = "invalid_request_error"
@@ -96,6 +109,27 @@ class DeadlineExceededError(SLHFError):
     error_type = "timeout_error"
 
 
+REQUEST_REJECTIONS: tuple[type[Exception], ...] = (ValueError, TypeError, OverflowError)
+"""What an engine or a tokenizer raises when a request's values are unusable (``UnicodeError``
+is a ``ValueError``): a lone surrogate the tokenizer cannot encode, a number the serializer
+cannot pack, a sampling value the engine refuses."""
+
+
+def request_rejected(exc: BaseException, who: str, param: str | None = None) -> InvalidRequestError:
+    """The 400 for a request that ``who`` (an engine, a tokenizer) rejected with ``exc``."""
+    logger.warning("%s rejected a request: %s: %s", who, type(exc).__name__, printable(str(exc)))
+    return InvalidRequestError(
+        f"{who} rejected the request: {type(exc).__name__}: {str(exc)[:500]}",
+        param=param,
+        code="rejected_by_engine",
+    )
+
+
+def printable(text: str) -> str:
+    """``text`` with what UTF-8 cannot encode (lone surrogates) written as ``\\udXXX``."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(
     status: int,
     message: str,
@@ -105,9 +139,9 @@ def error_body(
 ) -> dict[str, Any]:
     return {
         "error": {
-            "message": message,
+            "message": printable(message),
             "type": error_type,
-            "param": param,
+            "param": None if param is None else printable(param),
             "code": code if code is not None else status,
         }
     }
@@ -132,18 +166,46 @@ _STATUS_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
 }
 
 
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|[\w-]+\[.*\])$")
+"""How pydantic names the member of a union in an error's location (``str``, ``list[str]``)."""
+
+
+def _located(errors: list[Any]) -> list[tuple[list[str], dict[str, Any]]]:
+    """Each error with its location as field names (union members left out); a union member's
+    wrong-type error is dropped when another member has a more specific error there."""
+    located = [
+        (
+            [
+                str(x)
+                for x in err.get("loc", ())
+                if x != "body" and not (isinstance(x, str) and _UNION_MEMBER.match(x))
+            ],
+            err,
+        )
+        for err in errors
+    ]
+
+    def shadowed(loc: list[str], err: dict[str, Any]) -> bool:
+        return str(err.get("type", "")).endswith("_type") and any(
+            o is not err and o_loc[: len(loc)] == loc and not str(o.get("type")).endswith("_type")
+            for o_loc, o in located
+        )
+
+    return [(loc, err) for loc, err in located if not shadowed(loc, err)]
+
+
 def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     """One readable sentence (and the offending field) from pydantic's error list."""
     parts: list[str] = []
     first_param: str | None = None
-    for err in exc.errors():
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    for loc, err in _located(list(exc.errors())):
         if err.get("type") == "json_invalid":
             ctx = err.get("ctx") or {}
             return f"Malformed JSON body: {ctx.get('error', err.get('msg'))}", None

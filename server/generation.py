@@ -14,6 +14,16 @@ from models.templates import ChatTokenizer, Role
 
 FinishReason = Literal["stop", "length", "abort"]
 
+# The engine's own limits, which the wire models use as their bounds (one bound, not two):
+# tests/unit/test_engine_limits.py checks them against vLLM.
+MAX_TEMPERATURE = 2.0
+"""vLLM's ``SamplingParams`` refuses a temperature above 2."""
+MAX_TOP_K = 2**31 - 1
+"""vLLM keeps ``top_k`` in int32 tensors (a value at or above the vocabulary size means "no
+top-k"); its serializer cannot pack integers of 2**64 and more."""
+SEED_RANGE = (-(2**63), 2**63 - 1)
+"""Seeds are int64, as in the OpenAI API and vLLM's server."""
+
 
 @dataclass(frozen=True)
 class GenerationParams:
@@ -54,7 +64,11 @@ class EngineError(RuntimeError):
 
 
 class Engine(Protocol):
-    """Generates text for a role. Concurrent calls must batch inside the engine."""
+    """Generates text for a role. Concurrent calls must batch inside the engine.
+
+    ``generate`` and ``stream`` raise ``EngineError`` when the engine fails, and one of
+    ``server.errors.REQUEST_REJECTIONS`` (``ValueError``, ``TypeError``, ``OverflowError``)
+    when it rejects the request's values; the refiner turns the latter into a 400."""
 
     def tokenizer(self, role: Role) -> ChatTokenizer:
         """The tokenizer of the model playing ``role``."""

@@ -3,7 +3,8 @@
 Standard fields keep their OpenAI meaning. Fields this server does not support are declared so a
 request that uses them gets a 400 naming the field (``unsupported_field``); unknown fields are a
 400 too (never silently ignored). Our extension is the ``refinement`` object, which the OpenAI
-SDK sends through ``extra_body``.
+SDK sends through ``extra_body``. Types are strict and texts must be encodable, as on
+``/v1/refine`` (``server.protocol``).
 """
 
 from __future__ import annotations
@@ -12,13 +13,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from server.protocol import LeaderAnswer, LeaderParams, RoundResult, SamplingParams, StoppedReason
+from server.generation import MAX_TEMPERATURE
+from server.protocol import (
+    LeaderAnswer,
+    LeaderParams,
+    RoundResult,
+    SamplingParams,
+    Seed,
+    StoppedReason,
+    Text,
+    encodable,
+)
 
 MAX_N = 16
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class RefinementOptions(_Request):
@@ -26,7 +37,7 @@ class RefinementOptions(_Request):
 
     rounds: int | None = None
     """Follower rounds; default: the model id's (``<name>``: manifest default, ``:leader``: 0)."""
-    response: str | None = None
+    response: Text | None = None
     """An answer to refine instead of a Leader answer (``leader.source`` = "given")."""
     stop_when_unchanged: bool = True
     return_trace: bool = False
@@ -55,32 +66,37 @@ class StreamOptions(_Request):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Text
+    text: Text | None = None
 
 
 class OpenAIMessage(BaseModel):
     # extra fields (e.g. "name") are harmless; tool calls are checked in server.openai_service
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
-    name: str | None = None
+    name: Text | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v: str | list[TextPart] | None) -> str | list[TextPart] | None:
+        return encodable(v) if isinstance(v, str) else v
 
 
 class _OpenAIRequest(_Request):
-    model: str | None = None
+    model: Text | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     refinement: RefinementOptions | None = None
     # harmless: accepted and ignored
-    user: str | None = None
+    user: Text | None = None
 
     @field_validator("stop")
     @classmethod
@@ -89,7 +105,7 @@ class _OpenAIRequest(_Request):
 
     metadata: dict[str, Any] | None = None
     store: bool | None = None
-    service_tier: str | None = None
+    service_tier: Text | None = None
     # not supported: a request setting them to anything but their neutral value gets a 400
     logprobs: Any = None
     top_logprobs: Any = None
@@ -121,6 +137,13 @@ class CompletionRequest(_OpenAIRequest):
     echo: Any = None
     suffix: Any = None
     best_of: Any = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str | list[str]) -> str | list[str]:
+        for p in [v] if isinstance(v, str) else v:
+            encodable(p)
+        return v
 
 
 # -- responses ----------------------------------------------------------------------------------

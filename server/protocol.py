@@ -1,33 +1,65 @@
 """Wire models of the SLHF routes (DESIGN.md "Wire contract").
 
 Names are fixed; add fields, never rename.
+
+Requests are validated strictly, as the OpenAI API and vLLM's server do: a JSON type is never
+coerced (``"rounds": true``, ``"max_tokens": "10"``, ``"stream": "yes"`` are 400s; an integer
+is accepted where a number is expected), ``NaN`` and ``Infinity`` are refused, every text must
+be encodable Unicode (no lone surrogates), and numeric bounds are the engine's own
+(``server.generation``). docs/reliability.md lists what this guarantees.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
-from server.generation import FinishReason
+from server.generation import MAX_TEMPERATURE, MAX_TOP_K, SEED_RANGE, FinishReason
 
 StoppedReason = Literal["max_rounds", "unchanged", "deadline", "context_length"]
 AnswerSource = Literal["leader", "given", "upstream"]
 
 
+def encodable(text: str) -> str:
+    """Refuse text that UTF-8 cannot encode: a lone UTF-16 surrogate (valid JSON, ``"\\ud800"``)
+    that tokenizers and the engine's serializer reject."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"text must be valid Unicode; character {e.start} is a lone UTF-16 surrogate "
+            f"(U+{ord(text[e.start]):04X})"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(encodable)]
+"""A string field of a request: encodable Unicode."""
+Seed = Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])]
+
+
 class _Request(BaseModel):
-    # Unknown fields are an error, so a typo ("round") is reported instead of ignored.
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are an error, so a typo ("round") is reported instead of ignored; strict:
+    # no type coercion; no NaN/Infinity (Python's JSON parser accepts them).
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class SamplingParams(_Request):
     """Per-role sampling; unset fields take the manifest's defaults for that role."""
 
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=10.0)
+    temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
-    seed: int | None = None
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K)
+    seed: Seed | None = None
     stop: str | list[str] | None = None
 
     @field_validator("top_k")
@@ -41,6 +73,8 @@ class SamplingParams(_Request):
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
         stops = [v] if isinstance(v, str) else (v or [])
+        for s in stops:
+            encodable(s)
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
         if len(stops) > 16:
@@ -57,21 +91,21 @@ class LeaderParams(SamplingParams):
 
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class RefineRequest(_Request):
-    model: str | None = None
-    prompt: str | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
-    response: str | None = None
+    response: Text | None = None
     """An answer to refine instead of a Leader answer (``leader.source`` = "given")."""
     rounds: int | None = None
     """Follower rounds; default: the model's default rounds. Range 0..SLHF_MAX_ROUNDS."""
     leader: LeaderParams | None = None
     follower: SamplingParams | None = None
     stop_when_unchanged: bool = True
-    seed: int | None = None
+    seed: Seed | None = None
     """Base seed for every round (a role's own ``seed`` takes precedence for that role)."""
     deadline_s: float | None = Field(None, gt=0)
     """Seconds the refinement may take (capped by SLHF_MAX_DEADLINE_S). When it passes, the

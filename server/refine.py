@@ -12,6 +12,9 @@ that passes before the first answer is complete is a ``DeadlineExceededError``, 
 Each round's seed is derived from the request's seed, so a seeded request is reproducible and
 rounds do not share a random stream.
 
+What a tokenizer or the engine rejects in a request (``server.errors.REQUEST_REJECTIONS``) is
+turned into a 400 here, in ``prompt_ids`` and ``_run``, whatever the engine.
+
 Written against the ``Engine`` protocol; many requests run this loop concurrently and batch in the
 engine. Cancelling the task (client gone) cancels the in-flight engine request, which aborts it,
 and no further round starts.
@@ -26,8 +29,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
-from models.templates import Message, Role, TemplateRenderer
-from server.errors import DeadlineExceededError, InvalidRequestError, PromptTooLongError
+from models.templates import Message, Role, TemplateError, TemplateRenderer
+from server.errors import (
+    REQUEST_REJECTIONS,
+    DeadlineExceededError,
+    InvalidRequestError,
+    PromptTooLongError,
+    request_rejected,
+)
 from server.generation import Engine, FinishReason, Generation, GenerationParams
 from server.protocol import LeaderAnswer, RoundResult, StoppedReason, Usage
 
@@ -156,7 +165,13 @@ class Refiner:
     def prompt_ids(
         self, role: Role, prompt: str | Sequence[Message], answer: str | None
     ) -> list[int]:
-        return self.renderers[role].encode_role(role, prompt, answer)
+        """The role's prompt as token ids; what the tokenizer rejects is a 400."""
+        try:
+            return self.renderers[role].encode_role(role, prompt, answer)
+        except TemplateError:
+            raise
+        except REQUEST_REJECTIONS as e:
+            raise request_rejected(e, f"the {role} tokenizer") from e
 
     def check_fits(self, role: Role, ids: list[int], param: str = "prompt") -> None:
         """Raise ``PromptTooLongError`` when ``ids`` leave no room for a single new token."""
@@ -214,10 +229,13 @@ class Refiner:
         )
         request_id = f"{job.request_id}-{round_index}"
         start = time.perf_counter()
-        if sink is None:
-            gen = await self.engine.generate(role, ids, params, request_id)
-        else:
-            gen = await self._stream(role, ids, params, request_id, round_index, sink)
+        try:
+            if sink is None:
+                gen = await self.engine.generate(role, ids, params, request_id)
+            else:
+                gen = await self._stream(role, ids, params, request_id, round_index, sink)
+        except REQUEST_REJECTIONS as e:
+            raise request_rejected(e, f"the {role} engine") from e
         return gen, (time.perf_counter() - start) * 1000.0
 
     async def _stream(
