@@ -96,6 +96,8 @@ def create_app(
     app.include_router(openai_router)
     open_paths = ["/health", "/ready"] + ([] if settings.metrics_require_auth else ["/metrics"])
     app.add_middleware(AuthMiddleware, keys=settings.api_key_list(), open_paths=open_paths)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+    )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # added last: outermost
     return app

@@ -5,12 +5,14 @@ Outermost first:
 1. ``RequestContextMiddleware`` -- the request id (the client's ``X-Request-Id`` or a fresh
    one) in a contextvar and on every response; requests and latency by route and status; one
    access log line; an unexpected exception becomes a 500 envelope that still carries the id.
-2. ``BodyLimitMiddleware`` -- bodies over ``SLHF_MAX_BODY_BYTES`` get a 413.
+2. ``BodyLimitMiddleware`` -- bodies over ``SLHF_MAX_BODY_BYTES`` get a 413; a body not complete
+   within ``SLHF_BODY_TIMEOUT_S`` gets a 408 and the connection is closed.
 3. ``AuthMiddleware`` -- ``Authorization: Bearer <key>`` on every route but the open ones.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -97,12 +99,19 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
 
-class BodyLimitMiddleware:
-    """Reads the body up front and refuses it with a 413 when it is over ``max_bytes``."""
+class _BodyTooLarge(Exception):
+    def __init__(self, size: str) -> None:
+        self.size = size
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+
+class BodyLimitMiddleware:
+    """Reads the body up front: a 413 when it is over ``max_bytes``, a 408 (and the connection
+    closed) when it is not complete within ``timeout_s``."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
@@ -112,20 +121,17 @@ class BodyLimitMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._reject(scope, receive, send, f"{int(declared):,}")
             return
-        chunks: list[bytes] = []
-        size = 0
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > self.max_bytes:
-                await self._reject(scope, receive, send, f"more than {self.max_bytes:,}")
-                return
-        body = b"".join(chunks)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                body = await self._read(receive)
+        except TimeoutError:
+            await self._timed_out(scope, receive, send)
+            return
+        except _BodyTooLarge as e:
+            await self._reject(scope, receive, send, e.size)
+            return
+        if body is None:  # the client left
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -137,12 +143,39 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
+    async def _read(self, receive: Receive) -> bytes | None:
+        """The whole body; None when the client disconnected."""
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                raise _BodyTooLarge(f"more than {self.max_bytes:,}")
+        return b"".join(chunks)
+
     async def _reject(self, scope: Scope, receive: Receive, send: Send, size: str) -> None:
         response = error_response(
             413,
             f"request body has {size} bytes; the limit is {self.max_bytes:,} (SLHF_MAX_BODY_BYTES)",
             "invalid_request_error",
             code="body_too_large",
+        )
+        await response(scope, receive, send)
+
+    async def _timed_out(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(
+            408,
+            f"the request body was not complete within {self.timeout_s:g} s "
+            "(SLHF_BODY_TIMEOUT_S); the connection is closed",
+            "invalid_request_error",
+            code="body_timeout",
+            headers={"Connection": "close"},
         )
         await response(scope, receive, send)
 

@@ -39,6 +39,12 @@ from server.errors import (
 )
 from server.generation import Engine, FinishReason, Generation, GenerationParams
 from server.protocol import LeaderAnswer, RoundResult, StoppedReason, Usage
+from server.upstream import UpstreamError
+
+MAX_CHARS_PER_TOKEN = 32
+"""An upstream answer longer than ``max_model_len`` x this many characters cannot fit the
+Follower's context in any tokenizer (a token is seldom more than a few characters): it is a 502
+before it is tokenized, which would hold the event loop."""
 
 
 def derive_seed(base: int | None, round_index: int) -> int | None:
@@ -188,6 +194,16 @@ class Refiner:
                 param=param,
             )
 
+    def _check_upstream_length(self, text: str) -> None:
+        limit = self.engine.max_model_len("follower") * MAX_CHARS_PER_TOKEN
+        if len(text) > limit:
+            raise UpstreamError(
+                f"the upstream answer has {len(text):,} characters; it cannot fit the "
+                f"Follower's context of {limit // MAX_CHARS_PER_TOKEN:,} tokens (at most "
+                f"{limit:,} characters are tokenized)",
+                code="upstream_answer_too_long",
+            )
+
     def first_prompt_ids(self, job: RefineJob) -> list[int] | None:
         """Validate the request's first prompt against the context before any work starts.
 
@@ -291,6 +307,7 @@ class Refiner:
             gen = await self.upstream.answer(
                 job.prompt, replace(job.leader, seed=derive_seed(job.leader.seed, 0))
             )
+            self._check_upstream_length(gen.text)
             ms, source = (time.perf_counter() - start) * 1000.0, "upstream"
         else:
             gen, ms = await self._run("leader", first_ids, job.leader, 0, job, sink)

@@ -80,6 +80,10 @@ class ServerSettings(BaseSettings):
     a 2-core CPU box responsive; on a GPU raise it to a few times ``max_num_seqs``."""
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     """Largest request body (413 above it)."""
+    body_timeout_s: float = Field(30.0, gt=0)
+    """Seconds a client has to send its whole request body once the request started; a body
+    still incomplete then (a ``Content-Length`` larger than what is sent) gets a 408 and the
+    connection is closed."""
     max_tokens_cap: int = Field(8192, ge=1)
     """Largest ``max_tokens`` a request may ask for, per role and round."""
     max_n: int = Field(16, ge=1, le=128)
@@ -101,7 +105,12 @@ class ServerSettings(BaseSettings):
     upstream_api_key: str | None = None
     """Bearer token for the upstream server, if it needs one."""
     upstream_timeout_s: float = Field(60.0, gt=0)
-    """Seconds to wait for the upstream answer before giving up with a 504."""
+    """Seconds the whole upstream answer may take (connecting, waiting, reading every byte)
+    before the request gets a 504."""
+    upstream_max_bytes: int = Field(2 * 1024 * 1024, ge=1024)
+    """Largest upstream answer body; a bigger one is a 502, refused as it arrives. The answer's
+    text must also fit the Follower's context (about ``max_model_len x 32`` characters at
+    most) before it is tokenized."""
 
     @field_validator(
         "model",
