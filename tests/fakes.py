@@ -139,3 +139,36 @@ def numbered_script(call: Call) -> str:
     """Leader says 'answer 0'; round i of the Follower says 'answer i' (from the request id)."""
     index = call.request_id.rsplit("-", 1)[1]
     return f"answer {index}"
+
+
+class StrictCharTokenizer(CharTokenizer):
+    """Refuses lone surrogates with a ``TypeError``, as Hugging Face fast tokenizers do."""
+
+    def encode(self, text: str, **kwargs: Any) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise TypeError("TextEncodeInput must be Union[TextInputSequence, ...]") from None
+        return super().encode(text, **kwargs)
+
+
+@dataclass
+class VllmLikeEngine(ScriptedEngine):
+    """A scripted engine that rejects what vLLM 0.32 rejects (``server.generation``'s limits): a
+    temperature above 2 (``ValueError``), an integer its serializer cannot pack
+    (``OverflowError``), a stop string UTF-8 cannot encode (``UnicodeEncodeError``)."""
+
+    def tokenizer(self, role: Role) -> CharTokenizer:
+        return StrictCharTokenizer()
+
+    async def _answer(
+        self, role: Role, prompt_token_ids: list[int], params: GenerationParams, request_id: str
+    ) -> tuple[list[str], FinishReason]:
+        if not 0 <= params.temperature <= 2:
+            raise ValueError(f"temperature must be in [0, 2], got {params.temperature}.")
+        for value in (params.top_k, params.seed or 0, params.max_tokens):
+            if not -(2**63) <= value < 2**64:
+                raise OverflowError("int too big to convert")
+        for stop in params.stop:
+            stop.encode("utf-8")
+        return await super()._answer(role, prompt_token_ids, params, request_id)

@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from models.tiny import FACTORY_VERSION, build_tiny_model
+from tests.integration.fake_upstream import FakeUpstream
 
 pytestmark = pytest.mark.integration
 
@@ -212,3 +213,45 @@ def separate_server(
         SLHF_FOLLOWER_MODEL=str(qwen_model),
         SLHF_SERVED_MODEL_NAME="pair",
     )
+
+
+@pytest.fixture(scope="session")
+def fake_upstream() -> Iterator[FakeUpstream]:
+    """The hostile upstream of ``tests/integration/fake_upstream.py`` on loopback."""
+    upstream = FakeUpstream()
+    try:
+        yield upstream
+    finally:
+        upstream.stop()
+
+
+HOSTILE_UPSTREAM_TIMEOUT_S = 3.0
+HOSTILE_BODY_TIMEOUT_S = 3.0
+HOSTILE_UPSTREAM_MAX_BYTES = 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def hostile_server(
+    tmp_path_factory: pytest.TempPathFactory, random_model: Path, fake_upstream: FakeUpstream
+) -> Iterator[ServerProcess]:
+    """The random tiny llama with small caps (every accepted request is cheap: the fuzz test
+    sends hundreds), short body and upstream timeouts, and ``fake_upstream`` as its upstream."""
+    log = tmp_path_factory.mktemp("logs") / "hostile.log"
+    server = ServerProcess.start(
+        log,
+        SLHF_MODEL=str(random_model),
+        SLHF_MAX_ROUNDS="2",
+        SLHF_MAX_MODEL_LEN="512",
+        SLHF_MAX_TOKENS_CAP="16",
+        SLHF_MAX_DEADLINE_S="20",
+        SLHF_MAX_INFLIGHT_GENERATIONS="1024",
+        SLHF_BODY_TIMEOUT_S=str(HOSTILE_BODY_TIMEOUT_S),
+        SLHF_UPSTREAM_BASE_URL=fake_upstream.base_url,
+        SLHF_UPSTREAM_MODEL="fake",
+        SLHF_UPSTREAM_TIMEOUT_S=str(HOSTILE_UPSTREAM_TIMEOUT_S),
+        SLHF_UPSTREAM_MAX_BYTES=str(HOSTILE_UPSTREAM_MAX_BYTES),
+    )
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,6 +1,7 @@
-"""Property-based fuzz of the OpenAPI schema (schemathesis + hypothesis) against the app with a
-fake engine: every generated request gets an answer below 500 (or the documented 504 of a
-deadline that passed before the first answer). Bounded by a case count."""
+"""Property-based fuzz against the app with a fake engine: the OpenAPI schema (schemathesis +
+hypothesis), and the hostile bodies of tests/hostile_requests.py. Every request gets an answer
+below 500 (or the documented 504 of a deadline that passed before the first answer). Bounded
+by case counts."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from collections import Counter
 
 import schemathesis
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from tests.fakes import ScriptedEngine, numbered_script
+from tests.fakes import ScriptedEngine, VllmLikeEngine, numbered_script
+from tests.hostile_requests import REQUESTS, encode, violation
 from tests.unit.test_hardening import AUTH, KEY, make_app
 
 CASES_PER_OPERATION = 200  # 6 operations: 1,200 cases
@@ -48,3 +50,40 @@ def test_fuzzed_requests_never_get_a_5xx() -> None:
     print(f"fuzz: {total} cases, statuses {dict(sorted(statuses.items()))}")
     assert not failures, failures[:5]
     assert total >= 1000
+
+
+HOSTILE_EXAMPLES = 600
+
+
+def test_hostile_bodies_get_200_or_4xx_envelopes() -> None:
+    """The hostile bodies of the integration fuzz test (tests/hostile_requests.py), in-process
+    against an engine that rejects what vLLM rejects: the same invariant, in seconds."""
+    engine = VllmLikeEngine(numbered_script, context=512)
+    app = make_app(engine, max_tokens_cap=16, max_deadline_s=5)
+    statuses: Counter[int] = Counter()
+    failures: list[str] = []
+    with TestClient(app) as client:
+
+        @given(request=REQUESTS)
+        @settings(
+            max_examples=HOSTILE_EXAMPLES,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
+        def run(request: tuple[str, object]) -> None:
+            path, body = request
+            content = encode(body)
+            r = client.post(path, content=content, headers={"Content-Type": "application/json"})
+            statuses[r.status_code] += 1
+            problem = violation(r)
+            if problem:
+                failures.append(f"POST {path} {content[:300]!r} -> {problem}")
+
+        run()
+        assert client.get("/health").status_code == 200
+    print(f"hostile fuzz: statuses {dict(sorted(statuses.items()))}")
+    assert not failures, "\n".join(failures[:10])
+    assert statuses[200] > 0 and sum(statuses.values()) == HOSTILE_EXAMPLES

@@ -1,0 +1,190 @@
+"""Hostile request bodies as hypothesis strategies, shared by the fuzz tests (unit: fake engine,
+in-process; integration: a real server with real vLLM), and the invariant they check.
+
+Bodies start valid and get some fields replaced by hostile values: unicode edge cases (lone
+surrogates, NUL, RTL overrides, 4-byte characters, combining marks, BOM), extreme numbers (2**64,
+-2**70, NaN, Infinity, 1e308), odd types (lists, objects, booleans, null, strings for numbers),
+unknown fields; some are not JSON at all (invalid UTF-8, truncated, 50,000 levels deep).
+
+The invariant: a 200 (a stream without an internal error event), or a 4xx with the OpenAI error
+envelope -- or the documented 504 of a deadline the request itself made too short; never another
+5xx.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+from hypothesis import strategies as st
+
+EDGE_CHARS = [
+    "\ud800",  # lone high surrogate
+    "\udfff",  # lone low surrogate
+    "\x00",  # NUL
+    "\u202e",  # right-to-left override
+    "\u200f",  # right-to-left mark
+    "\U0001f600",  # 4-byte (astral) character
+    "\U0010ffff",  # the last code point
+    "\u0301",  # combining acute accent
+    "\ufeff",  # byte order mark
+    "\uffff",  # a noncharacter
+    "\n",
+    '"',
+    "\\",
+]
+TEXT = st.lists(
+    st.one_of(st.sampled_from(EDGE_CHARS), st.characters(exclude_categories=())), max_size=24
+).map("".join)
+NUMBERS = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.sampled_from([0, -1, 1, 2, 16, 17, 2**31, 2**63, 2**64, -(2**63) - 1, 10**30]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([1e308, -1e308, 5e-324, 2.0000001, 10.0]),
+)
+ODD = st.one_of(
+    st.none(),
+    st.booleans(),
+    NUMBERS,
+    TEXT,
+    st.sampled_from(["yes", "10", "true", "", " ", "null"]),
+    st.lists(st.one_of(st.integers(), TEXT), max_size=3),
+    st.dictionaries(TEXT, st.integers(), max_size=2),
+)
+Strategies = dict[str, st.SearchStrategy[object]]
+
+
+def one_field(base: dict[str, object], fields: Strategies) -> st.SearchStrategy[dict]:
+    """``base`` (a valid body) with one of ``fields`` set to a value of its strategy (a
+    conversation replaces the prompt)."""
+
+    def mutate(key: str) -> st.SearchStrategy[dict]:
+        rest = {k: v for k, v in base.items() if not (key == "messages" and k == "prompt")}
+        return fields[key].map(lambda value: {**rest, key: value})
+
+    return st.sampled_from(sorted(fields)).flatmap(mutate)
+
+
+def some_fields(base: dict[str, object], fields: Strategies) -> st.SearchStrategy[dict]:
+    """``base`` with any number of ``fields`` set (most bodies are then invalid many times)."""
+    return st.fixed_dictionaries({}, optional=fields).map(lambda extra: {**base, **extra})
+
+
+def hostile(fields: Strategies, base: dict[str, object]) -> st.SearchStrategy[dict]:
+    return st.one_of(one_field(base, fields), one_field(base, fields), some_fields(base, fields))
+
+
+SAMPLING_FIELDS: Strategies = {
+    "max_tokens": st.one_of(st.integers(1, 16), ODD),
+    "temperature": st.one_of(st.floats(0, 2), ODD),
+    "top_p": st.one_of(st.floats(0.01, 1), ODD),
+    "top_k": st.one_of(st.integers(-1, 100), ODD),
+    "seed": st.one_of(st.integers(0, 2**63 - 1), ODD),
+    "stop": st.one_of(TEXT, st.lists(TEXT, max_size=3), ODD),
+    "source": st.one_of(st.just("leader"), ODD),
+}
+SAMPLING = st.one_of(hostile(SAMPLING_FIELDS, {"max_tokens": 4}), ODD)
+PARTS = st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": TEXT}), max_size=2)
+MESSAGES = st.one_of(
+    st.lists(
+        st.fixed_dictionaries(
+            {"role": st.one_of(st.sampled_from(["system", "user", "assistant"]), ODD)},
+            optional={"content": st.one_of(TEXT, PARTS, ODD)},
+        ),
+        min_size=0,
+        max_size=3,
+    ),
+    ODD,
+)
+COMMON: Strategies = {
+    "model": st.one_of(st.sampled_from(["tiny", "x:leader", "x@upstream"]), TEXT, ODD),
+    "seed": st.one_of(st.integers(0, 2**63 - 1), ODD),
+    "bogus_field": ODD,
+}
+REFINE = hostile(
+    {
+        **COMMON,
+        "prompt": st.one_of(TEXT, ODD),
+        "messages": MESSAGES,
+        "response": st.one_of(TEXT, ODD),
+        "rounds": st.one_of(st.integers(0, 2), ODD),
+        "leader": SAMPLING,
+        "follower": SAMPLING,
+        "stop_when_unchanged": st.one_of(st.booleans(), ODD),
+        "deadline_s": st.one_of(st.floats(0.5, 20), ODD),
+    },
+    {"prompt": "Hello", "rounds": 1, "leader": {"max_tokens": 4}, "follower": {"max_tokens": 4}},
+)
+OPENAI: Strategies = {
+    **COMMON,
+    "max_tokens": st.one_of(st.integers(1, 16), ODD),
+    "temperature": st.one_of(st.floats(0, 2), ODD),
+    "top_p": st.one_of(st.floats(0.01, 1), ODD),
+    "n": st.one_of(st.integers(1, 3), ODD),
+    "stop": st.one_of(TEXT, st.lists(TEXT, max_size=3), ODD),
+    "stream": st.one_of(st.booleans(), ODD),
+    "user": st.one_of(TEXT, ODD),
+    "logprobs": ODD,
+    "refinement": st.one_of(
+        hostile(
+            {
+                "rounds": st.one_of(st.integers(0, 2), ODD),
+                "response": st.one_of(TEXT, ODD),
+                "leader": SAMPLING,
+                "follower": SAMPLING,
+                "return_trace": st.one_of(st.booleans(), ODD),
+                "deadline_s": st.one_of(st.floats(0.5, 20), ODD),
+            },
+            {"rounds": 1},
+        ),
+        ODD,
+    ),
+}
+CHAT = hostile(
+    {**OPENAI, "messages": MESSAGES},
+    {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4},
+)
+COMPLETIONS = hostile(
+    {**OPENAI, "prompt": st.one_of(TEXT, st.lists(TEXT, max_size=3), ODD)},
+    {"prompt": "Hello", "max_tokens": 4},
+)
+RAW = st.sampled_from(
+    [
+        b"\xff\xfe not utf-8",
+        b'{"prompt": "unterminated',
+        b"[" * 50_000 + b"]" * 50_000,
+        b'{"prompt": "x", "rounds": 1e999}',
+        b'{"prompt": "x", "rounds": ' + b"9" * 5000 + b"}",
+        b"",
+        b"null",
+        b'"just a string"',
+    ]
+)
+REQUESTS = st.one_of(
+    st.tuples(st.just("/v1/refine"), REFINE),
+    st.tuples(st.just("/v1/chat/completions"), CHAT),
+    st.tuples(st.just("/v1/completions"), COMPLETIONS),
+    st.tuples(st.sampled_from(["/v1/refine", "/v1/chat/completions"]), RAW),
+)
+
+
+def violation(r: httpx.Response) -> str | None:
+    """What is wrong with ``r`` under the invariant, or None."""
+    if r.status_code == 200:
+        if "internal_server_error" in r.text:
+            return "200 stream with an internal error event"
+        return None
+    try:
+        err = r.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        return f"{r.status_code} without the error envelope: {r.text[:200]}"
+    if set(err) != {"message", "type", "param", "code"}:
+        return f"{r.status_code} envelope with keys {sorted(err)}"
+    if r.status_code == 504 and err["code"] == "deadline_exceeded":
+        return None
+    return None if 400 <= r.status_code < 500 else f"{r.status_code}: {err['message'][:200]}"
+
+
+def encode(body: object) -> bytes:
+    """A request body as sent: JSON text with ``\\ud800`` escapes and ``NaN``; bytes as they are."""
+    return body if isinstance(body, bytes) else json.dumps(body).encode()
