@@ -28,11 +28,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
 
 
 def serve(args: argparse.Namespace) -> int:
+    """Check the settings, the weights and the port (each failure: one line, exit 2), then load
+    the engine and serve; uvicorn listens on the socket bound here once the model is loaded."""
     import uvicorn
     from pydantic import ValidationError
 
     from models.manifest import ManifestError
     from server.app import create_app, resolve_served_weights
+    from server.preflight import StartupError, bind_socket, check_weights
     from server.settings import ServerSettings
 
     overrides = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
@@ -49,8 +52,14 @@ def serve(args: argparse.Namespace) -> int:
     except ManifestError as e:
         print(f"slhf serve: cannot serve the model: {e}", file=sys.stderr)
         return 2
+    try:
+        check_weights(weights)
+        sock = bind_socket(settings.host, settings.port)
+    except StartupError as e:
+        print(f"slhf serve: {e}", file=sys.stderr)
+        return 2
     app = create_app(settings, weights=weights)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -58,6 +67,8 @@ def serve(args: argparse.Namespace) -> int:
         access_log=False,
         timeout_graceful_shutdown=30,
     )
+    with sock:
+        uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 
