@@ -3,8 +3,11 @@
 ::
 
     slhf game solve --preferences P.json --tau-leader 0.5 --tau-follower 0.5 \\
-        [--method closed-form|gda|softmax-pg] [--kappa 5] [--steps 3000] [--lr 0.01]
+        [--method closed-form|gda|softmax-pg] [--kappa 5] [--lr C]
+        [--tol 1e-9] [--max-steps 100000]     (gda: iterate to the tolerance)
+        [--steps 3000]                        (softmax-pg: a fixed number of steps)
         -> {"leader": [...], "follower": [[...], ...], "value": v}
+           gda adds "steps", "residual", "converged"
     slhf game nash --preferences P.json --tau 0.01
         -> {"policy": [...]}
     slhf game condorcet [--shares 0.4 0.35 0.25] [--tau 0.001] [--rounds 3]
@@ -12,8 +15,10 @@
 
 ``P.json`` is a JSON list of lists, ``P[y][y'] = p(y ≻ y')``. Bad input exits with status 2 and
 one line on stderr naming the problem and the numbers. ``gda`` and ``softmax-pg`` print their own
-answer; when it is more than 1e-3 (total variation) from the closed form a warning goes to stderr
-(fixed steps oscillate near the simplex boundary at small τ; see models/game.py). The parser
+answer. ``gda`` (Algorithm 1, step sizes adapted to τ; see models/game.py) runs until its
+fixed-point residual is below ``--tol``; when ``--max-steps`` run out first it still prints its
+answer but exits with status 1 and says so on stderr. ``softmax-pg`` runs ``--steps``; when its
+answer is more than 1e-3 (total variation) from the closed form a warning goes to stderr. The parser
 is registered by ``server.cli`` (the ``slhf`` console script); this module holds the code.
 """
 
@@ -37,7 +42,7 @@ from models.game import (
 )
 
 METHODS = ("closed-form", "gda", "softmax-pg")
-#: gda/softmax-pg answers further than this from the closed form get a warning on stderr.
+#: softmax-pg answers further than this from the closed form get a warning on stderr.
 WARN_TOTAL_VARIATION = 1e-3
 
 
@@ -50,8 +55,12 @@ def add_game_subcommands(game: argparse.ArgumentParser) -> None:
     solve.add_argument("--tau-follower", type=float, required=True, help="Follower KL weight τF")
     solve.add_argument("--method", choices=METHODS, default="closed-form")
     solve.add_argument("--kappa", type=float, default=5.0, help="timescale ratio ηF = κ·ηL")
-    solve.add_argument("--steps", type=int, default=3_000, help="iterations of gda/softmax-pg")
-    solve.add_argument("--lr", type=float, help="Leader step ηL (default 0.01 gda, 0.2 softmax)")
+    solve.add_argument("--steps", type=int, default=3_000, help="iterations of softmax-pg")
+    solve.add_argument(
+        "--lr", type=float, help="Leader step (gda: scale c of x_i/τ, default 0.05; softmax 0.2)"
+    )
+    solve.add_argument("--tol", type=float, default=1e-9, help="gda: fixed-point residual to reach")
+    solve.add_argument("--max-steps", type=int, default=100_000, help="gda: give up after this")
 
     nash = sub.add_parser("nash", help="regularised NLHF Nash equilibrium, for comparison")
     nash.add_argument("--preferences", required=True, help="JSON file: list of lists P[y][y']")
@@ -75,15 +84,29 @@ def _load_preferences(path: str) -> object:
         raise GameError(f"--preferences {path} is not valid JSON: {e}") from None
 
 
+class NotConverged(Exception):
+    """gda ran out of --max-steps: the answer is printed, the exit status is 1."""
+
+
 def _solve(args: argparse.Namespace) -> dict[str, object]:
     p = _load_preferences(args.preferences)
     taus = (args.tau_leader, args.tau_follower)
     oracle = closed_form(p, *taus)
     if args.method == "closed-form":
         return oracle.to_json()
-    solver = stackelberg_gda if args.method == "gda" else softmax_policy_gradient
     kwargs: dict[str, float] = {} if args.lr is None else {"lr_leader": args.lr}
-    sol = solver(p, *taus, kappa=args.kappa, steps=args.steps, **kwargs)
+    if args.method == "gda":
+        sol = stackelberg_gda(
+            p, *taus, kappa=args.kappa, tol=args.tol, max_steps=args.max_steps, **kwargs
+        )
+        if not sol.converged:
+            print(json.dumps(sol.to_json()))
+            raise NotConverged(
+                f"gda did not converge: residual {sol.residual:.3g} after {sol.steps} steps "
+                f"(--tol {args.tol:g}); raise --max-steps or --tol"
+            )
+        return sol.to_json()
+    sol = softmax_policy_gradient(p, *taus, kappa=args.kappa, steps=args.steps, **kwargs)
     gap = max(
         total_variation(sol.leader, oracle.leader), total_variation(sol.follower, oracle.follower)
     )
@@ -131,5 +154,8 @@ def run_game(args: argparse.Namespace) -> int:
     except GameError as e:
         print(f"slhf game {args.game_command}: {e}", file=sys.stderr)
         return 2
+    except NotConverged as e:
+        print(f"slhf game {args.game_command}: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(out))
     return 0
