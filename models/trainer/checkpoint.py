@@ -4,7 +4,8 @@ A checkpoint holds the trainable parameters (LoRA adapters, or every weight in a
 the optimizer state, the RNG states (torch, Python, numpy) and ``state.json`` (step, data
 position, config hash). It is written into a temporary sibling folder, every file fsync'ed, then
 renamed into place with ``os.replace`` and the parent folder fsync'ed: a run killed mid-write
-leaves the previous checkpoints intact and at most a ``.tmp-*`` folder, which is ignored.
+leaves the previous checkpoints intact and at most a ``.tmp-step-*`` folder, which is ignored,
+and removed by ``remove_stale_temporaries`` when the next run resumes or first saves.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_TMP_PREFIX = ".tmp-step-"
 
 
 class CheckpointError(ValueError):
@@ -55,6 +57,16 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def remove_stale_temporaries(output_dir: Path) -> list[Path]:
+    """Remove the ``.tmp-step-*`` folders of saves that never finished (a run killed while
+    saving); returns them. Only for the one process that saves, when it is not saving."""
+    root = output_dir / CHECKPOINTS
+    stale = sorted(p for p in root.glob(_TMP_PREFIX + "*") if p.is_dir()) if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
 def save_checkpoint(
     output_dir: Path,
     step: int,
@@ -71,8 +83,9 @@ def save_checkpoint(
     """
     root = output_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output_dir)
     final = root / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step}-", dir=root))
     try:
         torch.save(params, tmp / "params.pt")
         torch.save(optimizer, tmp / "optimizer.pt")
@@ -103,7 +116,9 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def resolve_checkpoint(resume_from: str, output_dir: Path) -> Path:
-    """``latest`` → the newest complete checkpoint in ``output_dir``; else the folder given."""
+    """``latest`` → the newest complete checkpoint in ``output_dir``; else the folder given.
+    Called when a run resumes: the leftovers of a save killed midway are removed first."""
+    remove_stale_temporaries(output_dir)
     if resume_from == "latest":
         found = latest_checkpoint(output_dir)
         if found is None:

@@ -21,7 +21,7 @@ from tests.integration.conftest import ServerProcess
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES = 300
+EXAMPLES = 1000
 BUDGET_S = 90.0
 
 
