@@ -16,11 +16,16 @@ Weight sync: when the trainer is built, after every optimiser step and after a r
   ``LoRARequest`` ids are removed from the engine and new ones (a new int id each sync) are
   loaded with ``LLMEngine.add_lora``. The engine runs ``enable_lora`` with ``max_lora_rank`` the
   smallest rank vLLM accepts that is ≥ ``lora_r``.
-- Full fine-tune: ``LLM.apply_model`` (a ``collective_rpc`` to the in-process worker) calls the
-  vLLM model's ``load_weights`` with the training model's ``(name, tensor)`` state-dict pairs;
-  vLLM maps Hugging Face names onto its fused layers (qkv, gate/up) and casts to its dtype. This
-  needs the engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here unless the
-  environment says otherwise; a multiprocess engine is refused for full fine-tunes).
+- Full fine-tune: the worker's ``reload_weights`` (a ``collective_rpc``) receives the training
+  model's ``(name, tensor)`` state-dict pairs in checkpoint format. It is vLLM's in-place reload:
+  it restores each layer's checkpoint-shaped parameters, lets the model's ``load_weights`` map
+  Hugging Face names onto its fused layers (qkv, gate/up) and cast to its dtype, and then runs
+  the layers' post-load processing again. Calling the model's ``load_weights`` directly is not
+  enough: on CPU, vLLM packs linear weights for oneDNN after loading and drops the original
+  parameters (they no longer carry a ``weight_loader``), so a second plain load fails. The
+  engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here unless the
+  environment says otherwise; a multiprocess engine is refused for full fine-tunes), so the
+  tensors are not copied between processes.
 
 Either way the prefix cache is reset, since cached KV blocks hold the old weights' activations.
 ``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 (GiB) on CPU.
@@ -180,11 +185,9 @@ class VllmRollouts:
 
     def _sync_full(self, policy: Any) -> None:
         pairs = [(name, tensor.detach()) for name, tensor in policy.state_dict().items()]
-
-        def load(model: Any) -> None:
-            model.load_weights(iter(pairs))
-
-        self.llm.apply_model(load)
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": pairs, "is_checkpoint_format": True}
+        )
 
     def close(self) -> None:
         """Remove the synced adapters' folders (the engine goes with the object)."""

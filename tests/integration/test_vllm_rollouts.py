@@ -190,27 +190,48 @@ def test_a_resumed_trainer_syncs_the_restored_adapters(
     assert any(bool(resumed.params[n].abs().sum()) for n in resumed.params if "lora_B" in n)
 
 
-def test_full_fine_tune_sync_matches_hf_greedy_tokens(tiny: Path, tmp_path: Path) -> None:
+def logprob_gap(trainer: StackelbergTrainer) -> tuple[float, float]:
+    """Mean and max |log p| gap between vLLM and the HF policy on the same token sequence.
+
+    The sequence is the first Leader prompt followed by fixed tokens; vLLM scores it with
+    ``prompt_logprobs``, HF with a forward pass in fp32.
+    """
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    text = trainer.renderer.render_leader(PROMPTS[0])
+    enc = encode_prompts(trainer.tokenizer, [text], add_special_tokens=False)
+    ids = enc.input_ids[0].tolist() + list(range(5, 45))
+    out = trainer.vllm.llm.generate(
+        [TokensPrompt(prompt_token_ids=ids)],
+        SamplingParams(max_tokens=1, prompt_logprobs=0),
+        use_tqdm=False,
+    )
+    ours = torch.tensor([next(iter(d.values())).logprob for d in out[0].prompt_logprobs[1:]])
+    with torch.no_grad():
+        logits = trainer.policy(torch.tensor([ids])).logits.float()[0, :-1]
+    hf = logits.log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    gap = (ours - hf).abs()
+    return float(gap.mean()), float(gap.max())
+
+
+def test_full_fine_tune_sync_loads_the_trained_weights(tiny: Path, tmp_path: Path) -> None:
     trainer = make_trainer(tiny, tmp_path, use_lora=False, steps=1)
-    trainer.vllm.sync(trainer.policy, trainer.adapters)
+    trainer.vllm.sync(trainer.policy, trainer.adapters)  # a second load into the same engine
     base = greedy_ids(trainer, "leader")
     with torch.no_grad():  # perturb every weight (bf16-representable, so both sides agree)
         gen = torch.Generator().manual_seed(0)
         for p in trainer.policy.parameters():
             noise = torch.randn(p.shape, generator=gen) * 0.5 * p.float().std().nan_to_num(1.0)
             p.copy_((p + noise).bfloat16().float())
+    stale_mean, _ = logprob_gap(trainer)
     trainer.vllm.sync(trainer.policy, trainer.adapters)
-    synced = greedy_ids(trainer, "leader", n=5)
-    texts = [trainer.renderer.render_leader(x) for x in PROMPTS]
-    enc = encode_prompts(
-        trainer.tokenizer, texts, add_special_tokens=not trainer.renderer.uses_chat
-    )
-    hf = trainer.policy.generate(
-        **enc, do_sample=False, max_new_tokens=5, pad_token_id=trainer.tokenizer.pad_token_id
-    )[:, enc.input_ids.shape[1] :].tolist()
-    # the first 5 tokens only: vLLM runs bf16, the HF model fp32; near-ties may flip later
-    assert [row[:5] for row in synced] == [row[:5] for row in hf]
-    assert [row[:5] for row in synced] != [row[:5] for row in base]
+    synced_mean, synced_max = logprob_gap(trainer)
+    # Measured on an AVX-512 CPU: stale 2.8 mean; synced 0.048 mean, 0.37 max (vLLM computes
+    # in bf16, HF here in fp32). Greedy tokens are no oracle: bf16 near-ties flip them.
+    assert stale_mean > 1.0
+    assert synced_mean < 0.15 and synced_max < 1.0, (synced_mean, synced_max)
+    assert greedy_ids(trainer, "leader") != base
     history = trainer.train()  # one full fine-tune step with the synced engine
     assert math.isfinite(history[0]["loss"]) and trainer.vllm.sync_id == 4
 
