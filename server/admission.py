@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from server.errors import OverloadedError, ServiceUnavailableError
 from server.metrics import ServiceMetrics
 
+ABORT_WAIT_S = 2.0
+"""After the drain's grace: how long the aborted requests get to answer their 503."""
+
 
 @dataclass(eq=False)
 class Ticket:
@@ -101,7 +104,7 @@ class Admission:
             ticket.aborted = True
             for task in ticket.tasks:
                 task.cancel()
-        for _ in range(40):  # let the cancelled requests answer (bounded: 2 s)
+        for _ in range(int(ABORT_WAIT_S / 0.05)):  # let the cancelled requests answer
             if not self.tickets:
                 break
             await asyncio.sleep(0.05)

@@ -76,7 +76,9 @@ def create_app(
             logger.info("upstream: %s (model %s)", upstream.base_url, upstream.model)
         metrics.watch_engine(engine.num_running)
         app.state.service = Service.build(settings, served, engine, upstream, admission, metrics)
-        uninstall_drain = install_drain(admission, settings.drain_grace_s)
+        uninstall_drain = install_drain(
+            admission, settings.drain_grace_s, settings.shutdown_timeout_s
+        )
         try:
             yield
         finally:

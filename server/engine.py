@@ -138,6 +138,8 @@ class VllmEngine:
         self._roles = bindings
         self._llms = list({id(b.llm): b.llm for b in bindings.values()}.values())
         self.startup_seconds = 0.0
+        self.shutdown_timeout_s: float | None = None
+        """How long vLLM may wait for its engine processes to stop (None: vLLM's default)."""
 
     @classmethod
     def start(cls, weights: ServedWeights, settings: ServerSettings) -> VllmEngine:
@@ -187,6 +189,7 @@ class VllmEngine:
                 bindings[role] = _RoleBinding(llm, tok, req, llm.model_config.max_model_len)
         engine = cls(bindings)
         engine.startup_seconds = time.perf_counter() - t0
+        engine.shutdown_timeout_s = settings.shutdown_timeout_s / 2
         logger.info("engine ready in %.1f s", engine.startup_seconds)
         return engine
 
@@ -276,5 +279,5 @@ class VllmEngine:
 
     async def shutdown(self) -> None:
         for llm in self._llms:
-            llm.shutdown()
+            llm.shutdown(timeout=self.shutdown_timeout_s)
         await asyncio.sleep(0)

@@ -9,13 +9,19 @@ which cancels the awaited engine request (vLLM aborts it) and starts no further 
 ``install_drain`` wraps uvicorn's SIGTERM handler: the first SIGTERM marks the server draining
 (new requests and ``/ready`` get 503), lets admitted requests finish for ``SLHF_DRAIN_GRACE_S``,
 aborts what remains, then asks uvicorn to stop -- without re-raising the signal, so the process
-exits 0. A second SIGTERM goes straight to uvicorn.
+exits 0. A second SIGTERM goes straight to uvicorn. The teardown after the drain (uvicorn, the
+engine stopping its processes, the interpreter's exit) is bounded too: a watchdog ends the
+process ``SLHF_SHUTDOWN_TIMEOUT_S`` after the drain, killing its child processes first. So the
+process is gone within ``SLHF_DRAIN_GRACE_S`` + 2 s (``server.admission.ABORT_WAIT_S``) +
+``SLHF_SHUTDOWN_TIMEOUT_S`` of the first SIGTERM (docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -106,8 +112,44 @@ def _stop_uvicorn(previous: object, sig: int) -> None:
         raise SystemExit(0)
 
 
-def install_drain(admission: Admission, grace_s: float) -> Callable[[], None]:
+def _kill_children() -> None:
+    """SIGKILL this process's child processes (an engine's), if psutil can list them."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - vLLM depends on psutil
+        return
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+
+
+def _force_exit() -> None:
+    _kill_children()
+    os._exit(0)
+
+
+def arm_exit_watchdog(
+    timeout_s: float, exit_now: Callable[[], None] = _force_exit
+) -> threading.Timer:
+    """End the process in ``timeout_s`` unless it has exited by then (a daemon timer)."""
+
+    def fire() -> None:
+        logger.warning("shutdown took over %.1f s (SLHF_SHUTDOWN_TIMEOUT_S); exiting", timeout_s)
+        for h in logging.getLogger().handlers:
+            h.flush()
+        exit_now()
+
+    timer = threading.Timer(timeout_s, fire)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def install_drain(
+    admission: Admission, grace_s: float, shutdown_timeout_s: float | None = None
+) -> Callable[[], None]:
     """Wrap the current SIGTERM handler (uvicorn's) with a drain; returns an uninstaller.
+    With ``shutdown_timeout_s``, the process ends that long after the drain at the latest.
 
     A no-op outside the main thread (e.g. under TestClient).
     """
@@ -121,6 +163,8 @@ def install_drain(admission: Admission, grace_s: float) -> Callable[[], None]:
         logger.info("SIGTERM: draining for up to %.1f s", grace_s)
         aborted = await admission.drain(grace_s)
         logger.info("drained; aborted %d request(s) still running after the grace", aborted)
+        if shutdown_timeout_s is not None:
+            arm_exit_watchdog(shutdown_timeout_s)
         _stop_uvicorn(previous, signal.SIGTERM)
 
     def handler(sig: int, frame: FrameType | None) -> None:

@@ -95,6 +95,10 @@ class ServerSettings(BaseSettings):
     drain_grace_s: float = Field(30.0, ge=0)
     """On SIGTERM: seconds in-flight requests get to finish (new ones get 503) before the rest
     are aborted and the process exits 0."""
+    shutdown_timeout_s: float = Field(10.0, gt=0)
+    """After the drain: seconds the teardown may take (the engine gets half of it to stop its
+    processes) before the process kills its children and exits anyway. The process is gone
+    within ``drain_grace_s`` + 2 s + this of the first SIGTERM."""
 
     # -- upstream (first answers from another OpenAI-compatible server) ------------------------
     upstream_base_url: str | None = None

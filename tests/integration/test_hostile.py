@@ -5,6 +5,7 @@ every wait is bounded. Timing bounds carry wide margins: this machine is shared.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import threading
 import time
@@ -181,3 +182,51 @@ def test_a_body_shorter_than_its_content_length_gets_a_408_and_a_closed_connecti
     assert b'"code":"body_timeout"' in received
     assert HOSTILE_BODY_TIMEOUT_S - 0.5 < elapsed < HOSTILE_BODY_TIMEOUT_S + MARGIN_S
     healthy(hostile_server)
+
+
+# -- row 9: the process is gone within the grace plus a bound -------------------------------------
+GRACE_S, SHUTDOWN_S = 3.0, 2.0
+
+
+def test_sigterm_leaves_no_process_beyond_grace_plus_shutdown_timeout(
+    tmp_path_factory: pytest.TempPathFactory, random_model: Path
+) -> None:
+    # vLLM's engine in its own processes (the default outside tests): its teardown is the slow part
+    log = tmp_path_factory.mktemp("logs") / "teardown.log"
+    server = ServerProcess.start(
+        log,
+        SLHF_MODEL=str(random_model),
+        SLHF_MAX_MODEL_LEN="2048",
+        SLHF_DRAIN_GRACE_S=str(GRACE_S),
+        SLHF_SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_S),
+        VLLM_ENABLE_V1_MULTIPROCESSING="1",
+    )
+    long = {"max_tokens": 400, "temperature": 1.0, "seed": 3}
+    body = {"prompt": "Tell a story", "rounds": 4, "leader": long, "follower": long}
+    body["stop_when_unchanged"] = False
+    result: dict[str, int] = {}
+
+    def in_flight() -> None:
+        result["status"] = post(server, "/v1/refine", body, timeout=120).status_code
+
+    try:
+        worker = threading.Thread(target=in_flight)
+        worker.start()
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        drained_at = None
+        while server.proc.poll() is None and time.monotonic() - t0 < 120:
+            if drained_at is None and "drained; aborted" in log.read_text(errors="replace"):
+                drained_at = time.monotonic()
+            time.sleep(0.05)
+        gone_at = time.monotonic()
+        worker.join(timeout=30)
+    finally:
+        server.stop()
+    assert drained_at is not None, server.tail()
+    total, teardown = gone_at - t0, gone_at - drained_at
+    print(f"SIGTERM: drained after {drained_at - t0:.2f} s, gone {teardown:.2f} s later")
+    assert server.proc.returncode == 0 and result.get("status") == 503
+    assert teardown < SHUTDOWN_S + 2.0  # vLLM's own teardown took 5-7 s here
+    assert total < GRACE_S + 2.0 + SHUTDOWN_S + MARGIN_S
