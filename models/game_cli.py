@@ -12,6 +12,14 @@
         -> {"policy": [...]}
     slhf game condorcet [--shares 0.4 0.35 0.25] [--tau 0.001] [--rounds 3]
         -> {"preferences", "stackelberg", "nash", "reach": {"slhf", "nash_resampling"}}
+    slhf game tokens --model DIR --tau-leader 0.1 --tau-follower 0.1 [--prompt TEXT]
+        [--answers A B C] [--shares 0.4 0.35 0.25] [--temperature 1]
+        -> {"answers", "reference", "equilibrium", "value"}
+
+``tokens`` is the single-token Condorcet game of a model (models/token_game.py): the model's own
+next-token distributions are the references, and the closed-form equilibrium over its whole
+vocabulary is the target a ``slhf train`` run with ``max_new_tokens: 1`` on that prompt should
+reach. It prints, per role, the probabilities of the three answers and of "other".
 
 ``P.json`` is a JSON list of lists, ``P[y][y'] = p(y ≻ y')``. Bad input exits with status 2 and
 one line on stderr naming the problem and the numbers. ``gda`` and ``softmax-pg`` print their own
@@ -39,6 +47,16 @@ from models.game import (
     softmax_policy_gradient,
     stackelberg_gda,
     total_variation,
+)
+from models.token_game import (
+    DEFAULT_ANSWERS,
+    DEFAULT_PROMPT,
+    DEFAULT_SHARES,
+    TokenGameError,
+    equilibrium,
+    policies,
+    summary,
+    token_game,
 )
 
 METHODS = ("closed-form", "gda", "softmax-pg")
@@ -73,6 +91,18 @@ def add_game_subcommands(game: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     condorcet.add_argument("--tau", type=float, default=1e-3, help="τL = τF = τ (NLHF too)")
     condorcet.add_argument("--rounds", type=int, default=3, help="answers in the refinement chain")
+
+    tokens = sub.add_parser("tokens", help="closed form of a model's single-token Condorcet game")
+    tokens.add_argument("--model", required=True, help="model folder or HF id (the references)")
+    tokens.add_argument("--tau-leader", type=float, required=True, help="Leader KL weight τL")
+    tokens.add_argument("--tau-follower", type=float, required=True, help="Follower KL weight τF")
+    tokens.add_argument("--prompt", default=DEFAULT_PROMPT, help="the one prompt x")
+    tokens.add_argument("--answers", nargs=3, default=list(DEFAULT_ANSWERS), metavar="TOKEN")
+    tokens.add_argument(
+        "--shares", type=float, nargs=3, default=list(DEFAULT_SHARES), metavar="α",
+        help="shares of the rankings A≻B≻C, B≻C≻A, C≻A≻B over --answers (sum 1)",
+    )  # fmt: skip
+    tokens.add_argument("--temperature", type=float, default=1.0, help="the sampling temperature")
 
 
 def _load_preferences(path: str) -> object:
@@ -141,11 +171,39 @@ def _condorcet(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def _tokens(args: argparse.Namespace) -> dict[str, object]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from models.templates import TemplateRenderer
+
+    if not args.temperature > 0:
+        raise GameError(f"--temperature must be > 0; got {args.temperature}")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    try:
+        game = token_game(tokenizer, model.config.vocab_size, args.answers, args.shares)
+    except TokenGameError as e:
+        raise GameError(str(e)) from None
+    refs = policies(
+        model, tokenizer, TemplateRenderer(tokenizer), args.prompt, temperature=args.temperature
+    )
+    target = equilibrium(game, refs, args.tau_leader, args.tau_follower)
+    return {
+        "answers": dict(zip(game.answer_texts, game.answer_ids, strict=True)),
+        "reference": summary(game, *refs),
+        "equilibrium": summary(game, target.leader, target.follower),
+        "value": target.value,
+    }
+
+
 def run_game(args: argparse.Namespace) -> int:
     """Run ``slhf game <command>``; print JSON on stdout, or one line on stderr and return 2."""
     try:
         if args.game_command == "solve":
             out = _solve(args)
+        elif args.game_command == "tokens":
+            out = _tokens(args)
         elif args.game_command == "nash":
             policy = nash_equilibrium(_load_preferences(args.preferences), args.tau)
             out = {"policy": policy.tolist()}
