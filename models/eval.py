@@ -88,8 +88,13 @@ def evaluate(
     base: Generator | None = None,
     other: Generator | None = None,
     examples: int = 3,
+    keep_answers: bool = False,
 ) -> dict[str, Any]:
-    """Run every report that the given generators allow; return a JSON-ready dict."""
+    """Run every report that the given generators allow; return a JSON-ready dict.
+
+    ``keep_answers`` adds ``answers``: ``{"chain": [round 0 answers, round 1 answers, ...],
+    "base": the base's Leader answers or None}``, for reports built on the same samples.
+    """
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1 (the Follower reports need one); got {rounds}")
     if not prompts:
@@ -103,6 +108,7 @@ def evaluate(
     for k in range(1, rounds + 1):
         answers.append(model.follow(x, answers[k - 1], _seed(seed, k)))
     reports: list[WinRate] = []
+    base_answers = None
     if base is not None:
         base_answers = base.leader(x, _seed(seed, 0))
         reports.append(compare("leader_vs_base", "leader", answers[0], "base", base_answers))
@@ -137,7 +143,7 @@ def evaluate(
                 "control", f"base prompted to improve({given_name})", prompted, given_name, given
             )
         )
-    return {
+    report: dict[str, Any] = {
         "n_prompts": len(x),
         "rounds": rounds,
         "seed": seed,
@@ -148,6 +154,9 @@ def evaluate(
             for i in range(min(examples, len(x)))
         ],
     }
+    if keep_answers:
+        report["answers"] = {"chain": answers, "base": base_answers}
+    return report
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -160,7 +169,8 @@ def _row(r: dict[str, Any]) -> str:
 
 def markdown_table(report: dict[str, Any]) -> str:
     """The reports and the per-round curve as one Markdown table."""
-    lines = [
+    lines = [f"Command: `{report['command']}`", ""] if "command" in report else []
+    lines += [
         f"Win rates on {report['n_prompts']} prompts (ties count ½; 95% Wilson intervals).",
         "",
         "| report | comparison | win rate | 95% CI | n | ties |",
@@ -169,7 +179,12 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines += [_row(r) for r in report["reports"]]
     for point in report["curve"]:
         lines += [_row(point["vs_round0"]), _row(point["vs_previous"])]
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    if "twin" in report:
+        from models.tasks.condorcet_twin import twin_markdown
+
+        text += twin_markdown(report["twin"])
+    return text
 
 
 def plot_curve(report: dict[str, Any], path: str | Path) -> Path:

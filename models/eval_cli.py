@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from typing import Any
 import httpx
 
 from models.preferences import Prompt
+from models.tasks import TASKS, task_module
 
 START_TIMEOUT_S = 300
 
@@ -177,7 +179,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--other", help="a second model family (URL or folder): cross_family")
     p.add_argument("--other-model", help="model id: --other is any OpenAI-compatible server")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--task", choices=["arith"], help="prompts from the task's held-out split")
+    source.add_argument("--task", choices=TASKS, help="prompts from the task's held-out split")
     source.add_argument("--prompts", help="prompts file (.jsonl with a 'prompt' field)")
     p.add_argument("--preference", help="preference spec as for slhf train; default task:<task>")
     p.add_argument("--num-prompts", type=int, default=256)
@@ -188,17 +190,74 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--api-key", default=os.environ.get("SLHF_API_KEY"), help="for served URLs")
     p.add_argument("--out", type=Path, default=Path("eval-out"), help="output folder")
+    p.add_argument(
+        "--tau", type=float, nargs=2, metavar=("TAU_L", "TAU_F"),
+        help="τL τF of the condorcet tabular twin; default: the recipe in --model's slhf.json",
+    )  # fmt: skip
 
 
 def _load_prompts(args: argparse.Namespace) -> list[Prompt]:
     if args.task:
-        from models.tasks.arith import sample_prompts
-
-        return list(sample_prompts(args.num_prompts, "test", seed=args.seed))
+        return list(task_module(args.task).sample_prompts(args.num_prompts, "test", seed=args.seed))
     from models.trainer.data import load_prompts
 
     prompts: list[Prompt] = list(load_prompts(args.prompts))
     return prompts[: args.num_prompts]
+
+
+def _generators(
+    stack: contextlib.ExitStack, specs: dict[str, str | None], args: argparse.Namespace
+) -> dict[str, Any]:
+    """A generator per given role; each distinct weights folder is served once on loopback."""
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k}
+    urls: dict[str, str] = {}  # spec -> URL
+    for spec in specs.values():
+        if spec and spec not in urls and not (args.other_model and spec == args.other):
+            served = spec.startswith(("http://", "https://"))
+            logs = args.out / "logs"  # one server log per served folder
+            urls[spec] = spec if served else stack.enter_context(serve_folder(spec, logs))
+    gens: dict[str, Any] = {
+        role: ServedGenerator(urls[spec], sampling=sampling, api_key=args.api_key)
+        for role, spec in specs.items()
+        if spec and not (role == "other" and args.other_model)
+    }
+    if args.other and args.other_model:
+        gens["other"] = ChatGenerator(args.other, args.other_model, sampling=sampling)
+    return gens
+
+
+def recipe_taus(model: str) -> tuple[float, float] | None:
+    """(τL, τF) of the recipe recorded in a weights folder's slhf.json (models/demo.py), if any."""
+    import yaml
+
+    from models.manifest import Manifest, ManifestError
+
+    try:
+        recipe = Manifest.load(model).provenance.get("demo", {}).get("recipe")
+    except (ManifestError, OSError):
+        return None
+    config = yaml.safe_load(recipe) if recipe else None
+    if not isinstance(config, dict) or "tau_leader" not in config:
+        return None
+    return float(config["tau_leader"]), float(config["tau_follower"])
+
+
+def _twin(
+    args: argparse.Namespace, prompts: list[Prompt], report: dict[str, Any], gens: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The condorcet task's tabular twin (models/tasks/condorcet_twin.py), when it applies."""
+    if args.task != "condorcet" or "base" not in gens:
+        return None
+    taus = tuple(args.tau) if args.tau else recipe_taus(args.model)
+    if taus is None:
+        raise ValueError("the tabular twin needs τL and τF: pass --tau TAU_L TAU_F")
+    from models.tasks.condorcet_twin import twin_report
+
+    answers = report["answers"]
+    return twin_report(
+        prompts, answers["chain"], answers["base"], gens["model"], gens["base"],
+        tau_leader=taus[0], tau_follower=taus[1], seed=args.seed,
+    )  # fmt: skip
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -207,47 +266,41 @@ def run_eval(args: argparse.Namespace) -> int:
     from models.trainer.config import ConfigError
     from models.trainer.data import DataError
 
+    spec = args.preference or (args.task and f"task:{args.task}")
     try:
         prompts = _load_prompts(args)
-        preference = build_preference(args.preference or (args.task and f"task:{args.task}"))
+        preference = build_preference(spec)
     except (ConfigError, DataError, ValueError) as e:
         print(f"slhf eval: {e}", file=sys.stderr)
         return 2
-    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k}
     specs = {"model": args.model, "base": args.base, "other": args.other}
     with contextlib.ExitStack() as stack:
-        urls: dict[str, str] = {}  # spec -> URL; one server per distinct folder
         try:
-            for spec in specs.values():
-                if spec and spec not in urls and not (args.other_model and spec == args.other):
-                    served = spec.startswith(("http://", "https://"))
-                    logs = args.out / "logs"  # one server log per served folder
-                    urls[spec] = spec if served else stack.enter_context(serve_folder(spec, logs))
-            gens: dict[str, Any] = {
-                role: ServedGenerator(urls[spec], sampling=sampling, api_key=args.api_key)
-                for role, spec in specs.items()
-                if spec and not (role == "other" and args.other_model)
-            }
-            if args.other and args.other_model:
-                gens["other"] = ChatGenerator(args.other, args.other_model, sampling=sampling)
+            gens = _generators(stack, specs, args)
             report = evaluate(
-                prompts,
-                gens["model"],
-                preference,
-                rounds=args.rounds,
-                seed=args.seed,
-                base=gens.get("base"),
-                other=gens.get("other"),
-            )
+                prompts, gens["model"], preference, rounds=args.rounds, seed=args.seed,
+                base=gens.get("base"), other=gens.get("other"), keep_answers=True,
+            )  # fmt: skip
+            twin = _twin(args, prompts, report, gens)
         except (EvalError, httpx.HTTPError, ValueError) as e:
             print(f"slhf eval: {e}", file=sys.stderr)
             return 1
-    report["models"] = specs
+    del report["answers"]
+    if twin is not None:
+        report["twin"] = twin
+    report |= {"command": _command(), "task": args.task, "preference": spec, "models": specs}
     paths = write_outputs(report, args.out)
     print(paths["markdown"].read_text(), end="")
     for path in paths.values():
         print(path, file=sys.stderr)
     return 0
+
+
+def _command() -> str:
+    """The command line as typed (``slhf eval ...``), so the report can be re-run."""
+    args = sys.argv[1:]
+    prog = "slhf" if args and args[0] == "eval" else "slhf eval"
+    return shlex.join([prog, *args])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,7 +8,8 @@ preference comes from the ``preference`` setting, one of::
     judge:BASE_URL:MODEL          an OpenAI-compatible judge, e.g.
                                   judge:http://127.0.0.1:8000/v1:gpt-4o-mini
                                   (API key from $SLHF_JUDGE_API_KEY, if set)
-    task:NAME                     a synthetic task's attribute vote (models/tasks), e.g. task:arith
+    task:NAME                     a synthetic task's preference (models/tasks): task:arith,
+                                  task:condorcet
 
 The final weights go to ``output_dir/final`` (adapters on a reference to the base model with
 ``use_lora: true``; full weights otherwise); checkpoints to ``output_dir/checkpoints``; metrics to
@@ -71,11 +72,12 @@ def build_preference(spec: str | None) -> Preference:
             raise ConfigError(f"preference {spec!r} must look like judge:BASE_URL:MODEL")
         return LLMJudgePreference(base_url, model, api_key=os.environ.get("SLHF_JUDGE_API_KEY"))
     if kind == "task":
-        if rest != "arith":
-            raise ConfigError(f"preference {spec!r}: unknown task {rest!r}; tasks: arith")
-        from models.tasks.arith import TaskPreference
+        from models.tasks import task_module
 
-        return TaskPreference()
+        try:
+            return task_module(rest).TaskPreference()
+        except ValueError as e:
+            raise ConfigError(f"preference {spec!r}: {e}") from None
     raise ConfigError(
         f"preference {spec!r}: unknown kind {kind!r}; use one of {', '.join(PREFERENCE_KINDS)}"
     )
