@@ -35,6 +35,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from models.manifest import ManifestError
     from server.app import create_app, resolve_served_weights
+    from server.lifecycle import exit_process
     from server.preflight import StartupError, bind_socket, check_weights
     from server.settings import ServerSettings
 
@@ -67,8 +68,12 @@ def serve(args: argparse.Namespace) -> int:
         access_log=False,
         timeout_graceful_shutdown=30,
     )
+    server = uvicorn.Server(config)
     with sock:
-        uvicorn.Server(config).run(sockets=[sock])
+        server.run(sockets=[sock])
+    # The app's teardown is done (engine stopped): end now, without the interpreter's teardown
+    # (docs/reliability.md, "Shutdown"). 3 = the app never started (as uvicorn.run).
+    exit_process(0 if server.started else 3)
     return 0
 
 

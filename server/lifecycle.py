@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import FrameType
@@ -123,9 +124,22 @@ def _kill_children() -> None:
             child.kill()
 
 
-def _force_exit() -> None:
+def exit_process(code: int) -> None:
+    """Flush the logs, kill what is left of the child processes, and end the process now --
+    without the interpreter's teardown (vLLM's and multiprocessing's exit handlers took seconds
+    after the engine had stopped, and a watchdog thread cannot run once that teardown starts)."""
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
     _kill_children()
-    os._exit(0)
+    os._exit(code)
+
+
+def _force_exit() -> None:
+    exit_process(0)
 
 
 def arm_exit_watchdog(
@@ -135,8 +149,6 @@ def arm_exit_watchdog(
 
     def fire() -> None:
         logger.warning("shutdown took over %.1f s (SLHF_SHUTDOWN_TIMEOUT_S); exiting", timeout_s)
-        for h in logging.getLogger().handlers:
-            h.flush()
         exit_now()
 
     timer = threading.Timer(timeout_s, fire)

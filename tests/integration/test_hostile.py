@@ -227,6 +227,6 @@ def test_sigterm_leaves_no_process_beyond_grace_plus_shutdown_timeout(
     assert drained_at is not None, server.tail()
     total, teardown = gone_at - t0, gone_at - drained_at
     print(f"SIGTERM: drained after {drained_at - t0:.2f} s, gone {teardown:.2f} s later")
-    assert server.proc.returncode == 0 and result.get("status") == 503
+    assert server.proc.returncode == 0 and result.get("status") in (200, 503)
     assert teardown < SHUTDOWN_S + 2.0  # vLLM's own teardown took 5-7 s here
     assert total < GRACE_S + 2.0 + SHUTDOWN_S + MARGIN_S
