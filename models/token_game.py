@@ -130,14 +130,26 @@ def policies(
     prompt: str = DEFAULT_PROMPT,
     *,
     temperature: float = 1.0,
+    rows: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``π(·|T_L(x))`` ``(V,)`` and ``ω(·|T_F(x, y))`` ``(V, V)`` for every token ``y``."""
+    """``π(·|T_L(x))`` ``(V,)`` and ``ω(·|T_F(x, y))`` ``(V, V)`` for every token ``y``.
+
+    With ``rows`` only those Follower rows are computed; the others are NaN (enough for
+    ``distances`` and ``summary``, which read the answers' rows).
+    """
     vocab = model.config.vocab_size
-    texts = [renderer.render_follower(prompt, t) for t in decoded_tokens(tokenizer, vocab)]
+    texts = decoded_tokens(tokenizer, vocab)
+    wanted = list(range(vocab)) if rows is None else list(rows)
     leader = next_token_distributions(
         model, tokenizer, [renderer.render_leader(prompt)], temperature=temperature
     )[0]
-    follower = next_token_distributions(model, tokenizer, texts, temperature=temperature)
+    follower = np.full((vocab, vocab), np.nan)
+    follower[wanted] = next_token_distributions(
+        model,
+        tokenizer,
+        [renderer.render_follower(prompt, texts[y]) for y in wanted],
+        temperature=temperature,
+    )
     return leader, follower
 
 
