@@ -1,22 +1,25 @@
 """The paper's Condorcet example as a text task (issue 14): three styles, three annotator groups.
 
-A prompt names a subject and five things; an answer restates them in one of three styles::
+A prompt asks for a number of things with one property that a subject has; an answer names
+them in one of three styles::
 
-    "Tell me what the baker has: golden apple, quiet river, old map, new song and red book."
-    A statement  "Here is a fact: the baker has golden apple, quiet river, old map, new song and
+    "Name 4 red things the baker has."
+    A statement  "Here is a fact: the baker has 4 red things: red apple, red river, red map and
                   red book."
-    B list       "Here is a list for the baker: golden apple, quiet river, old map, new song and
-                  red book. That is all."
-    C story      "Once upon a time the baker found golden apple, quiet river, old map, new song
+    B list       "Here is a list of 4 red things for the baker: red apple, red river, red map
+                  and red book. That is all."
+    C story      "Once upon a time the baker found 4 red things: red apple, red river, red map
                   and red book. The end."
 
-The three styles share the enumeration and differ in their frame, so that a tiny model copies
-the same span in each (a one-line list would make it re-punctuate). ``check`` reads an answer:
-its style (from its opening words; None for anything else) and its content defects: a wrong
-fact (a thing the prompt does not name, e.g. the right object with another adjective, or
-another subject), a missing fact, a repeated phrase (a thing named twice) and no proper ending
-(A: a final ".", B: "That is all.", C: "The end."). Clean answers are 25-34 tokens in the project
-tokenizer.
+The checkable content comes from the prompt: the subject's name (to copy), the property (every
+thing named must have it) and the requested count (3-5 different things). The three styles
+share the enumeration and differ in their frame. ``check`` reads an answer: its style (from
+its opening words; None for anything else) and its content defects: a wrong fact (a thing
+without the property, a thing beyond the count, another subject), a missing fact (fewer
+different things than asked, no subject), a repeated phrase (a thing named twice) and no proper
+ending (A: a final ".", B: "That is all.", C: "The end."). Clean answers are 28-46 tokens in
+the project tokenizer. Which things an answer names is free: a Follower may keep the previous
+answer's things (an edit) or name others.
 
 The preference is the paper's Condorcet mixture (PAPER.md, "Condorcet example"): three groups
 with shares ``SHARES`` = (0.36, 0.33, 0.31) ranking the styles A≻B≻C, B≻C≻A and C≻A≻B. Every
@@ -27,7 +30,7 @@ the best clean Follower answer (C, A, B) wins 0.64, 0.67, 0.69; the Leader's bes
 which keeps 0.36.
 
 Demonstrations for the warm start: equal style shares, half of them with one or two defects;
-Follower-template rows rewrite the given answer with the same content (defects included) in a
+Follower-template rows rewrite the given answer with the same things (defects included) in a
 uniformly drawn style, so the warm start reads the answer but learns nothing about which style
 wins or that defects lose. How to run::
 
@@ -41,7 +44,6 @@ import argparse
 import hashlib
 import random
 import re
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +58,7 @@ SHARES = (0.36, 0.33, 0.31)
 RANKINGS = (("A", "B", "C"), ("B", "C", "A"), ("C", "A", "B"))
 SPLITS = ("train", "test")
 HELD_OUT_SHARE = 0.2
-N_THINGS = 5
+COUNTS = (3, 4, 5)
 DEFECTS = ("wrong", "missing", "repeated", "unended")
 
 
@@ -77,10 +79,10 @@ OBJECTS = _words(
     "problem lesson picture machine table river book computer language market ticket flower "
     "planet museum sentence"
 )
-PROMPT = "Tell me what the {s} has: {things}."
+PROMPT = "Name {n} {adj} things the {s} has."
+_PROMPT = re.compile(r"^Name (\d) (\w+) things the (\w+) has\.$")
 _THING = re.compile(rf"\b({'|'.join(ADJECTIVES)}) ({'|'.join(OBJECTS)})\b")
 _SUBJECT = re.compile(rf"\b({'|'.join(SUBJECTS)})\b")
-_PROMPT = re.compile(r"^Tell me what the (\w+) has: (.+)\.$")
 OPENINGS = {"A": "Here is a fact:", "B": "Here is a list", "C": "Once upon a time"}
 ENDINGS = {"A": ".", "B": ". That is all.", "C": ". The end."}
 
@@ -89,10 +91,11 @@ Thing = tuple[str, str]  # (adjective, object)
 
 @dataclass(frozen=True)
 class Facts:
-    """A prompt's checkable content: the subject and the things it has (in order)."""
+    """A prompt's checkable content: the subject, the property and the requested count."""
 
     subject: str
-    things: tuple[Thing, ...]
+    adjective: str
+    count: int
 
 
 @dataclass(frozen=True)
@@ -112,28 +115,30 @@ class Verdict:
 
 # -- prompts and splits ----------------------------------------------------------------------
 def split_of(facts: Facts, split_seed: int = 0) -> str:
-    """The split a prompt's facts belong to: a stable hash, independent of the sampling seed."""
-    key = f"{split_seed}:{facts.subject}:" + ",".join(f"{a} {o}" for a, o in facts.things)
+    """The split a prompt belongs to: a stable hash, independent of the sampling seed."""
+    key = f"{split_seed}:{facts.subject}:{facts.adjective}:{facts.count}"
     digest = hashlib.sha256(key.encode()).digest()
     return "test" if int.from_bytes(digest[:8], "big") / 2**64 < HELD_OUT_SHARE else "train"
+
+
+def all_facts(split: str, split_seed: int = 0) -> list[Facts]:
+    """Every prompt of ``split`` (about 1,600 train and 400 held-out), in a fixed order."""
+    if split not in SPLITS:
+        raise TaskError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
+    every = [Facts(s, a, n) for s in SUBJECTS for a in ADJECTIVES for n in COUNTS]
+    return [f for f in every if split_of(f, split_seed) == split]
 
 
 def sample_facts(
     n: int, split: str = "train", *, seed: int = 0, split_seed: int = 0
 ) -> list[Facts]:
-    """``n`` distinct prompts' facts of ``split``, drawn with ``seed``."""
-    if split not in SPLITS:
-        raise TaskError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
+    """``n`` prompts of ``split`` drawn with ``seed``: distinct while the split lasts, then
+    again in a fresh order (so ``n`` may exceed the split's size)."""
+    pool = all_facts(split, split_seed)
     rng = random.Random(f"condorcet:{split}:{seed}")
-    seen: set[Facts] = set()
     out: list[Facts] = []
     while len(out) < n:
-        things = zip(rng.sample(ADJECTIVES, N_THINGS), rng.sample(OBJECTS, N_THINGS), strict=True)
-        facts = Facts(rng.choice(SUBJECTS), tuple(things))
-        if facts in seen or split_of(facts, split_seed) != split:
-            continue
-        seen.add(facts)
-        out.append(facts)
+        out += rng.sample(pool, min(len(pool), n - len(out)))
     return out
 
 
@@ -143,35 +148,35 @@ def _join(things: Sequence[Thing]) -> str:
 
 
 def render_prompt(facts: Facts) -> str:
-    return PROMPT.format(s=facts.subject, things=_join(facts.things))
+    return PROMPT.format(n=facts.count, adj=facts.adjective, s=facts.subject)
 
 
 def sample_prompts(
     n: int, split: str = "train", *, seed: int = 0, split_seed: int = 0
 ) -> list[str]:
-    """``n`` prompt strings of ``split``."""
+    """``n`` prompt strings of ``split`` (distinct up to the split's size)."""
     return [render_prompt(f) for f in sample_facts(n, split, seed=seed, split_seed=split_seed)]
 
 
 def parse_prompt(prompt: Prompt) -> Facts:
-    """The facts a prompt names; a conversation is read from its last user message."""
+    """The facts a prompt asks for; a conversation is read from its last user message."""
     text = (prompt if isinstance(prompt, str) else prompt[-1]["content"]).strip()
     m = _PROMPT.match(text)
-    things = tuple(named_things(m.group(2))) if m else ()
-    if not m or m.group(1) not in SUBJECTS or len(things) != N_THINGS:
+    if not m or int(m[1]) not in COUNTS or m[2] not in ADJECTIVES or m[3] not in SUBJECTS:
         raise TaskError(f"not a condorcet task prompt: {text[:80]!r}")
-    return Facts(m.group(1), things)
+    return Facts(m[3], m[2], int(m[1]))
 
 
 # -- answers: rendering and the checker ------------------------------------------------------
-def render_answer(style: str, subject: str, things: Sequence[Thing], ended: bool = True) -> str:
-    """An answer in ``style`` naming ``things`` (as given: wrong, missing or repeated ones too)."""
+def render_answer(style: str, facts: Facts, things: Sequence[Thing], ended: bool = True) -> str:
+    """An answer in ``style`` to the prompt of ``facts`` naming ``things`` (as given)."""
+    head = f"{facts.count} {facts.adjective} things"
     if style == "A":
-        body = f"Here is a fact: the {subject} has {_join(things)}"
+        body = f"Here is a fact: the {facts.subject} has {head}: {_join(things)}"
     elif style == "B":
-        body = f"Here is a list for the {subject}: {_join(things)}"
+        body = f"Here is a list of {head} for the {facts.subject}: {_join(things)}"
     elif style == "C":
-        body = f"Once upon a time the {subject} found {_join(things)}"
+        body = f"Once upon a time the {facts.subject} found {head}: {_join(things)}"
     else:
         raise TaskError(f"style must be one of {', '.join(STYLES)}; got {style!r}")
     return body + ENDINGS[style] if ended else body
@@ -192,17 +197,16 @@ def check(prompt: Prompt, answer: str) -> Verdict:
     """The answer's style and its content defects against the prompt's facts."""
     facts = parse_prompt(prompt)
     style = classify(answer)
-    found = Counter(named_things(answer))
-    expected = set(facts.things)
-    wrong = sum(n for thing, n in found.items() if thing not in expected)
-    repeated = sum(n - 1 for thing, n in found.items() if thing in expected)
-    wrong_objects = {o for (adj, o) in found if (adj, o) not in expected}
-    missing = sum(1 for a, o in facts.things if (a, o) not in found and o not in wrong_objects)
+    named = named_things(answer)
+    different = set(named)
+    wrong = sum(a != facts.adjective for a, _ in different)
+    wrong += max(0, len(different) - facts.count)  # more things than asked
+    missing = max(0, facts.count - len(different))
     subjects = set(_SUBJECT.findall(answer))
     if facts.subject not in subjects:
         wrong, missing = (wrong + 1, missing) if subjects else (wrong, missing + 1)
     ended = style is not None and answer.rstrip().endswith(ENDINGS[style])
-    return Verdict(style, wrong, missing, repeated, int(not ended))
+    return Verdict(style, wrong, missing, len(named) - len(different), int(not ended))
 
 
 # -- the preference ----------------------------------------------------------------------------
@@ -265,17 +269,18 @@ DEFECT_SHARE, TWO_DEFECTS = 0.5, 0.25
 def with_defects(
     facts: Facts, defects: Sequence[str], rng: random.Random
 ) -> tuple[list[Thing], bool]:
-    """The things an answer names and whether it ends, after ``defects`` (names in DEFECTS)."""
+    """Things for an answer (the property, different objects) and whether it ends, after
+    ``defects`` (names in DEFECTS)."""
     unknown = [d for d in defects if d not in DEFECTS]
     if unknown:
         raise TaskError(f"unknown defects {unknown}; use names from {', '.join(DEFECTS)}")
-    things = list(facts.things)
-    if "wrong" in defects:
-        i = rng.randrange(len(things))
-        used = {a for a, _ in facts.things}
-        things[i] = (rng.choice([a for a in ADJECTIVES if a not in used]), things[i][1])
+    things = [(facts.adjective, o) for o in rng.sample(OBJECTS, facts.count)]
     if "missing" in defects:
         del things[rng.randrange(len(things))]
+    if "wrong" in defects:
+        i = rng.randrange(len(things))
+        other = rng.choice([a for a in ADJECTIVES if a != facts.adjective])
+        things[i] = (other, things[i][1])
     if "repeated" in defects:
         i = rng.randrange(len(things))
         things.insert(i + 1, things[i])
@@ -296,7 +301,7 @@ def demonstrations(
     Styles cycle A, B, C (equal shares); about half the answers carry defects. A
     ``follower_share`` of the rows get a ``response`` (rendered in the Follower template by the
     warm start): a demo answer in its own style with its own defects, and the row's ``answer``
-    is the same content, defects included, in a uniformly drawn style.
+    names the same things, defects included, in a uniformly drawn style.
     """
     if not 0.0 <= follower_share <= 1.0:
         raise TaskError(f"follower_share must be in [0, 1]; got {follower_share}")
@@ -308,9 +313,9 @@ def demonstrations(
         style = STYLES[i % len(STYLES)]
         row = {"prompt": render_prompt(facts), "style": style, "defects": "+".join(defects)}
         if rng.random() < follower_share:
-            row["response"] = render_answer(style, facts.subject, things, ended)
+            row["response"] = render_answer(style, facts, things, ended)
             row["style"] = rng.choice(STYLES)
-        row["answer"] = render_answer(row["style"], facts.subject, things, ended)
+        row["answer"] = render_answer(row["style"], facts, things, ended)
         rows.append(row)
     return rows
 

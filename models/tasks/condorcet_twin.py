@@ -23,6 +23,7 @@ needs a reference > 0 everywhere) and renormalised.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -37,7 +38,14 @@ from models.game import (
     total_variation,
 )
 from models.preferences import Prompt
-from models.tasks.condorcet import SHARES, STYLES, classify, parse_prompt, render_answer
+from models.tasks.condorcet import (
+    SHARES,
+    STYLES,
+    classify,
+    parse_prompt,
+    render_answer,
+    with_defects,
+)
 
 REF_FLOOR = 1e-3
 #: ``slhf game condorcet``'s default τ: the paper's near-deterministic chain.
@@ -64,12 +72,13 @@ def style_distribution(answers: Sequence[str]) -> np.ndarray:
     return c / c.sum() if c.sum() else np.full(len(STYLES), 1 / len(STYLES))
 
 
-def clean_answers(prompts: Sequence[Prompt], style: str) -> list[str]:
-    """The defect-free answer to each prompt in ``style``."""
+def clean_answers(prompts: Sequence[Prompt], style: str, seed: int = 0) -> list[str]:
+    """A defect-free answer to each prompt in ``style`` (things drawn with ``seed``)."""
+    rng = random.Random(f"twin:{seed}")
     out = []
     for x in prompts:
         facts = parse_prompt(x)
-        out.append(render_answer(style, facts.subject, facts.things))
+        out.append(render_answer(style, facts, with_defects(facts, (), rng)[0]))
     return out
 
 
@@ -79,7 +88,8 @@ def response_matrix(
     """Row s: style shares of the model's Follower answers to clean answers in style s."""
     rows, counts = [], []
     for i, style in enumerate(STYLES):
-        answers = model.follow(prompts, clean_answers(prompts, style), seed * 1_000 + 70 + i)
+        given = clean_answers(prompts, style, seed)
+        answers = model.follow(prompts, given, seed * 1_000 + 70 + i)
         rows.append(style_distribution(answers))
         counts.append(style_counts(answers))
     return np.stack(rows), counts

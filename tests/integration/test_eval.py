@@ -48,3 +48,28 @@ def test_slhf_eval_other_model_from_any_openai_compatible_server(
     names = [r["name"] for r in report["reports"]]
     assert names == ["follower_vs_leader", "cross_family"]
     assert all(r["n"] == 3 for r in report["reports"])
+
+
+def test_slhf_eval_condorcet_adds_the_tabular_twin_and_records_the_command(
+    tmp_path: Path, models_dir: Path
+) -> None:
+    model = build_tiny_model(models_dir / "tiny-llama-eval", family="llama", seed=0)
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "server.cli", "eval", "--model", str(model)]
+    cmd += ["--base", str(model), "--task", "condorcet", "--tau", "0.05", "0.1"]
+    cmd += ["--num-prompts", "3", "--rounds", "3", "--seed", "2", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, env=server_env(), capture_output=True, timeout=240)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
+    report = json.loads((out / "eval.json").read_text())
+    assert report["task"] == "condorcet" and report["preference"] == "task:condorcet"
+    assert report["command"].startswith("slhf eval --model") and "--seed 2" in report["command"]
+    twin = report["twin"]
+    assert (twin["tau_leader"], twin["tau_follower"]) == (0.05, 0.1)
+    # a random model writes in no style: every count lands in "none"
+    assert (
+        twin["measured"]["leader_counts"]["none"]
+        + sum(twin["measured"]["leader_counts"][s] for s in "ABC")
+        == 3
+    )
+    assert len(twin["reach"]["measured"]) == 3 and len(twin["reach"]["measured"][0]) == 4
+    assert "## Tabular twin" in (out / "eval.md").read_text()

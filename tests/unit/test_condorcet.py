@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import random
 from collections import Counter
 
@@ -16,6 +16,8 @@ from models.tasks.condorcet import (
     SHARES,
     STYLES,
     CondorcetPreference,
+    Facts,
+    all_facts,
     check,
     classify,
     condorcet_vote,
@@ -31,26 +33,25 @@ from models.tasks.condorcet import (
 )
 from models.tiny import build_tokenizer
 
-PROMPT = "Tell me what the baker has: golden apple, quiet river, old map, new song and red book."
+PROMPT = "Name 4 red things the baker has."
+THINGS = [("red", "apple"), ("red", "river"), ("red", "map"), ("red", "book")]
 
 
-def answer(style: str, prompt: str = PROMPT, defects: tuple[str, ...] = (), seed: int = 0) -> str:
-    facts = parse_prompt(prompt)
-    things, ended = with_defects(facts, defects, random.Random(seed))
-    return render_answer(style, facts.subject, things, ended)
+def answer(style: str, things=THINGS, *, ended: bool = True, prompt: str = PROMPT) -> str:
+    return render_answer(style, parse_prompt(prompt), things, ended)
 
 
 def test_splits_are_disjoint_seeded_and_prompts_parse() -> None:
-    train = sample_facts(1500, "train", seed=0)
-    test = sample_facts(400, "test", seed=0)
-    assert not set(train) & set(test)
+    train, test = all_facts("train"), all_facts("test")
+    assert not set(train) & set(test) and len(train) + len(test) == 24 * 28 * 3
+    assert len(test) >= 300  # room for 256 distinct held-out prompts
     assert {split_of(f) for f in train} == {"train"} and {split_of(f) for f in test} == {"test"}
     assert sample_prompts(20, "test", seed=3) == sample_prompts(20, "test", seed=3)
     assert sample_prompts(20, "test", seed=3) != sample_prompts(20, "test", seed=4)
+    assert len(set(sample_prompts(len(test), "test", seed=1))) == len(test)
     prompts = sample_prompts(10, "test", seed=1)
     assert [parse_prompt(p) for p in prompts] == sample_facts(10, "test", seed=1)
-    for f in sample_facts(200, "train", seed=1):
-        assert len({a for a, _ in f.things}) == len({o for _, o in f.things}) == 5
+    assert parse_prompt(PROMPT) == Facts("baker", "red", 4)
     with pytest.raises(TaskError, match="not a condorcet task prompt"):
         parse_prompt("Add 17 and 25.")
 
@@ -59,49 +60,55 @@ def test_clean_answers_in_each_style_are_read_as_that_style_without_defects() ->
     for style in STYLES:
         verdict = check(PROMPT, answer(style))
         assert verdict.style == style and verdict.defects == 0, (style, verdict)
-    span = "golden apple, quiet river, old map, new song and red book"
-    assert answer("A") == f"Here is a fact: the baker has {span}."
-    assert answer("B") == f"Here is a list for the baker: {span}. That is all."
-    assert answer("C") == f"Once upon a time the baker found {span}. The end."
-    assert classify("Here is a song.") is None
+    span = "red apple, red river, red map and red book"
+    assert answer("A") == f"Here is a fact: the baker has 4 red things: {span}."
+    assert answer("B") == f"Here is a list of 4 red things for the baker: {span}. That is all."
+    assert answer("C") == f"Once upon a time the baker found 4 red things: {span}. The end."
     assert classify("17 plus 25 is 42.") is None and classify("") is None
+    assert classify("Here is a song.") is None
 
 
 def test_clean_answers_are_25_to_60_tokens_long() -> None:
     tokenizer = build_tokenizer()
-    lengths = [
-        len(tokenizer.encode(r["answer"]))
-        for r in demonstrations(300, seed=0)
-        if not r["defects"]
-    ]
+    rows = demonstrations(300, seed=0)
+    lengths = [len(tokenizer.encode(r["answer"])) for r in rows if not r["defects"]]
     assert min(lengths) >= 25 and max(lengths) <= 60, (min(lengths), max(lengths))
 
 
 @pytest.mark.parametrize(
-    ("defects", "counts"),
+    ("things", "ended", "counts"),
     [
-        (("wrong",), (1, 0, 0, 0)),
-        (("missing",), (0, 1, 0, 0)),
-        (("repeated",), (0, 0, 1, 0)),
-        (("unended",), (0, 0, 0, 1)),
-        (("missing", "unended"), (0, 1, 0, 1)),
+        ([*THINGS[:3], ("blue", "book")], True, (1, 0, 0, 0)),  # a thing without the property
+        ([*THINGS, ("red", "song")], True, (1, 0, 0, 0)),  # more things than asked
+        (THINGS[:3], True, (0, 1, 0, 0)),  # fewer
+        (THINGS[:2] + THINGS[1:3], True, (0, 1, 1, 0)),  # one named twice, one missing
+        (THINGS + THINGS[:1], True, (0, 0, 1, 0)),  # five names, four different things
+        (THINGS, False, (0, 0, 0, 1)),
     ],
 )
-def test_the_checker_counts_each_defect_in_every_style(defects, counts) -> None:
+def test_the_checker_counts_each_defect_in_every_style(things, ended, counts) -> None:
     for style in STYLES:
-        v = check(PROMPT, answer(style, defects=defects))
+        v = check(PROMPT, answer(style, things, ended=ended))
         assert v.style == style
         assert (v.wrong, v.missing, v.repeated, v.unended) == counts, (style, v)
 
 
 def test_the_checker_reads_a_wrong_or_missing_subject_and_trailing_text() -> None:
-    wrong_subject = answer("A").replace("baker", "pilot")
-    assert check(PROMPT, wrong_subject).wrong == 1
-    no_subject = answer("A").replace("the baker", "the one")
-    assert check(PROMPT, no_subject).missing == 1
+    assert check(PROMPT, answer("A").replace("baker", "pilot")).wrong == 1
+    assert check(PROMPT, answer("A").replace("the baker", "the one")).missing == 1
     assert check(PROMPT, answer("C") + " And then").unended == 1
     garbage = check(PROMPT, "apple apple")
-    assert garbage.style is None and garbage.missing == 6 and garbage.unended == 1
+    assert garbage.style is None and garbage.missing == 5 and garbage.unended == 1
+
+
+def test_demo_defects_each_cost_one() -> None:
+    facts = parse_prompt(PROMPT)
+    for defects in [("wrong",), ("missing",), ("repeated",), ("unended",), ("wrong", "missing")]:
+        for seed in range(20):
+            things, ended = with_defects(facts, defects, random.Random(seed))
+            for style in STYLES:
+                v = check(PROMPT, render_answer(style, facts, things, ended))
+                assert v.defects == len(defects), (defects, things, v)
 
 
 def test_style_preferences_are_the_papers_condorcet_numbers() -> None:
@@ -122,14 +129,12 @@ def test_style_preferences_are_the_papers_condorcet_numbers() -> None:
 
 
 def test_fewer_defects_win_for_every_group_then_styles_decide() -> None:
-    clean_b, defective_a = answer("B"), answer("A", defects=("repeated",))
-    assert condorcet_vote(PROMPT, clean_b, defective_a) == 1.0
-    assert condorcet_vote(PROMPT, answer("A", defects=("wrong", "missing")), defective_a) == 0.0
+    clean_b, repeated_a = answer("B"), answer("A", THINGS + THINGS[:1])
+    assert condorcet_vote(PROMPT, clean_b, repeated_a) == 1.0
+    assert condorcet_vote(PROMPT, answer("A", THINGS[:2]), repeated_a) == 0.0  # 2 missing
     # equal defects: the style ranking decides, even with different defects
-    assert condorcet_vote(PROMPT, answer("C", defects=("wrong",)), defective_a) == pytest.approx(
-        0.64
-    )
-    assert condorcet_vote(PROMPT, answer("A"), answer("A")) == 0.5
+    assert condorcet_vote(PROMPT, answer("C", ended=False), repeated_a) == pytest.approx(0.64)
+    assert condorcet_vote(PROMPT, answer("A"), answer("A", THINGS[::-1])) == 0.5
     # an answer in no style is last for every group
     no_style = answer("A").replace("Here is a fact:", "Fact:")
     assert condorcet_vote(PROMPT, answer("C"), no_style) == 1.0
@@ -137,16 +142,12 @@ def test_fewer_defects_win_for_every_group_then_styles_decide() -> None:
 
 def test_the_preference_is_complementary_and_batched() -> None:
     rng = random.Random(0)
-    pool = [
-        answer(s, defects=tuple(d), seed=i)
-        for i, (s, d) in enumerate(
-            itertools.product(STYLES, [(), ("wrong",), ("unended",), ("missing", "repeated")])
-        )
-    ]
-    pairs = [(rng.choice(pool), rng.choice(pool)) for _ in range(60)]
+    variants = [THINGS, THINGS[:3], THINGS + THINGS[:1], [*THINGS[:3], ("old", "map")]]
+    pool = [answer(s, t, ended=e) for s in STYLES for t in variants for e in (True, False)]
+    pairs = [(rng.choice(pool), rng.choice(pool)) for _ in range(80)]
     pref = task_module("condorcet").TaskPreference()
-    p = pref([PROMPT] * 60, [a for a, _ in pairs], [b for _, b in pairs])
-    q = pref([PROMPT] * 60, [b for _, b in pairs], [a for a, _ in pairs])
+    p = pref([PROMPT] * 80, [a for a, _ in pairs], [b for _, b in pairs])
+    q = pref([PROMPT] * 80, [b for _, b in pairs], [a for a, _ in pairs])
     assert all(x + y == pytest.approx(1.0) for x, y in zip(p, q, strict=True))
     assert {round(x, 2) for x in p} <= {0.0, 0.31, 0.33, 0.36, 0.5, 0.64, 0.67, 0.69, 1.0}
     with pytest.raises(ValueError, match="shares"):
@@ -167,7 +168,7 @@ def test_demonstrations_have_equal_styles_half_defects_and_faithful_rewrites() -
     # Follower rows: the same content with the same defects, in a uniformly drawn style
     for r in follower:
         given, target = check(r["prompt"], r["response"]), check(r["prompt"], r["answer"])
-        assert given.defects == target.defects and given.unended == target.unended
+        assert given == dataclasses.replace(target, style=given.style)
         assert named_things(r["response"]) == named_things(r["answer"])
     targets = Counter(r["style"] for r in follower)
     assert all(abs(targets[s] / len(follower) - 1 / 3) < 0.05 for s in STYLES), targets

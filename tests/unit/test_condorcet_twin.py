@@ -18,6 +18,7 @@ from models.tasks.condorcet import (
     parse_prompt,
     render_answer,
     sample_prompts,
+    with_defects,
 )
 from models.tasks.condorcet_twin import (
     game_condorcet_reach,
@@ -38,7 +39,7 @@ class ScriptedModel:
 
     def _answer(self, prompt: str, style: str) -> str:
         facts = parse_prompt(prompt)
-        return render_answer(style, facts.subject, facts.things)
+        return render_answer(style, facts, with_defects(facts, (), random.Random(0))[0])
 
     def leader(self, prompts, seed):
         rng = random.Random(seed)
@@ -55,7 +56,8 @@ class ScriptedModel:
 def test_style_distribution_counts_styles_and_leaves_out_answers_without_one() -> None:
     prompt = sample_prompts(1, "test")[0]
     facts = parse_prompt(prompt)
-    answers = [render_answer(s, facts.subject, facts.things) for s in "AAB"] + ["gibberish"]
+    things = with_defects(facts, (), random.Random(0))[0]
+    answers = [render_answer(s, facts, things) for s in "AAB"] + ["gibberish"]
     np.testing.assert_allclose(style_distribution(answers), [2 / 3, 1 / 3, 0.0])
 
 
@@ -64,7 +66,7 @@ def test_measured_reach_follows_each_chain() -> None:
     facts = parse_prompt(prompt)
 
     def a(style: str) -> str:
-        return render_answer(style, facts.subject, facts.things)
+        return render_answer(style, facts, with_defects(facts, (), random.Random(0))[0])
 
     chains = [[a("A"), a("B")], [a("C"), a("B")], [a("B"), a("B")], [a("A"), a("A")]]
     # prompt 0 sees A, C, B, A; prompt 1 sees B, B, B, A
