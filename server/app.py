@@ -17,9 +17,10 @@ from server.admission import Admission
 from server.errors import install_error_handlers
 from server.generation import Engine
 from server.lifecycle import install_drain
-from server.logs import configure_logging
+from server.logs import restyle_handlers
 from server.metrics import ServiceMetrics
 from server.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from server.openapi import install_openapi
 from server.routes import router
 from server.routes_openai import router as openai_router
 from server.service import Service
@@ -67,10 +68,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        configure_logging(settings.log_format)
+        restyle_handlers(settings.log_format)
         served = weights or resolve_served_weights(settings)
         logger.info("serving %s (topology %s) from %s", served.name, served.topology, served.source)
         engine = factory(served, settings)
+        restyle_handlers(settings.log_format)  # the handlers libraries added while loading
         upstream = UpstreamClient.from_settings(settings)
         if upstream is not None:
             logger.info("upstream: %s (model %s)", upstream.base_url, upstream.model)
@@ -94,6 +96,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.admission = admission
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(router)
     app.include_router(openai_router)
     open_paths = ["/health", "/ready"] + ([] if settings.metrics_require_auth else ["/metrics"])

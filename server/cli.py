@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "serve",
         help="run the refinement server (settings from SLHF_* env vars)",
-        description="Flags override the SLHF_* environment variables.",
+        description="slhf serve [MODEL] [flags]: flags override the SLHF_* environment "
+        "variables; the engine flags are those of `vllm serve`.",
     )
-    p.add_argument("--model", help="model folder or HF id (SLHF_MODEL); default: the shipped model")
+    p.add_argument(
+        "model",
+        nargs="?",
+        help="model folder or HF id (SLHF_MODEL); default: the shipped model",
+    )
+    p.add_argument("--model", dest="model_flag", metavar="MODEL", help="the same as MODEL")
     p.add_argument("--follower-model", help="separate Follower model (SLHF_FOLLOWER_MODEL)")
     p.add_argument("--served-model-name", help="model id in the API (SLHF_SERVED_MODEL_NAME)")
     p.add_argument("--topology", choices=["auto", "shared", "lora", "separate"])
@@ -24,30 +30,54 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         "--max-rounds", type=int, help="largest rounds a request may ask (SLHF_MAX_ROUNDS)"
     )
     p.add_argument("--max-model-len", type=int, help="context length (SLHF_MAX_MODEL_LEN)")
+    p.add_argument(
+        "--tensor-parallel-size", type=int, help="GPUs per engine (SLHF_TENSOR_PARALLEL_SIZE)"
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        help="share of GPU memory for the engine(s) (SLHF_GPU_MEMORY_UTILIZATION)",
+    )
+    p.add_argument("--dtype", help="weights dtype: auto, bfloat16, float16, ... (SLHF_DTYPE)")
+    p.add_argument(
+        "--api-key",
+        dest="api_keys",
+        metavar="KEY",
+        help="required API key; several comma-separated (SLHF_API_KEYS)",
+    )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["json", "text"], help="SLHF_LOG_FORMAT")
+
+
+def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the command line sets (over the environment's), by settings field name."""
+    given = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+    flag = given.pop("model_flag", None)
+    if flag is not None and given.get("model", flag) != flag:
+        raise ValueError(f"two models given: {given['model']} and --model {flag}")
+    if flag is not None:
+        given["model"] = flag
+    return given
 
 
 def serve(args: argparse.Namespace) -> int:
     """Check the settings, the weights and the port (each failure: one line, exit 2), then load
     the engine and serve; uvicorn listens on the socket bound here once the model is loaded."""
     import uvicorn
-    from pydantic import ValidationError
 
     from models.manifest import ManifestError
+    from server import log_pipe
     from server.app import create_app, resolve_served_weights
     from server.lifecycle import exit_process
+    from server.logs import configure_logging
     from server.preflight import StartupError, bind_socket, check_weights
     from server.settings import ServerSettings
 
-    overrides = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
     try:
-        settings = ServerSettings(**overrides)
-    except ValidationError as e:
+        settings = ServerSettings(**serve_overrides(args))
+    except ValueError as e:  # pydantic's ValidationError is a ValueError
         print(f"slhf serve: invalid settings:\n{e}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
         weights = resolve_served_weights(settings)
     except ManifestError as e:
@@ -59,12 +89,18 @@ def serve(args: argparse.Namespace) -> int:
     except StartupError as e:
         print(f"slhf serve: {e}", file=sys.stderr)
         return 2
+    if settings.log_format == "json":
+        # From here every line is JSON, whoever writes it (server/log_pipe.py); the one-line
+        # startup errors above stay plain for the person who typed the command.
+        log_pipe.install()
+    log_config = configure_logging(settings.log_format, settings.log_level)
     app = create_app(settings, weights=weights)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=log_config,
         access_log=False,
         timeout_graceful_shutdown=30,
     )

@@ -249,6 +249,12 @@ class VllmEngine:
                 top_k=params.top_k,
                 seed=params.seed,
                 stop=list(params.stop),
+                min_p=params.min_p,
+                repetition_penalty=params.repetition_penalty,
+                presence_penalty=params.presence_penalty,
+                frequency_penalty=params.frequency_penalty,
+                min_tokens=params.min_tokens,
+                ignore_eos=params.ignore_eos,
                 output_kind=kind,
             )
             async for out in binding.llm.generate(

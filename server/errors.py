@@ -130,19 +130,40 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+_STATUS_CODES = {
+    400: "invalid_request",
+    401: "invalid_api_key",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "payload_too_large",
+    429: "rate_limited",
+    500: "internal_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "timeout",
+}
+"""An error's ``code`` when the raiser names none: always a string, as OpenAI's."""
+
+
+def default_code(status: int) -> str:
+    return _STATUS_CODES.get(status, f"http_{status}")
+
+
 def error_body(
     status: int,
     message: str,
     error_type: str,
     param: str | None = None,
-    code: str | int | None = None,
+    code: str | None = None,
 ) -> dict[str, Any]:
     return {
         "error": {
             "message": printable(message),
             "type": error_type,
             "param": None if param is None else printable(param),
-            "code": code if code is not None else status,
+            "code": code if code is not None else default_code(status),
         }
     }
 
@@ -152,7 +173,7 @@ def error_response(
     message: str,
     error_type: str,
     param: str | None = None,
-    code: str | int | None = None,
+    code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     return JSONResponse(

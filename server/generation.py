@@ -35,6 +35,13 @@ class GenerationParams:
     top_k: int = -1
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    # vLLM's extra sampling fields; the defaults are vLLM's neutral values
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
+from server import log_pipe
 from server.admission import Admission, Ticket
 from server.errors import ServiceUnavailableError, SLHFError
 
@@ -135,6 +136,7 @@ def exit_process(code: int) -> None:
         with contextlib.suppress(Exception):
             stream.flush()
     _kill_children()
+    log_pipe.close()  # the lines still in the JSON log pipe (server.log_pipe)
     os._exit(code)
 
 

@@ -1,10 +1,13 @@
 """Wire models of the OpenAI-compatible routes: ``/v1/chat/completions`` and ``/v1/completions``.
 
-Standard fields keep their OpenAI meaning. Fields this server does not support are declared so a
-request that uses them gets a 400 naming the field (``unsupported_field``); unknown fields are a
-400 too (never silently ignored). Our extension is the ``refinement`` object, which the OpenAI
-SDK sends through ``extra_body``. Types are strict and texts must be encodable, as on
-``/v1/refine`` (``server.protocol``).
+Standard fields keep their OpenAI meaning, and vLLM's common extra sampling fields (``top_k``,
+``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``) are accepted as vLLM's server
+accepts them. Fields this server does not support are declared (``UNSUPPORTED``, marked
+``x-slhf-unsupported`` in /openapi.json) so a request that sets them gets a 400 naming the field
+(``unsupported_field``); unknown fields are a 400 too (never silently ignored). Our extension is
+the ``refinement`` object, which the OpenAI SDK sends through ``extra_body``. Types are strict
+and texts must be encodable, as on ``/v1/refine`` (``server.protocol``). The docstring under a
+field is its description in /openapi.json.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from server.generation import MAX_TEMPERATURE
+from server.generation import MAX_TEMPERATURE, MAX_TOP_K
 from server.protocol import (
     LeaderAnswer,
     LeaderParams,
@@ -27,9 +30,42 @@ from server.protocol import (
 
 MAX_N = 16
 
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None, False, True),
+    "response_format": (None, {"type": "text"}),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+}
+"""Fields this server does not support, and the values that mean "not used" (accepted)."""
+
+
+def unsupported() -> Any:
+    """A declared but unsupported field: any value but its neutral ones is a 400."""
+    return Field(
+        None,
+        description="Not supported by this server: a value other than null or its neutral "
+        "value (e.g. false, 0, []) is rejected with a 400, code `unsupported_field`.",
+        json_schema_extra={"x-slhf-unsupported": True},
+    )
+
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid", strict=True, allow_inf_nan=False, use_attribute_docstrings=True
+    )
 
 
 class RefinementOptions(_Request):
@@ -40,6 +76,7 @@ class RefinementOptions(_Request):
     response: Text | None = None
     """An answer to refine instead of a Leader answer (``leader.source`` = "given")."""
     stop_when_unchanged: bool = True
+    """Stop early when a round returns the previous answer unchanged."""
     return_trace: bool = False
     """Add every round's text and usage to each choice (``choices[i].refinement``)."""
     stream_rounds: bool = False
@@ -62,7 +99,9 @@ class RefinementOptions(_Request):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    """Send a last chunk with ``choices: []`` and the request's ``usage``."""
     continuous_usage_stats: bool = False
+    """Accepted for vLLM compatibility; usage is only sent in the last chunk."""
 
 
 class TextPart(BaseModel):
@@ -86,57 +125,89 @@ class OpenAIMessage(BaseModel):
 
 class _OpenAIRequest(_Request):
     model: Text | None = None
+    """``<name>`` (refined), ``<name>:leader`` (no refinement) or ``<name>@upstream``."""
     max_tokens: int | None = Field(None, ge=1)
+    """Most tokens per generation (the Leader's and each round's)."""
     temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE)
+    """Sampling temperature, 0 (greedy) to 2, for every generation."""
     top_p: float | None = Field(None, gt=0.0, le=1.0)
+    """Nucleus sampling, for every generation."""
     n: int = Field(1, ge=1, le=MAX_N)
+    """Choices per prompt, each refined independently."""
     stop: str | list[str] | None = None
+    """Up to 16 strings that end a generation."""
     seed: Seed | None = None
+    """Base seed of choice 0; other choices and every round derive theirs from it."""
     stream: bool = False
+    """Stream Server-Sent Events in OpenAI chunk format."""
     stream_options: StreamOptions | None = None
+    """Only with ``stream``."""
     refinement: RefinementOptions | None = None
+    """The SLHF extension: rounds, a given answer, per-role sampling, the trace."""
+    # vLLM's extra sampling fields (and OpenAI's penalties), for every generation
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K)
+    """vLLM: sample among the ``top_k`` most likely tokens; -1 = no limit."""
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    """vLLM: drop tokens less likely than ``min_p`` x the most likely token's probability."""
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    """vLLM: > 1 discourages repeating tokens of the prompt or the text."""
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    """Penalty on tokens that already appeared in the text, -2 to 2."""
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    """Penalty growing with a token's count in the text, -2 to 2."""
+    min_tokens: int | None = Field(None, ge=0)
+    """vLLM: at least this many tokens before a stop string or EOS may end a generation."""
+    ignore_eos: bool | None = None
+    """vLLM: keep generating past the end-of-sequence token (until ``max_tokens``)."""
     # harmless: accepted and ignored
     user: Text | None = None
+    """Accepted and ignored."""
+    metadata: dict[str, Any] | None = None
+    """Accepted and ignored."""
+    store: bool | None = None
+    """Accepted and ignored."""
+    service_tier: Text | None = None
+    """Accepted and ignored."""
+    # not supported: a request setting them to anything but their neutral value gets a 400
+    logprobs: Any = unsupported()
+    top_logprobs: Any = unsupported()
+    logit_bias: Any = unsupported()
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
         return SamplingParams._stop(v)
 
-    metadata: dict[str, Any] | None = None
-    store: bool | None = None
-    service_tier: Text | None = None
-    # not supported: a request setting them to anything but their neutral value gets a 400
-    logprobs: Any = None
-    top_logprobs: Any = None
-    logit_bias: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, v: int | None) -> int | None:
+        return SamplingParams._top_k(v)
 
 
 class ChatCompletionRequest(_OpenAIRequest):
     messages: list[OpenAIMessage]
+    """The conversation; the last message must be the user's. Text content only."""
     max_completion_tokens: int | None = Field(None, ge=1)
-    # not supported
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    parallel_tool_calls: Any = None
-    response_format: Any = None
-    audio: Any = None
-    modalities: Any = None
-    prediction: Any = None
-    reasoning_effort: Any = None
-    web_search_options: Any = None
+    """As ``max_tokens`` (wins over it)."""
+    tools: Any = unsupported()
+    tool_choice: Any = unsupported()
+    functions: Any = unsupported()
+    function_call: Any = unsupported()
+    parallel_tool_calls: Any = unsupported()
+    response_format: Any = unsupported()
+    audio: Any = unsupported()
+    modalities: Any = unsupported()
+    prediction: Any = unsupported()
+    reasoning_effort: Any = unsupported()
+    web_search_options: Any = unsupported()
 
 
 class CompletionRequest(_OpenAIRequest):
     prompt: str | list[str]
-    # not supported
-    echo: Any = None
-    suffix: Any = None
-    best_of: Any = None
+    """The question(s), each rendered with the Leader template (not continued raw)."""
+    echo: Any = unsupported()
+    suffix: Any = unsupported()
+    best_of: Any = unsupported()
 
     @field_validator("prompt")
     @classmethod
@@ -159,9 +230,15 @@ class UsageBreakdown(BaseModel):
 
 
 class RefinementTrace(BaseModel):
+    """Every round of one choice (``refinement.return_trace``)."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
     leader: LeaderAnswer
+    """Round 0: the first answer (the Leader's, a given one or the upstream's)."""
     rounds: list[RoundResult]
+    """Follower rounds 1.., each with its text, finish reason, usage and latency."""
     stopped_reason: StoppedReason
+    """Why refinement stopped: "max_rounds", "unchanged", "deadline" or "context_length"."""
 
 
 class AssistantMessage(BaseModel):
@@ -170,11 +247,13 @@ class AssistantMessage(BaseModel):
 
 
 class ChatChoice(BaseModel):
+    model_config = ConfigDict(use_attribute_docstrings=True)
     index: int
     message: AssistantMessage
     finish_reason: str | None
     logprobs: None = None
     refinement: RefinementTrace | None = None
+    """Every round of this choice, with ``refinement.return_trace``."""
 
 
 class ChatCompletionResponse(BaseModel):
@@ -187,11 +266,13 @@ class ChatCompletionResponse(BaseModel):
 
 
 class CompletionChoice(BaseModel):
+    model_config = ConfigDict(use_attribute_docstrings=True)
     index: int
     text: str
     finish_reason: str | None
     logprobs: None = None
     refinement: RefinementTrace | None = None
+    """Every round of this choice, with ``refinement.return_trace``."""
 
 
 class CompletionResponse(BaseModel):

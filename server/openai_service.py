@@ -17,6 +17,7 @@ from typing import Any, Literal
 from models.templates import Message, Role, to_messages
 from server.errors import InvalidRequestError
 from server.openai_protocol import (
+    UNSUPPORTED,
     ChatCompletionRequest,
     CompletionRequest,
     OpenAIMessage,
@@ -30,28 +31,18 @@ from server.service import Service
 
 Kind = Literal["chat", "completion"]
 
-# Fields we do not support and the values that mean "not used" (accepted silently).
-_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "logit_bias": (None, {}),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "functions": (None, []),
-    "function_call": (None, "none"),
-    "parallel_tool_calls": (None, False, True),
-    "response_format": (None, {"type": "text"}),
-    "audio": (None,),
-    "modalities": (None, ["text"]),
-    "prediction": (None,),
-    "reasoning_effort": (None,),
-    "web_search_options": (None,),
-    "echo": (None, False),
-    "suffix": (None, ""),
-    "best_of": (None, 1),
-}
+EXTRA_SAMPLING = (
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "min_tokens",
+    "ignore_eos",
+)
+"""Sampling fields beyond OpenAI's basic ones (vLLM's extras and the penalties), applied to
+every generation like ``temperature``; ``refinement.leader``/``follower`` override them per
+role."""
 
 
 @dataclass(frozen=True)
@@ -73,13 +64,14 @@ class OpenAIPlan:
 
 def check_supported(req: ChatCompletionRequest | CompletionRequest) -> None:
     """Reject (400, naming the field) any unsupported field set to a value that would matter."""
-    for name, neutral in _NEUTRAL.items():
+    for name, neutral in UNSUPPORTED.items():
         value = getattr(req, name, None)
         if not any(value == v and type(value) is type(v) for v in neutral) and value is not None:
             raise InvalidRequestError(
                 f"`{name}` is not supported by this server (got {value!r}); remove it. "
                 "Supported: model, messages/prompt, max_tokens, max_completion_tokens, "
-                "temperature, top_p, n, stop, seed, stream, stream_options, user, refinement.",
+                "temperature, top_p, n, stop, seed, stream, stream_options, user, refinement, "
+                f"and the sampling fields {', '.join(EXTRA_SAMPLING)}.",
                 param=name,
                 code="unsupported_field",
             )
@@ -156,7 +148,11 @@ def plan_request(
         opts.rounds if opts.rounds is not None else default, "refinement.rounds"
     )
     base = SamplingParams(
-        max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop
+        max_tokens=max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        stop=req.stop,
+        **{name: getattr(req, name) for name in EXTRA_SAMPLING},
     )
     choices = len(prompts) * req.n
     if choices > service.settings.max_n:

@@ -49,18 +49,40 @@ Seed = Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])]
 class _Request(BaseModel):
     # Unknown fields are an error, so a typo ("round") is reported instead of ignored; strict:
     # no type coercion; no NaN/Infinity (Python's JSON parser accepts them).
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    # The docstring under each field is its description in /openapi.json.
+    model_config = ConfigDict(
+        extra="forbid", strict=True, allow_inf_nan=False, use_attribute_docstrings=True
+    )
 
 
 class SamplingParams(_Request):
-    """Per-role sampling; unset fields take the manifest's defaults for that role."""
+    """Per-role sampling; unset fields take the manifest's defaults for that role (the fields
+    the manifest has no default for take vLLM's neutral value). Bounds are vLLM's."""
 
     max_tokens: int | None = Field(None, ge=1)
+    """Most tokens to generate (per round); capped by SLHF_MAX_TOKENS_CAP."""
     temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE)
+    """Sampling temperature, 0 (greedy) to 2."""
     top_p: float | None = Field(None, gt=0.0, le=1.0)
+    """Nucleus sampling: the smallest set of tokens whose probability reaches ``top_p``."""
     top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K)
+    """Sample among the ``top_k`` most likely tokens; -1 = no limit."""
     seed: Seed | None = None
+    """Seed of this role's generations (each round derives its own from it)."""
     stop: str | list[str] | None = None
+    """Up to 16 strings that end a generation (not included in the text)."""
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    """vLLM: drop tokens less likely than ``min_p`` x the most likely token's probability."""
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    """vLLM: > 1 discourages tokens already in the prompt or the text, < 1 encourages them."""
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    """Penalty on tokens that already appeared in the text, -2 to 2."""
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    """Penalty growing with how often a token already appeared in the text, -2 to 2."""
+    min_tokens: int | None = Field(None, ge=0)
+    """vLLM: generate at least this many tokens before a stop string or EOS may end it."""
+    ignore_eos: bool | None = None
+    """vLLM: keep generating past the end-of-sequence token (until ``max_tokens``)."""
 
     @field_validator("top_k")
     @classmethod
@@ -91,20 +113,28 @@ class LeaderParams(SamplingParams):
 
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant"]
+    """Who wrote the message; the last one must be the user's."""
     content: Text
+    """The message's text."""
 
 
 class RefineRequest(_Request):
     model: Text | None = None
+    """``<name>`` (refined) or ``<name>:leader`` (no refinement); default: the served model."""
     prompt: Text | None = None
+    """The question as plain text (give this or ``messages``)."""
     messages: list[ChatMessage] | None = None
+    """The question as a chat (give this or ``prompt``)."""
     response: Text | None = None
     """An answer to refine instead of a Leader answer (``leader.source`` = "given")."""
     rounds: int | None = None
     """Follower rounds; default: the model's default rounds. Range 0..SLHF_MAX_ROUNDS."""
     leader: LeaderParams | None = None
+    """The Leader's sampling (round 0), and where the first answer comes from."""
     follower: SamplingParams | None = None
+    """The Follower's sampling (rounds 1..)."""
     stop_when_unchanged: bool = True
+    """Stop early when a round returns the previous answer unchanged."""
     seed: Seed | None = None
     """Base seed for every round (a role's own ``seed`` takes precedence for that role)."""
     deadline_s: float | None = Field(None, gt=0)
@@ -182,3 +212,16 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str
+
+
+class ErrorResponse(BaseModel):
+    """The OpenAI error envelope: every non-2xx answer of the server has this body."""
+
+    error: ErrorDetail

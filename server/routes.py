@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
+from typing import Annotated
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.lifecycle import run_guarded
+from server.openapi import ERROR_RESPONSES
 from server.protocol import ModelCard, ModelList, RefineRequest, RefineResponse
 from server.refine import RefineJob
-from server.service import ServiceDep
+from server.service import Service, ServiceDep
 
 router = APIRouter()
 
@@ -36,51 +39,69 @@ async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/models")
-async def list_models(service: ServiceDep) -> ModelList:
+def _public_ref(ref: str) -> str:
+    """A model reference fit to show any client: an HF id as is, a local folder by its name
+    (never an absolute path of the serving machine)."""
+    path = Path(ref).expanduser()
+    return path.name if path.is_absolute() or path.exists() else ref
+
+
+def _model_info(service: Service, verbose: bool) -> dict[str, object]:
+    """What a client needs to use the model; with ``verbose``, the whole manifest too."""
     m = service.weights.manifest
     info: dict[str, object] = {
         "topology": service.weights.topology,
         "default_rounds": service.default_rounds,
         "max_rounds": service.settings.max_rounds,
         "template": m.template.model_dump(),
-        "source": service.weights.source,
-        "manifest": m.model_dump(),
     }
+    if verbose:
+        info.update(source=service.weights.source, manifest=m.model_dump(mode="json"))
+    return info
+
+
+@router.get("/v1/models", responses=ERROR_RESPONSES)
+async def list_models(
+    service: ServiceDep,
+    verbose: Annotated[
+        bool,
+        Query(
+            description="Add the whole weights manifest (provenance, adapters, per-role "
+            "defaults) and the model's source as given to the server."
+        ),
+    ] = False,
+) -> ModelList:
+    """The served model (refined), its ``:leader`` variant (no refinement) and, when an upstream
+    is configured, ``@upstream``; ``slhf`` holds topology, rounds and template."""
+    info = _model_info(service, verbose)
     max_len = min(service.engine.max_model_len("leader"), service.engine.max_model_len("follower"))
+    root = _public_ref(service.weights.source)
+
+    def card(model_id: str, rounds: int, parent: str | None, **extra: object) -> ModelCard:
+        return ModelCard(
+            id=model_id,
+            created=service.created,
+            root=root,
+            parent=parent,
+            max_model_len=max_len,
+            slhf={**info, "rounds": rounds, **extra},
+        )
+
     cards = [
-        ModelCard(
-            id=service.name,
-            created=service.created,
-            root=service.weights.leader.model,
-            max_model_len=max_len,
-            slhf={**info, "rounds": service.default_rounds},
-        ),
-        ModelCard(
-            id=service.model_ids[1],
-            created=service.created,
-            root=service.weights.leader.model,
-            parent=service.name,
-            max_model_len=max_len,
-            slhf={**info, "rounds": 0},
-        ),
+        card(service.name, service.default_rounds, None),
+        card(service.model_ids[1], 0, service.name),
     ]
     if service.upstream is not None:
-        upstream = {"base_url": service.upstream.base_url, "model": service.upstream.model}
+        upstream: dict[str, object] = {"model": service.upstream.model}
+        if verbose:
+            upstream["base_url"] = service.upstream.base_url
         cards.append(
-            ModelCard(
-                id=service.model_ids[2],
-                created=service.created,
-                root=service.weights.leader.model,
-                parent=service.name,
-                max_model_len=max_len,
-                slhf={**info, "rounds": service.default_rounds, "upstream": upstream},
-            )
+            card(service.model_ids[2], service.default_rounds, service.name, upstream=upstream)
         )
     return ModelList(data=cards)
 
 
-@router.post("/v1/refine")
+@router.post("/v1/refine", responses=ERROR_RESPONSES)
 async def refine(body: RefineRequest, request: Request, service: ServiceDep) -> RefineResponse:
     leader_only = service.resolve_model(body.model)
     rounds = (

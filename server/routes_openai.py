@@ -27,6 +27,7 @@ from server.openai_service import (
     usage_breakdown,
 )
 from server.openai_stream import open_stream
+from server.openapi import ERROR_RESPONSES, sse_response
 from server.refine import RefineOutcome
 from server.service import Service, ServiceDep
 
@@ -61,10 +62,15 @@ async def _run(plan: OpenAIPlan, request: Request, service: Service) -> list[Ref
     return outcomes
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    responses={**sse_response(ChatCompletionResponse, "chat completion"), **ERROR_RESPONSES},
+)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, service: ServiceDep
 ) -> ChatCompletionResponse | StreamingResponse:
+    """OpenAI chat completions; the answer is the final round of the refinement."""
     plan = plan_chat(service, body)
     if body.stream:
         return await _stream(plan, request, service)
@@ -87,10 +93,15 @@ async def chat_completions(
     )
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post(
+    "/v1/completions",
+    response_model=None,
+    responses={**sse_response(CompletionResponse, "completion"), **ERROR_RESPONSES},
+)
 async def completions(
     body: CompletionRequest, request: Request, service: ServiceDep
 ) -> CompletionResponse | StreamingResponse:
+    """OpenAI completions: each prompt is a question, answered and refined."""
     plan = plan_completion(service, body)
     if body.stream:
         return await _stream(plan, request, service)

@@ -20,6 +20,16 @@ from server.refine import Refiner
 from server.settings import ServerSettings
 from server.upstream import UpstreamClient
 
+_EXTRAS = (
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "min_tokens",
+    "ignore_eos",
+)
+"""Sampling fields the manifest has no default for: unset = vLLM's neutral value."""
+
 LEADER_SUFFIX = ":leader"
 UPSTREAM_SUFFIX = "@upstream"
 
@@ -122,13 +132,22 @@ class Service:
                 code="max_tokens_too_large",
             )
         stop = g.stop if g.stop is not None else d.stop
+        max_tokens = g.max_tokens if g.max_tokens is not None else min(d.max_tokens, cap)
+        if g.min_tokens is not None and g.min_tokens > max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens is {g.min_tokens:,} for the {role}, more than its max_tokens "
+                f"({max_tokens:,})",
+                param="min_tokens",
+            )
+        extras = g.model_dump(include=set(_EXTRAS), exclude_none=True)
         return GenerationParams(
-            max_tokens=g.max_tokens if g.max_tokens is not None else min(d.max_tokens, cap),
+            max_tokens=max_tokens,
             temperature=g.temperature if g.temperature is not None else d.temperature,
             top_p=g.top_p if g.top_p is not None else d.top_p,
             top_k=g.top_k if g.top_k is not None else d.top_k,
             seed=g.seed if g.seed is not None else request_seed,
             stop=(stop,) if isinstance(stop, str) else tuple(stop),
+            **extras,
         )
 
     async def check_health(self) -> None:

@@ -195,12 +195,14 @@ class ChatChunk:
 
     ``text`` is new content of round ``round`` (with ``stream_rounds`` every round streams, and a
     UI resets its text when ``round`` changes). The last chunk of a choice has ``finish_reason``
-    (and ``refinement`` when a trace was asked for); a final usage-only chunk has ``index`` -1.
+    (and ``refinement`` when a trace was asked for); a final usage-only chunk has ``index`` -1,
+    ``round`` the last round any choice ran, and ``usage``. The stream's opening chunk (the
+    assistant role, no text) is not yielded: every chunk has a ``round`` and something in it.
     """
 
     index: int
     text: str
-    round: int | None = None
+    round: int = 0
     finish_reason: str | None = None
     refinement: RefinementTrace | None = None
     usage: ChatUsage | None = None
@@ -213,17 +215,21 @@ def chunks_from_event(body: dict[str, Any]) -> list[ChatChunk]:
         delta = c.get("delta")
         text = (delta or {}).get("content") if delta is not None else c.get("text")
         trace = c.get("refinement")
+        if not text and c.get("finish_reason") is None and not trace:
+            continue  # the opening role chunk: nothing to show
         out.append(
             ChatChunk(
                 index=_int(c, "index"),
                 text=str(text or ""),
-                round=c.get("round"),
+                round=_int(c, "round"),
                 finish_reason=c.get("finish_reason"),
                 refinement=RefinementTrace.from_dict(trace) if trace else None,
             )
         )
-    if not out and body.get("usage"):
-        out.append(ChatChunk(index=-1, text="", usage=ChatUsage.from_dict(body["usage"])))
+    if not body.get("choices") and body.get("usage"):
+        usage = ChatUsage.from_dict(body["usage"])
+        last_round = max(len(usage.by_round) - 1, 0)
+        out.append(ChatChunk(index=-1, text="", round=last_round, usage=usage))
     return out
 
 
