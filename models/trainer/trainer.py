@@ -25,7 +25,10 @@ The reference π_ref scores the same tokens on the same templates: with LoRA it 
 with the adapters disabled (no second copy); in a full fine-tune, the ``ref_model`` passed in.
 With shared weights both roles are scored in one forward pass per model (rows stacked).
 
-Departures from the paper's code: log-probabilities are taken at the sampling temperature; with
+Departures from the paper's code (docs/algorithm.md): the KL penalty weights each token by the
+KL still to come (k1 by default; the paper's small runs used k3 as a reward, whose expected
+gradient is not the KL's); the Leader's reward includes τF·KL̂_F; an optional warm-up and decay
+of the learning rate; log-probabilities are taken at the sampling temperature; with
 ``gradient_accumulation_steps > 1`` the leave-one-out baseline is computed per micro-batch.
 Rollouts: HF ``generate``, or vLLM with weight sync (``rollout_backend``; vllm_rollouts.py).
 
