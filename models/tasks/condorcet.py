@@ -30,9 +30,10 @@ the best clean Follower answer (C, A, B) wins 0.64, 0.67, 0.69; the Leader's bes
 which keeps 0.36.
 
 Demonstrations for the warm start: equal style shares, half of them with one or two defects;
-Follower-template rows rewrite the given answer with the same things (defects included) in a
-uniformly drawn style, so the warm start reads the answer but learns nothing about which style
-wins or that defects lose. How to run::
+Follower-template rows rewrite the given answer with the same things (defects included),
+keeping its style with probability ½ or else taking one of the other two (``KEEP_STYLE``), so
+the warm start reads the answer but learns nothing about which style wins or that defects
+lose. How to run::
 
     python -m models.tasks.condorcet demos OUT.jsonl --n 8000 --follower-share 0.5
     python -m models.tasks.condorcet prompts OUT.jsonl --split test --n 256
@@ -293,6 +294,23 @@ def sample_defects(rng: random.Random) -> list[str]:
     return rng.sample(DEFECTS, 2 if rng.random() < TWO_DEFECTS else 1)
 
 
+#: Follower-template rows keep the given answer's style with this probability, else take one of
+#: the other two at random. Departure from issue 14's "a style drawn uniformly": with independent
+#: styles the warm-started Follower never looked at the given answer (its style response matrix
+#: had identical rows, issue 13's "no conditioning"), and StackelbergGDA collapsed it onto one
+#: style for every answer. Keeping with ½ makes it read the answer, yet tells it nothing about
+#: which style wins: for each given style the other two are equally likely (the cyclic ranking
+#: is invisible), and with uniform given styles the target styles stay uniform.
+KEEP_STYLE = 0.5
+
+
+def rewrite_style(given: str, rng: random.Random) -> str:
+    """The style a Follower demonstration rewrites a ``given``-style answer into."""
+    if rng.random() < KEEP_STYLE:
+        return given
+    return rng.choice([s for s in STYLES if s != given])
+
+
 def demonstrations(
     n: int, *, seed: int = 0, split_seed: int = 0, follower_share: float = 0.5
 ) -> list[dict[str, str]]:
@@ -301,7 +319,7 @@ def demonstrations(
     Styles cycle A, B, C (equal shares); about half the answers carry defects. A
     ``follower_share`` of the rows get a ``response`` (rendered in the Follower template by the
     warm start): a demo answer in its own style with its own defects, and the row's ``answer``
-    names the same things, defects included, in a uniformly drawn style.
+    names the same things, defects included, in the style ``rewrite_style`` draws.
     """
     if not 0.0 <= follower_share <= 1.0:
         raise TaskError(f"follower_share must be in [0, 1]; got {follower_share}")
@@ -314,7 +332,7 @@ def demonstrations(
         row = {"prompt": render_prompt(facts), "style": style, "defects": "+".join(defects)}
         if rng.random() < follower_share:
             row["response"] = render_answer(style, facts, things, ended)
-            row["style"] = rng.choice(STYLES)
+            row["style"] = rewrite_style(style, rng)
         row["answer"] = render_answer(row["style"], facts, things, ended)
         rows.append(row)
     return rows

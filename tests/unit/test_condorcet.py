@@ -172,10 +172,14 @@ def test_demonstrations_have_equal_styles_half_defects_and_faithful_rewrites() -
         assert named_things(r["response"]) == named_things(r["answer"])
     targets = Counter(r["style"] for r in follower)
     assert all(abs(targets[s] / len(follower) - 1 / 3) < 0.05 for s in STYLES), targets
-    same = sum(check(r["prompt"], r["response"]).style == r["style"] for r in follower) / len(
-        follower
-    )
-    assert 0.25 < same < 0.42  # the target style ignores the given one
+    # the target keeps the given style half the time; the other two are equally likely, so the
+    # rows say nothing about which style beats which
+    moves = Counter((check(r["prompt"], r["response"]).style, r["style"]) for r in follower)
+    for given in STYLES:
+        total = sum(n for (g, _), n in moves.items() if g == given)
+        others = [moves[(given, t)] / total for t in STYLES if t != given]
+        assert abs(moves[(given, given)] / total - 0.5) < 0.06, moves
+        assert abs(others[0] - others[1]) < 0.08, moves
 
 
 def test_demonstrations_use_training_prompts_only() -> None:
