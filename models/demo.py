@@ -1,22 +1,24 @@
-"""Build the shipped demo model end to end (issue 5): ``make demo-model``.
+"""Build the shipped demo model end to end (issues 5 and 14): ``make demo-model``.
 
 One seeded command, on CPU, from nothing but this repository::
 
-    python -m models.demo runs/demo --ship models/weights/slhf-arith-tiny
+    python -m models.demo runs/demo --ship models/weights/slhf-condorcet-tiny
 
 1. two tiny models of two families (``models.tiny``: llama, seed 0; qwen2, seed 1), the
    project's tokenizer and ChatML template;
-2. the arithmetic task's demonstrations (``models.tasks.arith``, deliberately mixed quality,
-   half of them in the Follower template, format only) and train / held-out prompts;
+2. the Condorcet task's demonstrations (``models.tasks.condorcet``: three styles in equal
+   shares, half of them with defects; half of the rows in the Follower template, rewriting the
+   given answer in a random style with its defects) and train / held-out prompts;
 3. a supervised warm start of each family (``models.sft``): family 1 is the base and reference
    of the SLHF run, family 2 the "other model family" of the evaluation;
 4. StackelbergGDA on family 1 with ``recipes/demo.yaml`` (``slhf train``: one model, both roles);
 5. the final weights in bfloat16 with their tokenizer and an ``slhf.json`` that records how they
    were made (recipe, seeds, timings), written to ``--ship``.
 
-Everything lands in ``OUT_DIR`` (checkpoints every 100 steps; ``--resume`` continues an
-interrupted run from its last checkpoint). The evaluation of the shipped model is a separate
-command (``make demo-eval``, i.e. ``slhf eval``), since it needs the vLLM server.
+Everything lands in ``OUT_DIR`` (checkpoints every ``save_every`` steps; ``--resume`` continues
+an interrupted run from its last checkpoint). The evaluation of the shipped model is a separate
+command (``make demo-eval``, i.e. ``slhf eval``), since it needs the vLLM server. See
+docs/demo.md for the task, the recipe and what the model does.
 """
 
 from __future__ import annotations
@@ -39,13 +41,18 @@ from models.sft import SFTConfig
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "demo.yaml"
-SHIPPED_NAME = "slhf-arith-tiny"
+TASK = "condorcet"
+SHIPPED_NAME = "slhf-condorcet-tiny"
 
 DEMOS, FOLLOWER_SHARE, TRAIN_PROMPTS, EVAL_PROMPTS = 8000, 0.5, 4000, 128
-SFT = SFTConfig(steps=1500, batch_size=32, learning_rate=1e-3, warmup_steps=20)
+#: Follower-template rows are ~100-140 tokens (prompt, given answer, instruction, answer).
+SFT = SFTConfig(steps=600, batch_size=32, learning_rate=3e-3, warmup_steps=20, max_length=192)
 FAMILIES = {"llama": 0, "qwen2": 1}  # family -> seed
-#: The shipped model's serving defaults: answers of the task are short; 48 tokens leave room.
-SAMPLING = SamplingDefaults(max_tokens=48, temperature=0.9, top_k=50)
+#: The shipped model's serving defaults: the task's answers are 25-40 tokens; 64 leave room.
+SAMPLING = SamplingDefaults(max_tokens=64, temperature=0.9, top_k=50)
+#: torch threads for the build. On the shared 2-core machine one thread ran an SFT step in
+#: 1.5 s and two threads in 4.5 s (OpenMP workers wait on each other when a core is taken).
+THREADS = 1
 
 
 @contextmanager
@@ -59,17 +66,19 @@ def _stage(name: str, timings: dict[str, float]) -> Iterator[None]:
 
 
 def build_data(out: Path) -> dict[str, Path]:
-    from models.tasks.arith import demonstrations, sample_prompts, write_jsonl
+    from models.tasks import task_module
+    from models.tasks.arith import write_jsonl
 
-    rows = demonstrations(DEMOS, seed=0, follower_share=FOLLOWER_SHARE)
+    task = task_module(TASK)
+    rows = task.demonstrations(DEMOS, seed=0, follower_share=FOLLOWER_SHARE)
     paths = {
         "demos": write_jsonl(rows, out / "demos.jsonl"),
         "train": write_jsonl(
-            [{"prompt": x} for x in sample_prompts(TRAIN_PROMPTS, "train", seed=1)],
+            [{"prompt": x} for x in task.sample_prompts(TRAIN_PROMPTS, "train", seed=1)],
             out / "train.jsonl",
         ),
         "eval": write_jsonl(
-            [{"prompt": x} for x in sample_prompts(EVAL_PROMPTS, "test", seed=2)],
+            [{"prompt": x} for x in task.sample_prompts(EVAL_PROMPTS, "test", seed=2)],
             out / "eval.jsonl",
         ),
     }
@@ -161,7 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="work folder (models, data, checkpoints)")
     parser.add_argument("--ship", type=Path, help="copy the final model here (bfloat16)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch threads")
     args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
     out = args.out_dir.absolute()
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -179,9 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": "python -m models.demo " + " ".join(sys.argv[1:] if argv is None else argv),
         "recipe": RECIPE.read_text(),
         "sft": asdict(SFT),
+        "task": TASK,
         "demos": {"n": DEMOS, "follower_share": FOLLOWER_SHARE, "seed": 0},
         "prompts": {"train": TRAIN_PROMPTS, "eval": EVAL_PROMPTS},
         "families": FAMILIES,
+        "threads": args.threads,
         "timings_s": timings,
         "machine": f"{platform.machine()} {platform.processor() or ''} {platform.platform()}",
         "git_commit": _git_commit(),
