@@ -13,7 +13,7 @@
     slhf game condorcet [--shares 0.4 0.35 0.25] [--tau 0.001] [--rounds 3]
         -> {"preferences", "stackelberg", "nash", "reach": {"slhf", "nash_resampling"}}
     slhf game tokens --model DIR --tau-leader 0.1 --tau-follower 0.1 [--prompt TEXT]
-        [--answers A B C] [--shares 0.4 0.35 0.25] [--temperature 1]
+        [--answers A B C] [--shares 0.4 0.35 0.25] [--temperature 1] [--follower-instruction T]
         -> {"answers", "reference", "equilibrium", "value"}
 
 ``tokens`` is the single-token Condorcet game of a model (models/token_game.py): the model's own
@@ -48,6 +48,7 @@ from models.game import (
     stackelberg_gda,
     total_variation,
 )
+from models.templates import DEFAULT_FOLLOWER_INSTRUCTION
 from models.token_game import (
     DEFAULT_ANSWERS,
     DEFAULT_PROMPT,
@@ -103,6 +104,10 @@ def add_game_subcommands(game: argparse.ArgumentParser) -> None:
         help="shares of the rankings A≻B≻C, B≻C≻A, C≻A≻B over --answers (sum 1)",
     )  # fmt: skip
     tokens.add_argument("--temperature", type=float, default=1.0, help="the sampling temperature")
+    tokens.add_argument(
+        "--follower-instruction", default=DEFAULT_FOLLOWER_INSTRUCTION,
+        help="the Follower template's instruction (the run's follower_instruction)",
+    )  # fmt: skip
 
 
 def _load_preferences(path: str) -> object:
@@ -175,7 +180,7 @@ def _tokens(args: argparse.Namespace) -> dict[str, object]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from models.templates import TemplateRenderer
+    from models.templates import TemplateConfig, TemplateRenderer
 
     if not args.temperature > 0:
         raise GameError(f"--temperature must be > 0; got {args.temperature}")
@@ -185,9 +190,8 @@ def _tokens(args: argparse.Namespace) -> dict[str, object]:
         game = token_game(tokenizer, model.config.vocab_size, args.answers, args.shares)
     except TokenGameError as e:
         raise GameError(str(e)) from None
-    refs = policies(
-        model, tokenizer, TemplateRenderer(tokenizer), args.prompt, temperature=args.temperature
-    )
+    renderer = TemplateRenderer(tokenizer, TemplateConfig(args.follower_instruction))
+    refs = policies(model, tokenizer, renderer, args.prompt, temperature=args.temperature)
     target = equilibrium(game, refs, args.tau_leader, args.tau_follower)
     return {
         "answers": dict(zip(game.answer_texts, game.answer_ids, strict=True)),

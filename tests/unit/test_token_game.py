@@ -56,6 +56,10 @@ def test_cli_tokens_prints_the_closed_form_from_the_models_logits(tiny: Path, ca
     # Follower rows: against B the best answer is A (0.65), so ω*(A|B)/ω*(C|B) grows vs the ref
     ratio = eq["follower"]["B"]["A"] / eq["follower"]["B"]["C"]
     assert ratio > ref["follower"]["B"]["A"] / ref["follower"]["B"]["C"]
+    # the Follower's references depend on its instruction: another one, another target
+    argv = ["game", "tokens", "--model", str(tiny), *taus, "--follower-instruction", "Improve it."]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["reference"]["follower"] != ref["follower"]
     assert main(["game", "tokens", "--model", str(tiny), *taus, "--answers", " A", "B", "C"]) == 2
     assert "is 2 tokens" in capsys.readouterr().err
 
