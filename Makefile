@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PIPFLAGS ?= --disable-pip-version-check
 
-.PHONY: install install-dev lock check-lock serve test test-unit test-integration lint format typecheck bench bench-quick bench-install docs docker-lint clean demo-model demo-eval
+.PHONY: install install-dev lock check-lock browser serve test test-unit test-integration lint format typecheck bench bench-quick bench-install docs docker-lint clean demo-model demo-eval
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -68,7 +68,17 @@ define run_pytest
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 endef
 
-test: check-lock
+# The trace viewer's test (tests/integration/test_playground.py) drives Debian's chromium:
+# installed here when missing and possible (root with apt-get), else how to install it is printed
+# (the test then skips; with CI set it fails).
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else echo "chromium is missing: the playground test will skip (and fail with CI set)." \
+		"Install it: sudo apt-get install -y chromium" >&2; fi
+
+test: check-lock browser
 	$(call run_pytest,)
 
 test-unit: install-dev

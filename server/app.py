@@ -21,6 +21,7 @@ from server.logs import restyle_handlers
 from server.metrics import ServiceMetrics
 from server.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from server.openapi import install_openapi
+from server.playground import PLAYGROUND_PATH, mount_playground
 from server.routes import router
 from server.routes_openai import router as openai_router
 from server.service import Service
@@ -99,8 +100,15 @@ def create_app(
     install_openapi(app)
     app.include_router(router)
     app.include_router(openai_router)
+    if settings.playground:
+        mount_playground(app)
     open_paths = ["/health", "/ready"] + ([] if settings.metrics_require_auth else ["/metrics"])
-    app.add_middleware(AuthMiddleware, keys=settings.api_key_list(), open_paths=open_paths)
+    app.add_middleware(
+        AuthMiddleware,
+        keys=settings.api_key_list(),
+        open_paths=open_paths,
+        browser_prefix=PLAYGROUND_PATH,
+    )
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
     )

@@ -13,6 +13,7 @@ Outermost first:
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import logging
 import re
@@ -181,21 +182,43 @@ class BodyLimitMiddleware:
 
 
 class AuthMiddleware:
-    """``Authorization: Bearer <key>`` against the configured keys, in constant time."""
+    """``Authorization: Bearer <key>`` against the configured keys, in constant time.
 
-    def __init__(self, app: ASGIApp, keys: Sequence[str], open_paths: Sequence[str]) -> None:
+    Under ``browser_prefix`` (the playground's pages) HTTP Basic with the key as the password is
+    accepted too, and a 401 asks for it, so a browser shows its login prompt."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: Sequence[str],
+        open_paths: Sequence[str],
+        browser_prefix: str | None = None,
+    ) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
         self.open_paths = frozenset(open_paths)
+        self.browser_prefix = browser_prefix
+
+    def _browser_page(self, scope: Scope) -> bool:
+        prefix = self.browser_prefix
+        path = str(scope.get("path", ""))
+        return prefix is not None and (path == prefix or path.startswith(prefix + "/"))
 
     def _authorized(self, scope: Scope) -> bool:
         header = _header(scope, b"authorization") or ""
         scheme, _, given = header.partition(" ")
+        scheme = scheme.lower()
         candidate = given.strip().encode("latin-1", "replace")
+        if scheme == "basic" and self._browser_page(scope):
+            try:
+                candidate = base64.b64decode(candidate, validate=True).partition(b":")[2]
+            except ValueError:
+                candidate = b""
+            scheme = "bearer"
         ok = False
         for key in self.keys:  # compare with every key: the time does not tell which matched
             ok |= hmac.compare_digest(candidate, key)
-        return ok and scheme.lower() == "bearer"
+        return ok and scheme == "bearer"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -206,11 +229,12 @@ class AuthMiddleware:
         ):
             await self.app(scope, receive, send)
             return
+        challenge = 'Basic realm="SLHF playground"' if self._browser_page(scope) else "Bearer"
         response = error_response(
             401,
             "missing or invalid API key; send `Authorization: Bearer <key>`",
             "authentication_error",
             code="invalid_api_key",
-            headers={"WWW-Authenticate": "Bearer"},
+            headers={"WWW-Authenticate": challenge},
         )
         await response(scope, receive, send)

@@ -70,8 +70,12 @@ class ServerSettings(BaseSettings):
     ``api_keys``."""
     metrics_require_auth: bool = False
     """Whether ``/metrics`` needs an API key too (``/health`` and ``/ready`` never do)."""
+    playground: bool = True
+    """Serve the refinement trace viewer at ``/playground`` (behind the API keys like ``/v1``;
+    a browser may give the key as the password of its login prompt)."""
     log_format: Literal["json", "text"] = "json"
-    """"json": one JSON object per log line, with the request id; "text": plain lines."""
+    """"json": every line the server writes is one JSON object (ours with the request id;
+    uvicorn's, vLLM's and any other output wrapped); "text": plain lines."""
 
     # -- admission control and limits -------------------------------------------------------
     max_inflight_generations: int = Field(64, ge=1)

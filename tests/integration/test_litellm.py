@@ -25,6 +25,10 @@ def test_litellm_config_routes_to_the_service(
 
     refined = router.completion(model="slhf-2-rounds", messages=messages, max_tokens=8, seed=3)
     assert isinstance(refined.choices[0].message.content, str)
+    # where LiteLLM puts our `choices[i].refinement` (README, "OpenAI-compatible API")
+    trace = refined.choices[0].provider_specific_fields["refinement"]
+    assert [r["round"] for r in trace["rounds"]] == [1, 2]
+    assert trace["rounds"][-1]["text"] == refined.choices[0].message.content
 
     leader = router.completion(model="slhf-leader", messages=messages, max_tokens=8, seed=3)
     assert isinstance(leader.choices[0].message.content, str)
