@@ -104,6 +104,12 @@ def test_models_health_ready(shared_server: ServerProcess) -> None:
         data[0]["id"].startswith("slhf-tiny-llama") and data[1]["id"] == data[0]["id"] + ":leader"
     )
     assert data[0]["max_model_len"] == 512 and data[0]["slhf"]["topology"] == "shared"
+    # lean by default: no manifest and no path of the serving machine; the rest with verbose
+    lean = httpx.get(shared_server.url + "/v1/models").text
+    verbose = httpx.get(shared_server.url + "/v1/models", params={"verbose": "true"}).json()
+    source = verbose["data"][0]["slhf"]["source"]
+    assert source.startswith("/") and source not in lean and "manifest" not in data[0]["slhf"]
+    assert verbose["data"][0]["slhf"]["manifest"]["format_version"]
     assert httpx.get(shared_server.url + "/health").json() == {"status": "ok"}
     assert httpx.get(shared_server.url + "/ready").status_code == 200
 
