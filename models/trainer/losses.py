@@ -122,18 +122,20 @@ def role_scores(
 
 def leader_scores(
     preferences: torch.Tensor,
-    leader: RoleRollout,
-    follower: RoleRollout,
+    missing: torch.Tensor,
+    follower_kl: torch.Tensor,
     *,
     tau_follower: float,
-    estimator: KLEstimator,
     objective: LeaderObjective,
     missing_eos_penalty: float = 0.0,
 ) -> torch.Tensor:
-    """``(B,)`` the Leader's ``s_L``: with ``objective="full"`` plus ``τF·KL̂_F`` (eq. 5)."""
-    scores = role_scores(preferences, leader.missing_eos, "leader", missing_eos_penalty)
+    """``(B,)`` the Leader's ``s_L``: with ``objective="full"`` plus ``τF·KL̂_F`` (eq. 5).
+
+    ``follower_kl`` is ``sequence_kl`` of the Follower's answers (read only by ``"full"``).
+    """
+    scores = role_scores(preferences, missing, "leader", missing_eos_penalty)
     if objective == "full":
-        return scores + tau_follower * sequence_kl(follower, estimator).to(scores.dtype)
+        return scores + tau_follower * follower_kl.detach().to(scores.dtype)
     if objective == "paper":
         return scores
     raise ValueError(f"leader_objective must be 'full' or 'paper'; got {objective!r}")
@@ -199,10 +201,9 @@ def stackelberg_loss(
     """
     scores_l = leader_scores(
         preferences,
-        leader,
-        follower,
+        leader.missing_eos,
+        sequence_kl(follower, estimator),
         tau_follower=tau_follower,
-        estimator=estimator,
         objective=leader_objective,
         missing_eos_penalty=missing_eos_penalty,
     )

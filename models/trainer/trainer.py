@@ -77,6 +77,7 @@ from models.trainer.losses import (
     leader_scores,
     reinforce_loss,
     role_scores,
+    sequence_kl,
     stackelberg_loss,
 )
 from models.trainer.reporting import METRICS_FILE, MetricsReporter
@@ -299,31 +300,33 @@ class StackelbergTrainer:
         """Role losses on their own adapters; the Follower's κ is in its learning rate.
 
         The Leader goes first (the Follower's backward is the step's last one), so the Follower's
-        KL in the Leader's reward comes from a forward pass without grad.
+        KL in the Leader's reward (``leader_objective: full``) comes from a pass without grad.
         """
         cfg = self.config
         stats: dict[str, Any] = {"preference": prefs.mean()}
-        follower_kl = self._scored("follower", follower, grad=False)
+        follower_kl = torch.zeros_like(prefs)
+        if cfg.leader_objective == "full":
+            follower_kl = sequence_kl(self._scored("follower", follower, False), cfg.kl_estimator)
+        scores = {
+            "leader": leader_scores(
+                prefs,
+                leader.missing_eos,
+                follower_kl,
+                tau_follower=cfg.tau_follower,
+                objective=cfg.leader_objective,
+                missing_eos_penalty=cfg.missing_eos_penalty,
+            ),
+            "follower": role_scores(
+                prefs, follower.missing_eos, "follower", cfg.missing_eos_penalty
+            ),
+        }
         for role in ROLES:
             trained = role == "follower" or update_leader
             with self._sync(last and role == "follower"):
                 rollout = self._scored(role, leader if role == "leader" else follower, trained)
                 tau = cfg.tau_leader if role == "leader" else cfg.tau_follower
-                scores = (
-                    leader_scores(
-                        prefs,
-                        rollout,
-                        follower_kl,
-                        tau_follower=cfg.tau_follower,
-                        estimator=cfg.kl_estimator,
-                        objective=cfg.leader_objective,
-                        missing_eos_penalty=cfg.missing_eos_penalty,
-                    )
-                    if role == "leader"
-                    else role_scores(prefs, rollout.missing_eos, role, cfg.missing_eos_penalty)
-                )
                 loss, role_stats = reinforce_loss(
-                    rollout, advantages(scores, cfg.baseline), tau, cfg.kl_estimator
+                    rollout, advantages(scores[role], cfg.baseline), tau, cfg.kl_estimator
                 )
                 if trained:
                     self.accelerator.backward(loss / n)

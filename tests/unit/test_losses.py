@@ -16,6 +16,7 @@ from models.trainer.losses import (
     missing_eos,
     reinforce_loss,
     role_scores,
+    sequence_kl,
     stackelberg_loss,
 )
 
@@ -187,17 +188,18 @@ def test_full_leader_objective_adds_tau_f_times_the_followers_kl() -> None:
     lead = rollout(log(0.5, 0.5)[:, None], log(0.5, 0.5)[:, None])
     foll = rollout(log(0.5, 0.3)[:, None], log(0.25, 0.3)[:, None])
     p = torch.tensor([0.6, 0.6], dtype=torch.float64)
-    kw = {"tau_follower": 0.5, "estimator": "k1"}
-    full = leader_scores(p, lead, foll, objective="full", **kw)  # type: ignore[arg-type]
+    kl = sequence_kl(foll, "k1")
+    torch.testing.assert_close(kl, torch.tensor([LOG2, 0.0], dtype=torch.float64))
+    full = leader_scores(p, lead.missing_eos, kl, tau_follower=0.5, objective="full")
     torch.testing.assert_close(full, torch.tensor([0.6 + 0.5 * LOG2, 0.6], dtype=torch.float64))
-    paper = leader_scores(p, lead, foll, objective="paper", **kw)  # type: ignore[arg-type]
+    paper = leader_scores(p, lead.missing_eos, kl, tau_follower=0.5, objective="paper")
     torch.testing.assert_close(paper, p)
     _, stats = stackelberg_loss(
         lead, foll, p, tau_leader=0.1, tau_follower=0.5, kappa=1.0, leader_objective="full"
     )
     assert stats["leader/advantage"].item() == pytest.approx(0.1 + 0.25 * LOG2)
     with pytest.raises(ValueError, match="'full' or 'paper'; got 'nash'"):
-        leader_scores(p, lead, foll, objective="nash", **kw)  # type: ignore[arg-type]
+        leader_scores(p, lead.missing_eos, kl, tau_follower=0.5, objective="nash")  # type: ignore[arg-type]
 
 
 def test_entropy_stat_is_the_mean_over_answer_tokens() -> None:
