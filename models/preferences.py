@@ -16,7 +16,14 @@ Implementations:
   vote: the trainer applies it (``missing_eos_penalty``), so the vote stays in [0, 1].
 - ``LLMJudgePreference``: a pairwise judge over any OpenAI-compatible ``/chat/completions``
   endpoint, asked to reply "A" or "B"; ``p = softmax(logprobs / 0.9)`` over the two tokens, the
-  answers' positions swapped at random (seeded) to cancel position bias, 0.5 on any error.
+  answers' positions swapped at random (seeded) to cancel position bias, ½ on any error.
+
+A pair that could not be scored (a judge error or a reply without A/B, a non-finite reward) is
+returned as ``Unscored(reason)``: a float equal to ½ (the paper's rule for judge errors), so a
+caller that only averages sees ½, while the trainer counts them per step and stops the run when
+too many fail (``max_preference_error_rate``, models/trainer/config.py)::
+
+    failed = [p for p in preference(prompts, a, b) if isinstance(p, Unscored)]
 
 torch and transformers are imported only by the reward-model classes.
 """
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
@@ -38,6 +46,33 @@ Prompt = str | Sequence[Message]
 
 class PreferenceError(ValueError):
     """A preference function returned something that is not a probability, or bad inputs."""
+
+
+class Unscored(float):
+    """½ in place of a preference that could not be computed; ``reason`` says why."""
+
+    reason: str
+
+    def __new__(cls, reason: str) -> Unscored:
+        value = super().__new__(cls, 0.5)
+        value.reason = reason
+        return value
+
+    def __repr__(self) -> str:
+        return f"Unscored({self.reason!r})"
+
+
+def unscored(values: Sequence[float]) -> list[Unscored]:
+    """The entries of a preference batch that could not be scored."""
+    return [v for v in values if isinstance(v, Unscored)]
+
+
+def _sigmoid(z: float) -> float:
+    """σ(z) without overflow for large |z| (math.exp(710) raises)."""
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
 
 
 class Preference(Protocol):
@@ -161,7 +196,13 @@ class RewardModelPreference:
         _check_batch(prompts, answers_a, answers_b)
         n = len(prompts)
         r = self.scorer.scores([*prompts, *prompts], [*answers_a, *answers_b])  # one batch
-        return [1.0 / (1.0 + math.exp(-(r[i] - r[n + i]))) for i in range(n)]
+        return [_bradley_terry(r[i], r[n + i]) for i in range(n)]
+
+
+def _bradley_terry(ra: float, rb: float) -> float:
+    if not (math.isfinite(ra) and math.isfinite(rb)):
+        return Unscored(f"the reward model returned a non-finite reward ({ra}, {rb})")
+    return _sigmoid(ra - rb)
 
 
 class MultiAttributeVote:
@@ -188,12 +229,18 @@ class MultiAttributeVote:
         _check_batch(prompts, answers_a, answers_b)
         n = len(prompts)
         wins = [0] * n
-        for scorer, inverted in zip(self.scorers, self.inverted, strict=True):
+        failed: dict[int, str] = {}
+        for k, (scorer, inverted) in enumerate(zip(self.scorers, self.inverted, strict=True)):
             r = scorer.scores([*prompts, *prompts], [*answers_a, *answers_b])
             for i in range(n):
                 a, b = (r[n + i], r[i]) if inverted else (r[i], r[n + i])
                 wins[i] += a >= b
-        return [w / len(self.scorers) for w in wins]
+                if not (math.isfinite(a) and math.isfinite(b)):
+                    failed[i] = f"scorer {k} returned a non-finite score ({r[i]}, {r[n + i]})"
+        return [
+            Unscored(failed[i]) if i in failed else w / len(self.scorers)
+            for i, w in enumerate(wins)
+        ]
 
 
 # -- a pairwise LLM judge ----------------------------------------------------------------------
@@ -216,7 +263,8 @@ class LLMJudgePreference:
     asked for one token with ``top_logprobs``, and ``p("shown-A better") = softmax(l_A/T, l_B/T)``
     with ``T = softmax_temperature`` (0.9 in the paper); a token missing from the top list has
     logprob −∞. With ``logprobs=False`` (endpoints without logprobs) the reply text decides
-    (1 or 0). Any error (HTTP, timeout, unparsable reply) gives 0.5. Requests run on
+    (1 or 0). Any error (HTTP, timeout, a reply without A or B) gives ``Unscored``, which is
+    ½ (PAPER.md) and which the trainer counts. Requests run on
     ``max_concurrency`` threads with a ``timeout_s`` bound each.
     """
 
@@ -256,10 +304,13 @@ class LLMJudgePreference:
         ]
         with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
             shown_a_wins = list(pool.map(lambda job: self._judge(*job), jobs))
-        return [1.0 - p if swap else p for p, swap in zip(shown_a_wins, swaps, strict=True)]
+        return [
+            1.0 - p if swap and not isinstance(p, Unscored) else p
+            for p, swap in zip(shown_a_wins, swaps, strict=True)
+        ]
 
     def _judge(self, prompt: Prompt, a: str, b: str) -> float:
-        """p(shown A ≻ shown B), 0.5 on any error."""
+        """p(shown A ≻ shown B); ``Unscored`` (½) with the reason on any error."""
         try:
             text = prompt if isinstance(prompt, str) else _conversation_text(prompt)
             body: dict[str, Any] = {
@@ -276,13 +327,16 @@ class LLMJudgePreference:
             response = self.client.post(self.url, json=body, timeout=self.timeout_s)
             response.raise_for_status()
             return self._parse(response.json()["choices"][0])
-        except Exception:  # any judge failure is a draw (PAPER.md)
-            return 0.5
+        except Exception as e:  # any judge failure is a draw (PAPER.md), and is counted
+            return Unscored(f"judge {self.url}: {type(e).__name__}: {e}"[:500])
 
     def _parse(self, choice: dict[str, Any]) -> float:
         if not self.logprobs:
-            letter = (choice["message"]["content"] or "").strip().upper()[:1]
-            return {"A": 1.0, "B": 0.0}.get(letter, 0.5)
+            reply = (choice["message"]["content"] or "").strip()
+            letter = re.match(r"\W*([AB])(\W|$)", reply.upper())  # "A", " B.", not "Both"
+            if letter is None:
+                return Unscored(f"judge {self.url} replied {reply[:40]!r}, not A or B")
+            return 1.0 if letter.group(1) == "A" else 0.0
         top = choice["logprobs"]["content"][0]["top_logprobs"]
         best: dict[str, float] = {}
         for entry in top:
@@ -290,7 +344,8 @@ class LLMJudgePreference:
             if letter in ("A", "B"):
                 best[letter] = max(best.get(letter, -math.inf), float(entry["logprob"]))
         if not best:
-            return 0.5
+            tokens = [entry["token"] for entry in top]
+            return Unscored(f"judge {self.url}: neither A nor B among the top tokens {tokens}")
         t = self.softmax_temperature
         la, lb = best.get("A", -math.inf) / t, best.get("B", -math.inf) / t
         m = max(la, lb)

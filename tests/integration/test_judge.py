@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import httpx
 
-from models.preferences import LLMJudgePreference
+from models.preferences import LLMJudgePreference, unscored
 from tests.integration.conftest import ServerProcess, free_port
 
 PROMPTS = ["What is the map?", [{"role": "user", "content": "Why does it rain?"}], "Name a tree."]
@@ -36,4 +36,5 @@ def test_llm_judge_over_our_chat_completions_returns_probabilities(
 
 def test_llm_judge_on_an_unreachable_url_is_a_draw() -> None:
     judge = LLMJudgePreference(f"http://127.0.0.1:{free_port()}/v1", "judge", timeout_s=2)
-    assert judge(["x", "y"], ["a", "b"], ["c", "d"]) == [0.5, 0.5]
+    p = judge(["x", "y"], ["a", "b"], ["c", "d"])
+    assert p == [0.5, 0.5] and len(unscored(p)) == 2  # draws, counted as failures

@@ -16,6 +16,8 @@ from models.preferences import (
     PreferenceError,
     RewardModelPreference,
     RewardModelScorer,
+    Unscored,
+    unscored,
 )
 
 
@@ -24,6 +26,16 @@ class LengthScorer:
 
     def scores(self, prompts, answers):  # type: ignore[no-untyped-def]
         return [float(len(a)) for a in answers]
+
+
+class TableScorer:
+    """Score = a fixed reward per answer text."""
+
+    def __init__(self, rewards: dict[str, float]) -> None:
+        self.rewards = rewards
+
+    def scores(self, prompts, answers):  # type: ignore[no-untyped-def]
+        return [self.rewards[a] for a in answers]
 
 
 class FirstCharScorer:
@@ -134,7 +146,36 @@ def test_llm_judge_gives_half_on_errors_and_timeouts() -> None:
     judge = LLMJudgePreference(
         "http://judge", "j", client=httpx.Client(transport=httpx.MockTransport(handler))
     )
-    assert judge(["boom", "junk", "x"], ["a", "a", "a"], ["b", "b", "b"]) == [0.5, 0.5, 0.5]
+    p = judge(["boom", "junk", "x"], ["a", "a", "a"], ["b", "b", "b"])
+    assert p == [0.5, 0.5, 0.5]
+    # each one is counted as a failure, with its reason (the trainer stops on too many)
+    assert unscored(p) == p and all(isinstance(v, Unscored) for v in p)
+    reasons = [v.reason for v in p]
+    assert "ReadTimeout: slow judge" in reasons[0]
+    assert "KeyError: 'logprobs'" in reasons[1]  # a reply without the logprobs asked for
+    assert "HTTPStatusError" in reasons[2] and "500" in reasons[2]
+
+
+def test_a_judge_reply_with_neither_letter_is_unscored() -> None:
+    top = [{"token": "C", "logprob": -0.1}]
+    choice = {"message": {"content": "C"}, "logprobs": {"content": [{"top_logprobs": top}]}}
+    transport = httpx.MockTransport(lambda r: httpx.Response(200, json={"choices": [choice]}))
+    judge = LLMJudgePreference("http://judge", "j", client=httpx.Client(transport=transport))
+    p = judge(["x"] * 6, ["a"] * 6, ["b"] * 6)  # swapped pairs too: 1 − ½ stays unscored
+    assert len(unscored(p)) == 6 and "neither A nor B" in p[0].reason  # type: ignore[attr-defined]
+
+
+def test_reward_model_preference_counts_non_finite_rewards_and_does_not_overflow() -> None:
+    rewards = {"nan": math.nan, "big": 1000.0, "small": -1000.0, "ok": 0.0}
+    pref = RewardModelPreference(TableScorer(rewards))
+    p = pref(["x"] * 3, ["nan", "big", "small"], ["ok", "small", "big"])
+    assert [type(v) for v in p] == [Unscored, float, float]
+    assert "non-finite" in p[0].reason  # type: ignore[attr-defined]
+    assert p[1:] == [1.0, 0.0]  # σ(±2000) without math.exp overflowing
+    assert unscored([0.5, 1.0]) == []  # an honest draw is not a failure
+    vote = MultiAttributeVote([TableScorer(rewards), LengthScorer()])
+    voted = vote(["x"] * 2, ["nan", "big"], ["ok", "ok"])
+    assert isinstance(voted[0], Unscored) and voted[1] == 1.0  # NaN ≥ r is not a lost vote
 
 
 def test_llm_judge_without_logprobs_reads_the_letter() -> None:
@@ -146,3 +187,13 @@ def test_llm_judge_without_logprobs_reads_the_letter() -> None:
     judge = LLMJudgePreference("http://judge", "j", client=client, logprobs=False, seed=0)
     p = judge(["x"] * 8, ["a"] * 8, ["b"] * 8)
     assert set(p) <= {0.0, 1.0} and len(set(p)) == 2  # "A" always; swaps map it to 1 or 0
+
+
+def test_llm_judge_without_logprobs_counts_a_reply_that_is_no_letter() -> None:
+    transport = httpx.MockTransport(
+        lambda r: httpx.Response(200, json={"choices": [{"message": {"content": "Both"}}]})
+    )
+    judge = LLMJudgePreference("http://judge", "j", client=httpx.Client(transport=transport))
+    judge.logprobs = False
+    p = judge(["x"], ["a"], ["b"])
+    assert p == [0.5] and "replied 'Both', not A or B" in p[0].reason  # type: ignore[attr-defined]
