@@ -98,6 +98,8 @@ def _check_batch(prompts: Sequence[Prompt], a: Sequence[str], b: Sequence[str]) 
 
 
 def _probability(value: float, where: str) -> float:
+    if isinstance(value, Unscored):  # a function may report a pair it could not score
+        return value
     value = float(value)
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):
         raise PreferenceError(f"{where} returned {value}; a preference must be in [0, 1]")

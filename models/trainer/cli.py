@@ -88,6 +88,7 @@ def run_train(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from models.trainer.checkpoint import CheckpointError
+    from models.trainer.console import PreferenceFailureError
     from models.trainer.data import DataError, load_prompts
     from models.trainer.trainer import StackelbergTrainer
 
@@ -114,6 +115,9 @@ def run_train(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         print(f"slhf train: {e}", file=sys.stderr)
         return 2
+    except PreferenceFailureError as e:
+        print(f"slhf train: {e}", file=sys.stderr)
+        return 1
     print(trainer.save_model(merged=args.merged))
     return 0
 

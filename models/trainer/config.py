@@ -146,6 +146,11 @@ class StackelbergConfig:
     preference: str | None = None
     """Preference spec for ``slhf train``: ``callable:MODULE:FUNCTION``, ``reward_model:PATH`` or
     ``judge:BASE_URL:MODEL`` (see models/trainer/cli.py); the Python API takes an object."""
+    max_preference_error_rate: float = 0.1
+    """Stop the run when more than this share of a step's preference queries failed (a judge
+    error or a reply without A/B, a non-finite reward: each scored ½ and logged as
+    ``preference_error_rate``); in [0, 1], 1: never stop. With batch_size × processes < 10, one
+    failure is already above the default 0.1."""
     resume_from: str | None = None
     """A checkpoint folder (``output_dir/checkpoints/step-N``) or ``latest`` to continue from."""
 
@@ -172,10 +177,11 @@ class StackelbergConfig:
             _at_least(name, getattr(self, name), 1)
         for name in ("top_k", "seed", "eval_every", "save_every", "warmup_steps"):
             _at_least(name, getattr(self, name), 0)
-        _require(
-            math.isfinite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1,
-            f"min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio}",
-        )
+        for name in ("min_lr_ratio", "max_preference_error_rate"):
+            value = getattr(self, name)
+            _require(
+                math.isfinite(value) and 0 <= value <= 1, f"{name} must be in [0, 1]; got {value}"
+            )
         self._check_rollouts()
         _require(
             self.eval_every == 0 or self.eval_dataset is not None,

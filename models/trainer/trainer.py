@@ -63,13 +63,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object
-from tqdm.auto import tqdm
 
-from models.preferences import Preference
+from models.preferences import Preference, unscored
 from models.templates import ROLES, Role, TemplateConfig, TemplateRenderer
 from models.trainer import checkpoint, evaluation, weights
 from models.trainer.artefact import config_hash, save_artefact
 from models.trainer.config import StackelbergConfig
+from models.trainer.console import Console, preference_error_rate
 from models.trainer.data import Prompt, PromptSampler
 from models.trainer.losses import (
     RoleRollout,
@@ -175,9 +175,10 @@ class StackelbergTrainer:
         # 3. Follower rollouts y' ~ π(·|T_F(x, y))
         pairs = zip(prompts, leader.texts, strict=True)
         follower = self._rollout("follower", [self.renderer.render_follower(*p) for p in pairs])
-        # 4. preferences p = p(y ≻ y' | x)
-        prefs = torch.tensor(self.preference(prompts, leader.texts, follower.texts))  # (B,)
-        prefs = prefs.float().to(self.accelerator.device)
+        # 4. preferences p = p(y ≻ y' | x); a failed query is ½, counted, and too many stop the run
+        values = self.preference(prompts, leader.texts, follower.texts)
+        error_rate = self._preference_error_rate(step, values)
+        prefs = torch.tensor([float(v) for v in values], device=self.accelerator.device)  # (B,)
         # 5.-6. log-probabilities of policy and reference, losses, backward per micro-batch
         update_leader = step % cfg.leader_update_every == 0
         self.optimizer.zero_grad(set_to_none=True)
@@ -190,6 +191,7 @@ class StackelbergTrainer:
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * factor
         stats["lr"] = self.base_lrs[0] * factor
+        stats["preference_error_rate"] = error_rate  # the same on every process
         self.optimizer.step()
         self._sync_rollout_weights()
         stats = self._mean_over_processes(stats)
@@ -202,6 +204,21 @@ class StackelbergTrainer:
             "steps_per_s": 1.0 / elapsed,
             "prompts_per_s": b * self.world / elapsed,
         }
+
+    def _preference_error_rate(self, step: int, values: Sequence[float]) -> float:
+        """The share of the step's preference queries (all processes) that failed; raises above
+        ``max_preference_error_rate`` (models/trainer/console.py)."""
+        counts = torch.tensor([len(unscored(values)), len(values)], device=self.accelerator.device)
+        if self.world > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        failed, total = (int(c) for c in counts.tolist())
+        return preference_error_rate(
+            values,
+            failed_total=failed,
+            queries_total=total,
+            limit=self.config.max_preference_error_rate,
+            step=step,
+        )
 
     def _sync_rollout_weights(self) -> None:
         if self.vllm is not None:
@@ -347,6 +364,10 @@ class StackelbergTrainer:
         cfg = self.config
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        main = self.accelerator.is_main_process
+        if main:  # the .tmp-step-* folders of a save killed midway (an earlier run's)
+            checkpoint.remove_stale_temporaries(out)
+        self.accelerator.wait_for_everyone()
         start = 0
         if cfg.resume_from:
             start = self._resume(checkpoint.resolve_checkpoint(cfg.resume_from, out))
@@ -354,21 +375,19 @@ class StackelbergTrainer:
             torch.manual_seed(cfg.seed + self.rank)
             random.seed(cfg.seed + self.rank)
             np.random.seed(cfg.seed + self.rank)
-        main = self.accelerator.is_main_process
         history = []
-        steps = range(start + 1, cfg.steps + 1)
-        bar = tqdm(steps, initial=start, total=cfg.steps, disable=None if main else True)
-        with MetricsReporter(out, cfg.report_to, start_step=start, active=main) as reporter:
-            for step in bar:
-                metrics = self._step(step)
+        reporter = MetricsReporter(out, cfg.report_to, start_step=start, active=main)
+        console = Console(total=cfg.steps, start=start, log_every=cfg.log_every, active=main)
+        with reporter, console:
+            for step in range(start + 1, cfg.steps + 1):
+                metrics = self._step(step)  # PreferenceFailureError: too many failed queries
                 history.append(metrics)
                 reporter.log(metrics)
-                if step % cfg.log_every == 0:
-                    bar.set_postfix(
-                        loss=f"{metrics['loss']:.4f}", pref=f"{metrics['preference']:.3f}"
-                    )
+                console.step(metrics)
                 if cfg.eval_every and step % cfg.eval_every == 0:
-                    reporter.log({"step": step, **self.evaluate(step)})
+                    scores = self.evaluate(step)
+                    reporter.log({"step": step, **scores})
+                    console.message(f"eval step {step}: " + _compact(scores))
                 if cfg.save_every and step % cfg.save_every == 0:
                     self.save_checkpoint(step)
         if not cfg.save_every or cfg.steps % cfg.save_every:
@@ -445,6 +464,10 @@ class StackelbergTrainer:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+def _compact(values: dict[str, float]) -> str:
+    return " | ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in values.items())
+
+
 def _rename(stats: dict[str, float]) -> dict[str, float]:
     """``leader/kl`` → ``kl/leader`` (metric first, role second), the rest unchanged."""
     out = {}

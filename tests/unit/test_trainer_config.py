@@ -61,6 +61,8 @@ def test_follower_learning_rate_is_kappa_eta_only_with_separate_weights() -> Non
         ({"leader_objective": "x"}, "leader_objective must be one of 'full', 'paper'; got 'x'"),
         ({"warmup_steps": -1}, "warmup_steps must be ≥ 0; got -1"),
         ({"min_lr_ratio": 1.5}, "min_lr_ratio must be in [0, 1]; got 1.5"),
+        ({"max_preference_error_rate": -0.1}, "error_rate must be in [0, 1]; got -0.1"),
+        ({"max_preference_error_rate": "1.5"}, "error_rate must be in [0, 1]; got 1.5"),
         ({"baseline": "mean"}, "baseline must be one of 'constant', 'leave_one_out'"),
         ({"baseline": "leave_one_out", "batch_size": 1}, "leave_one_out baseline needs batch_size"),
         ({"use_lora": False, "follower_weights": "separate_adapter"}, "set use_lora: true or"),

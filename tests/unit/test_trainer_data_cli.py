@@ -115,3 +115,27 @@ def test_slhf_train_cli_trains_and_writes_a_manifest(
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
     assert main(["train", str(config), "stepz=2"]) == 2
     assert "unknown setting 'stepz'; did you mean steps" in capsys.readouterr().err
+
+
+def test_slhf_train_with_an_unreachable_judge_fails_loudly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # issue 17: this run exited 0 with preference 0.5 on every step
+    model = build_tiny_model(tmp_path / "tiny", seed=0)
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is the map?"}, {"prompt": CHAT}])
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {model}\ndataset: {data}\noutput_dir: {tmp_path / 'run'}\n"
+        "batch_size: 2\nmax_new_tokens: 4\nlora_r: 4\n"
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main(["train", str(config), "preference=judge:http://127.0.0.1:9/v1:nomodel"])
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "slhf train: step 1: 2 of 2 preference queries failed (100% > " in err
+    assert "judge http://127.0.0.1:9/v1/chat/completions: ConnectError" in err
+    assert not (tmp_path / "run" / "final").exists()
