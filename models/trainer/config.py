@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import importlib.util
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from typing import Any, Literal
 import yaml
 
 from models.templates import DEFAULT_FOLLOWER_INSTRUCTION
+
+HUB_ID = r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*"  # a Hugging Face repository id
 
 
 class ConfigError(ValueError):
@@ -146,6 +149,13 @@ class StackelbergConfig:
     preference: str | None = None
     """Preference spec for ``slhf train``: ``callable:MODULE:FUNCTION``, ``reward_model:PATH`` or
     ``judge:BASE_URL:MODEL`` (see models/trainer/cli.py); the Python API takes an object."""
+    push_to_hub: bool = False
+    """Upload the final weights (``save_model``'s folder, model card included) to the Hugging Face
+    Hub as ``hub_model_id``; the token comes from ``HF_TOKEN`` or ``huggingface-cli login``."""
+    hub_model_id: str | None = None
+    """The Hub repository to push to, ``user-or-org/name``; created (private: no) if missing."""
+    hub_revision: str | None = None
+    """Branch of ``hub_model_id`` to push to (created if missing); None: ``main``."""
     max_preference_error_rate: float = 0.1
     """Stop the run when more than this share of a step's preference queries failed (a judge
     error or a reply without A/B, a non-finite reward: each scored ½ and logged as
@@ -193,6 +203,14 @@ class StackelbergConfig:
             "report_to 'wandb' is not supported yet; use jsonl or tensorboard",
         )
         _require(bool(self.output_dir.strip()), "output_dir must not be empty")
+        _require(
+            not self.push_to_hub or bool(self.hub_model_id),
+            "push_to_hub: true needs hub_model_id (e.g. my-org/my-slhf-model)",
+        )
+        _require(
+            self.hub_model_id is None or re.fullmatch(HUB_ID, self.hub_model_id) is not None,
+            f"hub_model_id must look like user-or-org/name; got {self.hub_model_id!r}",
+        )
         _require(bool(self.follower_instruction.strip()), "follower_instruction must not be empty")
 
     def _check_weights(self) -> None:

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -66,7 +67,7 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object
 
 from models.preferences import Preference, unscored
 from models.templates import ROLES, Role, TemplateConfig, TemplateRenderer
-from models.trainer import checkpoint, evaluation, weights
+from models.trainer import artefact, checkpoint, evaluation, weights
 from models.trainer.artefact import config_hash, save_artefact
 from models.trainer.config import StackelbergConfig
 from models.trainer.console import Console, preference_error_rate
@@ -437,28 +438,43 @@ class StackelbergTrainer:
 
     # -- the trained artefact ----------------------------------------------------------------------
     def save_model(
-        self, path: str | os.PathLike[str] | None = None, *, merged: bool = False
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        merged: bool = False,
+        push_to_hub: bool | None = None,
+        hub_model_id: str | None = None,
+        revision: str | None = None,
     ) -> Path:
-        """Write servable weights + tokenizer + ``slhf.json`` into ``path`` (atomically).
+        """Write servable weights + tokenizer + ``slhf.json`` + a model card into ``path``
+        (atomically; default ``output_dir/final``), and upload it to the Hub when ``push_to_hub``.
 
-        LoRA runs write the adapters (``adapters/`` when shared, ``adapters/leader`` and
-        ``adapters/follower`` when separate) on top of a reference to the base model, or with
-        ``merged=True`` full weights with the shared adapter merged in. A full fine-tune writes
-        full weights. Default ``path``: ``output_dir/final``. Only the main process writes.
+        See models/trainer/artefact.py: adapters on a portable reference to the base, or with
+        ``merged=True`` full weights; full weights in the base model's dtype. The Hub options
+        default to the config's ``push_to_hub``/``hub_model_id``/``hub_revision``. Only the
+        main process writes and uploads.
         """
-        out = Path(path or Path(self.config.output_dir) / "final").absolute()
-        if merged and self.config.follower_weights == "separate_adapter":
+        cfg = self.config
+        out = Path(path or Path(cfg.output_dir) / "final").absolute()
+        push = cfg.push_to_hub if push_to_hub is None else push_to_hub
+        repo_id, revision = hub_model_id or cfg.hub_model_id, revision or cfg.hub_revision
+        if merged and cfg.follower_weights == "separate_adapter":
             raise ValueError("merged=True needs shared weights; separate adapters cannot merge")
+        if push and not repo_id:
+            raise ValueError("push_to_hub needs hub_model_id (e.g. my-org/my-slhf-model)")
         if self.accelerator.is_main_process:
             save_artefact(
                 out,
                 self.policy,
                 self.tokenizer,
-                self.config,
+                cfg,
                 adapters=self.adapters,
                 uses_chat=self.renderer.uses_chat,
                 merged=merged,
             )
+            if push:
+                url = artefact.push_to_hub(out, str(repo_id), revision=revision)
+                print(f"slhf train: pushed {out} to {url}", file=sys.stderr)
         self.accelerator.wait_for_everyone()
         return out
 

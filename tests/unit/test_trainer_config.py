@@ -63,6 +63,8 @@ def test_follower_learning_rate_is_kappa_eta_only_with_separate_weights() -> Non
         ({"min_lr_ratio": 1.5}, "min_lr_ratio must be in [0, 1]; got 1.5"),
         ({"max_preference_error_rate": -0.1}, "error_rate must be in [0, 1]; got -0.1"),
         ({"max_preference_error_rate": "1.5"}, "error_rate must be in [0, 1]; got 1.5"),
+        ({"push_to_hub": True}, "push_to_hub: true needs hub_model_id (e.g. my-org/"),
+        ({"hub_model_id": "no-owner"}, "hub_model_id must look like user-or-org/name; got"),
         ({"baseline": "mean"}, "baseline must be one of 'constant', 'leave_one_out'"),
         ({"baseline": "leave_one_out", "batch_size": 1}, "leave_one_out baseline needs batch_size"),
         ({"use_lora": False, "follower_weights": "separate_adapter"}, "set use_lora: true or"),
