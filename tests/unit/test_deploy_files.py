@@ -226,6 +226,36 @@ def test_example_train_config_is_a_valid_stackelberg_config() -> None:
     StackelbergConfig(**yaml.safe_load((DOCKER / "train" / "train.yaml").read_text()))
 
 
+#: The splits of HuggingFaceH4/ultrafeedback_binarized (its dataset card); "train" is not one.
+ULTRAFEEDBACK_SPLITS = {
+    "train_prefs",
+    "test_prefs",
+    "train_sft",
+    "test_sft",
+    "train_gen",
+    "test_gen",
+}
+
+
+def test_the_train_profile_names_a_real_split_and_a_judge_that_compose_runs() -> None:
+    from models.trainer.cli import build_preference
+    from models.trainer.config import StackelbergConfig
+
+    cfg = StackelbergConfig(**yaml.safe_load((DOCKER / "train" / "train.yaml").read_text()))
+    assert cfg.dataset == "HuggingFaceH4/ultrafeedback_binarized"
+    assert cfg.dataset_split in ULTRAFEEDBACK_SPLITS and cfg.eval_dataset is None
+    judge = build_preference(cfg.preference)  # an LLMJudgePreference; builds no connection
+    services = compose()["services"]
+    host, port = judge.url.removeprefix("http://").split("/")[0].split(":")  # type: ignore[attr-defined]
+    assert host in services and services[host]["profiles"] == ["train"]
+    args = services[host]["command"]
+    assert f"--served-model-name={judge.model}" in args  # type: ignore[attr-defined]
+    assert f"--port={port}" in args and "--max-logprobs=20" in args  # the judge asks for 5
+    assert services[host]["image"] == "vllm/vllm-openai:v0.32.0"  # the vLLM the code runs on
+    assert services["train"]["depends_on"] == {host: {"condition": "service_healthy"}}
+    assert "/health" in " ".join(services[host]["healthcheck"]["test"])
+
+
 # -- Prometheus and Grafana -----------------------------------------------------------------
 def test_prometheus_scrapes_the_server_metrics() -> None:
     config = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
