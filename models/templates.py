@@ -122,6 +122,18 @@ def follower_messages(
     ]
 
 
+SPLICE_PROBES: tuple[tuple[str | list[Message], str], ...] = (
+    ("What is 2 + 2?", "The answer is 4."),
+    ("Write a haiku.", " Leaves fall,\nquietly.\n"),
+    (
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        "Hello! \u00e9t\u00e9 \u2713 42",
+    ),
+)
+"""Prompts and answers ``TemplateRenderer.follower_tail`` checks the splice on: plain text,
+surrounding whitespace and new lines, a conversation, non-ASCII text."""
+
+
 class TemplateRenderer:
     """Renders role prompts to text and token ids for one tokenizer.
 
@@ -170,6 +182,28 @@ class TemplateRenderer:
         self, role: Role, prompt: str | Sequence[Message], answer: str | None
     ) -> list[int]:
         return self.encode(self.render(role, prompt, answer))
+
+    def follower_tail(self) -> tuple[list[int] | None, str]:
+        """The ids that follow the answer in ``T_F``, when this template has that shape.
+
+        ``T_F(x, y)`` begins with ``T_L(x)`` and ``y``, so a Follower prompt can be spliced from
+        the Leader's prompt ids, the answer's ids and a fixed tail -- and an engine's prefix
+        cache then serves the whole Leader sequence. Checked here on ``SPLICE_PROBES``: the
+        splice must give exactly the rendered ids. Returns ``(tail, "")``, or ``(None, why)``
+        when it does not hold (a template that trims or rewrites the answer, a tokenizer that
+        merges tokens across the boundaries): render every Follower prompt then.
+        """
+        tails = set()
+        for prompt, answer in SPLICE_PROBES:
+            lead = self.encode_role("leader", prompt, None)
+            full = self.encode_role("follower", prompt, answer)
+            mid = list(self.tokenizer.encode(answer, add_special_tokens=False))
+            if full[: len(lead) + len(mid)] != lead + mid:
+                return None, f"T_F(x, y) does not begin with T_L(x) + y for y={answer!r}"
+            tails.add(tuple(full[len(lead) + len(mid) :]))
+        if len(tails) != 1:
+            return None, "the ids after the answer in T_F(x, y) depend on x or y"
+        return list(tails.pop()), ""
 
     # -- helpers ----------------------------------------------------------------------------
     def _chat(self, messages: list[Message]) -> str:

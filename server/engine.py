@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from vllm import RequestOutput, SamplingParams
+from vllm import CompletionOutput, RequestOutput, SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs import tokens_input
@@ -40,6 +40,7 @@ from models.loading import ServedWeights
 from models.templates import ROLES, ChatTokenizer, Role
 from server.errors import REQUEST_REJECTIONS
 from server.generation import (
+    DraftCounts,
     EngineError,
     FinishReason,
     Generation,
@@ -88,6 +89,9 @@ def _engine_args(
         kwargs["max_num_seqs"] = settings.max_num_seqs
     if settings.kv_block_size is not None:
         kwargs["block_size"] = settings.kv_block_size
+    spec = speculative_config(settings)
+    if spec is not None:
+        kwargs.update(speculative_config=spec, per_request_spec_decode_metrics="summary")
     if enable_lora:
         kwargs.update(enable_lora=True, max_loras=2, max_lora_rank=settings.max_lora_rank)
     if current_platform.is_cpu():
@@ -98,6 +102,42 @@ def _engine_args(
     else:
         kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization * memory_share
     return AsyncEngineArgs(**kwargs)
+
+
+def speculative_config(settings: ServerSettings) -> dict[str, Any] | None:
+    """vLLM's ``speculative_config`` for ``SLHF_SPECULATIVE`` (None when off)."""
+    if settings.speculative == "off":
+        return None
+    spec: dict[str, Any] = {
+        "method": settings.speculative,
+        "num_speculative_tokens": settings.speculative_tokens,
+    }
+    if settings.speculative == "ngram":
+        spec.update(
+            prompt_lookup_min=settings.speculative_lookup_min,
+            prompt_lookup_max=settings.speculative_lookup_max,
+        )
+    return spec
+
+
+def answer_ids(out: CompletionOutput) -> tuple[int, ...] | None:
+    """The generated ids that detokenize to ``out.text``: vLLM keeps the final EOS or stop token
+    in ``token_ids`` (the text leaves it out); a stop string cuts the text, not the ids (None)."""
+    ids = tuple(out.token_ids)
+    if out.finish_reason != "stop":
+        return ids
+    if isinstance(out.stop_reason, str):
+        return None
+    return ids[:-1]
+
+
+def draft_counts(out: CompletionOutput) -> DraftCounts | None:
+    """Accepted and proposed draft tokens of a finished output (None without drafting)."""
+    m = out.spec_decode_metrics
+    if m is None:
+        return None
+    accepted = sum(j * count for j, count in enumerate(m.histogram))
+    return DraftCounts(accepted=accepted, drafted=m.num_draft_tokens)
 
 
 def _new_llm(args: AsyncEngineArgs, metrics: bool) -> AsyncLLM:
@@ -216,6 +256,9 @@ class VllmEngine:
             prompt_tokens=len(prompt_token_ids),
             completion_tokens=len(out0.token_ids),
             finish_reason=_FINISH.get(str(out0.finish_reason), "stop"),
+            token_ids=answer_ids(out0),
+            cached_tokens=final.num_cached_tokens,
+            drafts=draft_counts(out0),
         )
 
     async def stream(
@@ -227,8 +270,17 @@ class VllmEngine:
             if not out.outputs:
                 continue
             o = out.outputs[0]
-            finish = _FINISH.get(str(o.finish_reason), "stop") if o.finish_reason else None
-            yield GenerationDelta(text=o.text, new_tokens=len(o.token_ids), finish_reason=finish)
+            if not o.finish_reason:
+                yield GenerationDelta(o.text, len(o.token_ids), None, tuple(o.token_ids))
+                continue
+            yield GenerationDelta(
+                text=o.text,
+                new_tokens=len(o.token_ids),
+                finish_reason=_FINISH.get(str(o.finish_reason), "stop"),
+                token_ids=answer_ids(o),
+                cached_tokens=out.num_cached_tokens,
+                drafts=draft_counts(o),
+            )
 
     async def _outputs(
         self,

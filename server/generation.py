@@ -52,6 +52,26 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason
+    token_ids: tuple[int, ...] | None = None
+    """The generated ids whose detokenization is exactly ``text`` (a final EOS / stop token
+    dropped); None when the engine cannot say (e.g. a stop string cut the text)."""
+    cached_tokens: int | None = None
+    """Prompt tokens served from the engine's prefix cache; None when the engine cannot say."""
+    drafts: DraftCounts | None = None
+    """Speculative-decoding acceptance; None when drafting is off."""
+
+
+@dataclass(frozen=True)
+class DraftCounts:
+    """Draft tokens a speculative decoder proposed for one generation, and how many the target
+    model accepted (the rest were rejected and recomputed)."""
+
+    accepted: int
+    drafted: int
+
+    @property
+    def rejected(self) -> int:
+        return self.drafted - self.accepted
 
 
 @dataclass(frozen=True)
@@ -64,6 +84,13 @@ class GenerationDelta:
     text: str
     new_tokens: int
     finish_reason: FinishReason | None = None
+    token_ids: tuple[int, ...] | None = None
+    """The new tokens' ids (``Generation.token_ids``; on the last delta, a dropped final EOS
+    / stop token is not in them); None when the engine cannot say."""
+    cached_tokens: int | None = None
+    """As ``Generation.cached_tokens``; set on the last delta."""
+    drafts: DraftCounts | None = None
+    """As ``Generation.drafts``; set on the last delta."""
 
 
 class EngineError(RuntimeError):

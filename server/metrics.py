@@ -19,6 +19,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from server.protocol import Usage
 from server.refine import RefineOutcome
 
 ROUND_LABELS = 8
@@ -64,6 +65,18 @@ class ServiceMetrics:
         self.tokens = Counter(
             "slhf_tokens", "Tokens by role and kind", ["role", "kind"], registry=r
         )
+        self.round_prompt_tokens = Counter(
+            "slhf_round_prompt_tokens",
+            "Prompt tokens by role and round, and how many the prefix cache served (cached=yes)",
+            ["role", "round", "cached"],
+            registry=r,
+        )
+        self.draft_tokens = Counter(
+            "slhf_draft_tokens",
+            "Speculative draft tokens (SLHF_SPECULATIVE) by role, round and outcome",
+            ["role", "round", "outcome"],
+            registry=r,
+        )
         self.stops = Counter("slhf_stops", "Refinements by stopped_reason", ["reason"], registry=r)
         self.admitted_weight = Gauge(
             "slhf_admission_inflight_generations",
@@ -98,11 +111,24 @@ class ServiceMetrics:
         if leader.source != "given":
             self.generation_latency.labels(first_role, "0").observe(leader.latency_ms / 1000)
         self._tokens(first_role, leader.usage.prompt_tokens, leader.usage.completion_tokens)
+        self._round_usage(first_role, "0", leader.usage)
         for r in outcome.rounds:
-            self.generation_latency.labels("follower", round_label(r.round)).observe(
-                r.latency_ms / 1000
-            )
+            label = round_label(r.round)
+            self.generation_latency.labels("follower", label).observe(r.latency_ms / 1000)
             self._tokens("follower", r.usage.prompt_tokens, r.usage.completion_tokens)
+            self._round_usage("follower", label, r.usage)
+
+    def _round_usage(self, role: str, label: str, usage: Usage) -> None:
+        """Prompt tokens split by prefix-cache hit, and draft outcomes, where reported."""
+        details = usage.prompt_tokens_details
+        if details is not None and usage.prompt_tokens:
+            cached = details.cached_tokens
+            self.round_prompt_tokens.labels(role, label, "yes").inc(cached)
+            self.round_prompt_tokens.labels(role, label, "no").inc(usage.prompt_tokens - cached)
+        drafts = usage.completion_tokens_details
+        if drafts is not None:
+            self.draft_tokens.labels(role, label, "accepted").inc(drafts.accepted_prediction_tokens)
+            self.draft_tokens.labels(role, label, "rejected").inc(drafts.rejected_prediction_tokens)
 
     def _tokens(self, role: str, prompt: int, completion: int) -> None:
         if prompt:

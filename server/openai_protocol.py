@@ -18,13 +18,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.generation import MAX_TEMPERATURE, MAX_TOP_K
 from server.protocol import (
+    CompletionTokensDetails,
     LeaderAnswer,
     LeaderParams,
+    PromptTokensDetails,
     RoundResult,
     SamplingParams,
     Seed,
     StoppedReason,
     Text,
+    UnknownDetailsLeftOut,
     encodable,
 )
 
@@ -218,13 +221,17 @@ class CompletionRequest(_OpenAIRequest):
 
 
 # -- responses ----------------------------------------------------------------------------------
-class UsageBreakdown(BaseModel):
+class UsageBreakdown(UnknownDetailsLeftOut):
     """OpenAI ``usage`` (every generation of the request: all rounds of all choices) plus
     ``by_role`` and ``by_round`` (round 0 = the first answer), summed over the choices."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+    """``cached_tokens``: prompt tokens served from the engine's prefix cache (all rounds)."""
+    completion_tokens_details: CompletionTokensDetails | None = None
+    """``accepted_prediction_tokens`` / ``rejected_prediction_tokens`` of ``SLHF_SPECULATIVE``."""
     by_role: dict[str, dict[str, int]] = Field(default_factory=dict)
     by_round: list[dict[str, int]] = Field(default_factory=list)
 

@@ -216,15 +216,17 @@ async def run_jobs(refiner: Refiner, jobs: Sequence[RefineJob]) -> list[RefineOu
 
 # -- results ------------------------------------------------------------------------------------
 def _add(total: dict[str, int], u: Usage) -> None:
-    for k, v in u.model_dump().items():
+    for k, v in u.counts().items():
         total[k] = total.get(k, 0) + v
 
 
 def usage_breakdown(outcomes: Sequence[RefineOutcome]) -> UsageBreakdown:
-    zero = Usage().model_dump()
+    zero = Usage().counts()
     by_role = {"leader": dict(zero), "follower": dict(zero)}
     by_round: list[dict[str, int]] = []
+    total = Usage()
     for o in outcomes:
+        total = total + o.usage
         _add(by_role["leader"], o.leader.usage)
         steps = [(0, o.leader.usage), *((r.round, r.usage) for r in o.rounds)]
         for index, usage in steps:
@@ -233,7 +235,6 @@ def usage_breakdown(outcomes: Sequence[RefineOutcome]) -> UsageBreakdown:
             _add(by_round[index], usage)
         for r in o.rounds:
             _add(by_role["follower"], r.usage)
-    total = Usage(**{k: by_role["leader"][k] + by_role["follower"][k] for k in zero})
     return UsageBreakdown(**total.model_dump(), by_role=by_role, by_round=by_round)
 
 

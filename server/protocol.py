@@ -18,11 +18,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
-from server.generation import MAX_TEMPERATURE, MAX_TOP_K, SEED_RANGE, FinishReason
+from server.generation import MAX_TEMPERATURE, MAX_TOP_K, SEED_RANGE, FinishReason, Generation
 
 StoppedReason = Literal["max_rounds", "unchanged", "deadline", "context_length"]
 AnswerSource = Literal["leader", "given", "upstream"]
@@ -164,10 +166,85 @@ class RefineRequest(_Request):
         return self
 
 
-class Usage(BaseModel):
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+    """Prompt tokens served from the engine's prefix cache instead of being prefilled."""
+
+
+class CompletionTokensDetails(BaseModel):
+    accepted_prediction_tokens: int = 0
+    """Draft tokens (``SLHF_SPECULATIVE``) the model accepted: generated without a step each."""
+    rejected_prediction_tokens: int = 0
+    """Draft tokens the model rejected (computed, then discarded)."""
+
+
+class UnknownDetailsLeftOut(BaseModel):
+    """Serializes without ``prompt_tokens_details`` / ``completion_tokens_details`` when they
+    are None (not reported), so usage stays as it was where nothing is known."""
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unknown_details(self, handler: SerializerFunctionWrapHandler) -> Any:
+        out = handler(self)
+        for key in ("prompt_tokens_details", "completion_tokens_details"):
+            if isinstance(out, dict) and out.get(key, 0) is None:
+                del out[key]
+        return out
+
+
+class Usage(UnknownDetailsLeftOut):
+    """Token counts (OpenAI's names); the details are left out when the engine does not report
+    them (a given or upstream answer, an engine without the counter, drafting off)."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None
+
+    @classmethod
+    def of(cls, g: Generation) -> Usage:
+        """The usage of one generation."""
+        drafts = None
+        if g.drafts is not None:
+            drafts = CompletionTokensDetails(
+                accepted_prediction_tokens=g.drafts.accepted,
+                rejected_prediction_tokens=g.drafts.rejected,
+            )
+        return cls(
+            prompt_tokens=g.prompt_tokens,
+            completion_tokens=g.completion_tokens,
+            total_tokens=g.prompt_tokens + g.completion_tokens,
+            prompt_tokens_details=None
+            if g.cached_tokens is None
+            else PromptTokensDetails(cached_tokens=g.cached_tokens),
+            completion_tokens_details=drafts,
+        )
+
+    def counts(self) -> dict[str, int]:
+        """The counts as one flat mapping; a detail only when reported."""
+        out = {k: getattr(self, k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+        if self.prompt_tokens_details is not None:
+            out.update(self.prompt_tokens_details.model_dump())
+        if self.completion_tokens_details is not None:
+            out.update(self.completion_tokens_details.model_dump())
+        return out
+
+    def __add__(self, other: Usage) -> Usage:
+        def plus(a: BaseModel | None, b: BaseModel | None) -> dict[str, int] | None:
+            if a is None and b is None:
+                return None
+            da, db = (x.model_dump() if x is not None else {} for x in (a, b))
+            return {k: da.get(k, 0) + db.get(k, 0) for k in {*da, *db}}
+
+        return Usage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            total_tokens=self.total_tokens + other.total_tokens,
+            prompt_tokens_details=plus(self.prompt_tokens_details, other.prompt_tokens_details),
+            completion_tokens_details=plus(
+                self.completion_tokens_details, other.completion_tokens_details
+            ),
+        )
 
 
 class LeaderAnswer(BaseModel):

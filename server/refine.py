@@ -29,15 +29,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
-from models.templates import Message, Role, TemplateError, TemplateRenderer
+from models.templates import Message, Role, TemplateRenderer
 from server.errors import (
     REQUEST_REJECTIONS,
     DeadlineExceededError,
     InvalidRequestError,
-    PromptTooLongError,
     request_rejected,
 )
-from server.generation import Engine, FinishReason, Generation, GenerationParams
+from server.generation import DraftCounts, Engine, FinishReason, Generation, GenerationParams
+from server.prompts import Prompts
 from server.protocol import LeaderAnswer, RoundResult, StoppedReason, Usage
 from server.upstream import UpstreamError
 
@@ -136,20 +136,6 @@ class RefineOutcome:
         return self.rounds[-1].text if self.rounds else self.leader.text
 
 
-def _usage(g: Generation) -> Usage:
-    return Usage(
-        prompt_tokens=g.prompt_tokens,
-        completion_tokens=g.completion_tokens,
-        total_tokens=g.prompt_tokens + g.completion_tokens,
-    )
-
-
-def _sum_usage(parts: Sequence[Usage]) -> Usage:
-    p = sum(u.prompt_tokens for u in parts)
-    c = sum(u.completion_tokens for u in parts)
-    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
-
-
 def same_answer(a: str, b: str) -> bool:
     """Whether a round left the answer unchanged (surrounding whitespace ignored)."""
     return a.strip() == b.strip()
@@ -167,32 +153,9 @@ class Refiner:
         self.engine = engine
         self.renderers = renderers
         self.upstream = upstream
-
-    def prompt_ids(
-        self, role: Role, prompt: str | Sequence[Message], answer: str | None
-    ) -> list[int]:
-        """The role's prompt as token ids; what the tokenizer rejects is a 400."""
-        try:
-            return self.renderers[role].encode_role(role, prompt, answer)
-        except TemplateError:
-            raise
-        except REQUEST_REJECTIONS as e:
-            raise request_rejected(e, f"the {role} tokenizer") from e
-
-    def check_fits(self, role: Role, ids: list[int], param: str = "prompt") -> None:
-        """Raise ``PromptTooLongError`` when ``ids`` leave no room for a single new token."""
-        limit = self.engine.max_model_len(role)
-        if len(ids) >= limit:
-            what = (
-                "Leader prompt"
-                if role == "leader"
-                else "Follower prompt (prompt + answer + instruction)"
-            )
-            raise PromptTooLongError(
-                f"{what} has {len(ids):,} tokens; max_model_len is {limit:,}, which leaves no "
-                f"room to generate. Shorten the {param}.",
-                param=param,
-            )
+        self.prompts = Prompts(engine, renderers)
+        self.prompt_ids = self.prompts.ids
+        self.check_fits = self.prompts.check_fits
 
     def _check_upstream_length(self, text: str) -> None:
         limit = self.engine.max_model_len("follower") * MAX_CHARS_PER_TOKEN
@@ -264,7 +227,9 @@ class Refiner:
         sink: DeltaSink,
     ) -> Generation:
         parts: list[str] = []
-        tokens = 0
+        token_ids: list[int] | None = []
+        tokens, cached = 0, None
+        drafts: DraftCounts | None = None
         finish: FinishReason = "stop"
         async for delta in self.engine.stream(role, ids, params, request_id):
             if delta.text:
@@ -272,12 +237,19 @@ class Refiner:
                 sink(round_index, delta.text)
             tokens += delta.new_tokens
             finish = delta.finish_reason or finish
-        return Generation("".join(parts), len(ids), tokens, finish)
+            token_ids = None if token_ids is None or delta.token_ids is None else token_ids
+            if token_ids is not None and delta.token_ids is not None:
+                token_ids.extend(delta.token_ids)
+            cached = delta.cached_tokens if delta.cached_tokens is not None else cached
+            drafts = delta.drafts or drafts
+        answer_ids = None if token_ids is None else tuple(token_ids)
+        return Generation("".join(parts), len(ids), tokens, finish, answer_ids, cached, drafts)
 
     async def _first_answer(
         self, job: RefineJob, sink: DeltaSink | None, expires: float | None
-    ) -> tuple[LeaderAnswer, list[int] | None]:
-        """Round 0 and, when already known, the first Follower prompt."""
+    ) -> tuple[LeaderAnswer, list[int] | None, list[int] | None]:
+        """Round 0, the first Follower prompt when already known, and the Leader's prompt ids
+        (None when the Leader did not answer)."""
         try:
             return await within(expires, self._first_answer_now(job, sink))
         except _Expired:
@@ -290,7 +262,7 @@ class Refiner:
 
     async def _first_answer_now(
         self, job: RefineJob, sink: DeltaSink | None
-    ) -> tuple[LeaderAnswer, list[int] | None]:
+    ) -> tuple[LeaderAnswer, list[int] | None, list[int] | None]:
         first_ids = self.first_prompt_ids(job)
         if job.given_answer is not None:
             given = LeaderAnswer(
@@ -300,7 +272,7 @@ class Refiner:
                 usage=Usage(),
                 latency_ms=0.0,
             )
-            return given, first_ids
+            return given, first_ids, None
         if first_ids is None:
             assert self.upstream is not None  # checked by first_prompt_ids
             start = time.perf_counter()
@@ -308,18 +280,19 @@ class Refiner:
                 job.prompt, replace(job.leader, seed=derive_seed(job.leader.seed, 0))
             )
             self._check_upstream_length(gen.text)
-            ms, source = (time.perf_counter() - start) * 1000.0, "upstream"
+            ms, source, next_ids = (time.perf_counter() - start) * 1000.0, "upstream", None
         else:
             gen, ms = await self._run("leader", first_ids, job.leader, 0, job, sink)
             source = "leader"
+            next_ids = self.prompts.follower_ids(job.prompt, gen.text, first_ids, gen.token_ids)
         answer = LeaderAnswer(
             text=gen.text,
             source=source,  # type: ignore[arg-type]
             finish_reason=gen.finish_reason,
-            usage=_usage(gen),
+            usage=Usage.of(gen),
             latency_ms=round(ms, 3),
         )
-        return answer, None
+        return answer, next_ids, first_ids if source == "leader" else None
 
     async def refine(
         self, job: RefineJob, sink: DeltaSink | None = None, stream_rounds: bool = False
@@ -333,15 +306,17 @@ class Refiner:
             return sink if stream_rounds or i == job.rounds else None
 
         expires = None if job.deadline_s is None else time.monotonic() + job.deadline_s
-        leader, next_ids = await self._first_answer(job, streamed(0), expires)
+        leader, next_ids, leader_ids = await self._first_answer(job, streamed(0), expires)
         if sink is not None and stream_rounds and leader.source != "leader":
             sink(0, leader.text)
-        rounds, stopped = await self._follow(job, leader.text, next_ids, expires, streamed)
+        rounds, stopped = await self._follow(
+            job, leader.text, next_ids, leader_ids, expires, streamed
+        )
         outcome = RefineOutcome(
             leader=leader,
             rounds=rounds,
             stopped_reason=stopped,
-            usage=_sum_usage([leader.usage, *(r.usage for r in rounds)]),
+            usage=sum((r.usage for r in rounds), leader.usage),
         )
         if sink is not None:
             final_index = rounds[-1].round if rounds else 0
@@ -361,17 +336,21 @@ class Refiner:
         job: RefineJob,
         previous: str,
         next_ids: list[int] | None,
+        leader_ids: list[int] | None,
         expires: float | None,
         streamed: Callable[[int], DeltaSink | None],
     ) -> tuple[list[RoundResult], StoppedReason]:
-        """The Follower rounds after the first answer ``previous``, and why they stopped."""
+        """The Follower rounds after the first answer ``previous``, and why they stopped.
+
+        ``next_ids`` is round 1's prompt when already built; later prompts are spliced from
+        ``leader_ids`` and the previous round's ids where they can be (``server.prompts``)."""
         rounds: list[RoundResult] = []
+        previous_ids: tuple[int, ...] | None = None
         for i in range(1, job.rounds + 1):
-            ids = (
-                next_ids
-                if next_ids is not None
-                else self.prompt_ids("follower", job.prompt, previous)
-            )
+            if next_ids is not None:
+                ids = next_ids
+            else:
+                ids = self.prompts.follower_ids(job.prompt, previous, leader_ids, previous_ids)
             next_ids = None
             if len(ids) >= self.engine.max_model_len("follower"):
                 return rounds, "context_length"
@@ -386,11 +365,11 @@ class Refiner:
                     round=i,
                     text=gen.text,
                     finish_reason=gen.finish_reason,
-                    usage=_usage(gen),
+                    usage=Usage.of(gen),
                     latency_ms=round(ms, 3),
                 )
             )
             if job.stop_when_unchanged and same_answer(gen.text, previous):
                 return rounds, "unchanged"
-            previous = gen.text
+            previous, previous_ids = gen.text, gen.token_ids
         return rounds, "max_rounds"

@@ -52,6 +52,18 @@ class ServerSettings(BaseSettings):
     """Tokens per KV-cache block (vLLM's ``--block-size``); unset: vLLM's default, 16 on GPU and
     128 on CPU. The prefix cache reuses whole blocks only, so a prompt shorter than one block
     never hits it: on CPU, 32 lets short prompts share their prefix across refinement rounds."""
+    speculative: Literal["off", "ngram", "suffix"] = "off"
+    """Draft Follower rounds from their prompt (the previous answer) and check the drafts in one
+    step: "ngram" looks up the last generated tokens in the prompt and output and proposes what
+    followed them (vLLM's prompt lookup); "suffix" is vLLM's suffix decoding (needs the
+    ``arctic-inference`` package); "off" generates one token per step. Greedy output is
+    unchanged; seeded sampling may differ. See docs/performance.md."""
+    speculative_tokens: int = Field(5, ge=1, le=64)
+    """Most draft tokens proposed per step (vLLM's ``num_speculative_tokens``)."""
+    speculative_lookup_min: int = Field(2, ge=1)
+    """"ngram": the shortest run of last tokens looked up in the prompt and output."""
+    speculative_lookup_max: int = Field(5, ge=1)
+    """"ngram": the longest run of last tokens looked up (the longest match wins)."""
     enforce_eager: bool = False
     max_lora_rank: int = Field(64, ge=1)
     engine_metrics: bool = True
@@ -141,6 +153,11 @@ class ServerSettings(BaseSettings):
             raise ValueError(
                 f"SLHF_DEFAULT_ROUNDS={self.default_rounds} exceeds "
                 f"SLHF_MAX_ROUNDS={self.max_rounds}"
+            )
+        if self.speculative_lookup_min > self.speculative_lookup_max:
+            raise ValueError(
+                f"SLHF_SPECULATIVE_LOOKUP_MIN={self.speculative_lookup_min} exceeds "
+                f"SLHF_SPECULATIVE_LOOKUP_MAX={self.speculative_lookup_max}"
             )
         if self.upstream_base_url is not None and self.upstream_model is None:
             raise ValueError(

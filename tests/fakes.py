@@ -13,6 +13,7 @@ from typing import Any
 
 from models.templates import Role
 from server.generation import (
+    DraftCounts,
     EngineError,
     FinishReason,
     Generation,
@@ -63,6 +64,27 @@ class ScriptedEngine:
     peak_running: int = 0
     fail_stream_after: int | None = None
     """When set, a streamed generation raises ``EngineError`` after this many deltas."""
+    prefix_cache: bool = False
+    """Report what a per-token prefix cache would serve (the longest prefix shared with an
+    earlier request's prompt + output ids) and the generated ids (``CharTokenizer`` ids)."""
+    drafts: DraftCounts | None = None
+    """Reported as every generation's speculative-decoding acceptance."""
+    sequences: list[list[int]] = field(default_factory=list)
+
+    def _cached(
+        self, prompt_token_ids: list[int], text: str
+    ) -> tuple[tuple[int, ...] | None, int | None]:
+        if not self.prefix_cache:
+            return None, None
+        best = 0
+        for seq in self.sequences:
+            n = 0
+            while n < min(len(seq), len(prompt_token_ids)) and seq[n] == prompt_token_ids[n]:
+                n += 1
+            best = max(best, n)
+        ids = tuple(ord(c) for c in text)
+        self.sequences.append([*prompt_token_ids, *ids])
+        return ids, best
 
     def tokenizer(self, role: Role) -> CharTokenizer:
         return CharTokenizer()
@@ -74,11 +96,15 @@ class ScriptedEngine:
         self, role: Role, prompt_token_ids: list[int], params: GenerationParams, request_id: str
     ) -> Generation:
         words, finish = await self._answer(role, prompt_token_ids, params, request_id)
+        ids, cached = self._cached(prompt_token_ids, " ".join(words))
         return Generation(
             text=" ".join(words),
             prompt_tokens=len(prompt_token_ids),
             completion_tokens=len(words),
             finish_reason=finish,
+            token_ids=ids,
+            cached_tokens=cached,
+            drafts=self.drafts,
         )
 
     async def stream(
@@ -86,18 +112,23 @@ class ScriptedEngine:
     ) -> AsyncIterator[GenerationDelta]:
         """One word per delta ("a", " b", " c"), the finish reason on the last one."""
         words, finish = await self._answer(role, prompt_token_ids, params, request_id)
+        ids, cached = self._cached(prompt_token_ids, " ".join(words))
         for i, word in enumerate(words):
             if self.fail_stream_after is not None and i >= self.fail_stream_after:
                 raise EngineError("engine failed mid-stream")
             await asyncio.sleep(0)
             last = i == len(words) - 1
+            piece = word if i == 0 else " " + word
             yield GenerationDelta(
-                text=word if i == 0 else " " + word,
+                text=piece,
                 new_tokens=1,
                 finish_reason=finish if last else None,
+                token_ids=None if ids is None else tuple(ord(c) for c in piece),
+                cached_tokens=cached if last else None,
+                drafts=self.drafts if last else None,
             )
         if not words:
-            yield GenerationDelta(text="", new_tokens=0, finish_reason=finish)
+            yield GenerationDelta("", 0, finish, None if ids is None else (), cached, self.drafts)
 
     async def _answer(
         self, role: Role, prompt_token_ids: list[int], params: GenerationParams, request_id: str

@@ -1,0 +1,113 @@
+"""Round 1 reuses the Leader's KV: its prompt is spliced from the Leader's sequence
+(``server.prompts``), so vLLM's prefix cache serves it (docs/performance.md).
+
+Also a measurement: ``python -m tests.integration.test_prefix_cache`` prints the share of each
+round's prompt tokens served from the cache, for 16- and 32-token KV blocks, on the shared and the
+LoRA topologies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from models.loading import resolve_weights
+from server.generation import GenerationParams
+from server.refine import RefineJob, RefineOutcome
+from server.settings import ServerSettings
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = [
+    f"Question {i}: explain, step by step and with an example, how a {w} keeps its state "
+    "between two calls, and what happens when two callers share it."
+    for i, w in enumerate(["cache", "queue", "counter", "session"])
+]
+
+
+@dataclass
+class RoundShare:
+    round: int
+    prompt_tokens: int
+    cached_tokens: int
+
+    @property
+    def share(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+def run_chains(model: Path, rounds: int = 2, **settings: object) -> list[RefineOutcome]:
+    """Greedy Leader -> ``rounds`` Follower rounds for each of ``PROMPTS``, one after the other,
+    on a fresh in-process engine."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from server.engine import VllmEngine
+    from server.service import Service
+
+    cfg = ServerSettings(max_model_len=512, engine_metrics=False, **settings)  # type: ignore[arg-type]
+    weights = resolve_weights(model)
+    engine = VllmEngine.start(weights, cfg)
+    service = Service.build(cfg, weights, engine)
+    params = GenerationParams(max_tokens=48, temperature=0.0)
+
+    async def chains() -> list[RefineOutcome]:
+        try:
+            out = []
+            for i, prompt in enumerate(PROMPTS):
+                job = RefineJob(f"c{i}", prompt, rounds, params, params, stop_when_unchanged=False)
+                out.append(await service.refiner.refine(job))
+            return out
+        finally:
+            await engine.shutdown()
+
+    return asyncio.run(chains())
+
+
+def shares(outcomes: list[RefineOutcome]) -> list[RoundShare]:
+    """Prompt and cached tokens summed over the chains, per round (0 = the Leader)."""
+    rows: dict[int, RoundShare] = {}
+    for o in outcomes:
+        for index, usage in [(0, o.leader.usage), *((r.round, r.usage) for r in o.rounds)]:
+            details = usage.prompt_tokens_details
+            assert details is not None, "vLLM reports num_cached_tokens"
+            row = rows.setdefault(index, RoundShare(index, 0, 0))
+            row.prompt_tokens += usage.prompt_tokens
+            row.cached_tokens += details.cached_tokens
+    return [rows[k] for k in sorted(rows)]
+
+
+def test_round_one_prompt_is_mostly_served_from_the_leaders_cache(random_model: Path) -> None:
+    rows = shares(run_chains(random_model, rounds=1, kv_block_size=16))
+    leader, round1 = rows
+    # the four prompts share no full 16-token block with each other: the Leader prefills
+    assert leader.cached_tokens == 0
+    assert round1.share >= 0.6, rows
+
+
+def main() -> None:
+    from models.tiny import build_tiny_model, cache_dir, random_model_dir
+
+    models = {
+        "shared": random_model_dir(),
+        "lora": build_tiny_model(
+            cache_dir() / "tiny-llama-lora-probe", family="llama", seed=0, adapters=True
+        ),
+    }
+    wanted = sys.argv[1:] or ["shared", "lora"]
+    for topology in wanted:
+        for block in (16, 32):
+            rows = shares(run_chains(models[topology], rounds=2, kv_block_size=block))
+            cells = ", ".join(
+                f"round {r.round}: {r.cached_tokens}/{r.prompt_tokens} = {r.share:.0%}"
+                for r in rows
+            )
+            print(f"RESULT {topology} block {block}: {cells}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
