@@ -50,12 +50,13 @@ def render(cfg: StackelbergConfig, manifest: Manifest, *, evaluation: dict[str, 
         f"# {manifest.name}",
         "",
         f"A Leader and a Follower trained with StackelbergGDA (Stackelberg Learning from Human "
-        f"Feedback) by `slhf train`: {weights} on `{cfg.model}`, served as topology "
+        f"Feedback) by `slhf train`: {weights} on `{_name(cfg.model)}`, served as topology "
         f"`{manifest.topology}`. The Leader answers a prompt; the Follower refines an answer.",
         "",
         "## Training",
         "",
-        f"- prompts: `{cfg.dataset}` (split `{cfg.dataset_split}`, field `{cfg.prompt_field}`)",
+        f"- prompts: `{_name(cfg.dataset)}` "
+        f"(split `{cfg.dataset_split}`, field `{cfg.prompt_field}`)",
         f"- preference: `{cfg.preference or 'a Python object (StackelbergTrainer API)'}`",
         f"- steps {cfg.steps}, batch {cfg.batch_size} prompts per process, "
         f"{cfg.max_new_tokens} new tokens at temperature {cfg.temperature}",
@@ -85,3 +86,8 @@ def _evaluation_text(evaluation: dict[str, Any]) -> str:
         f"{k.removeprefix('eval/')} {v:.4g}" for k, v in evaluation.items() if k != "step"
     )
     return f"At step {evaluation['step']} on the held-out prompts: {values}."
+
+
+def _name(ref: str) -> str:
+    """A Hub id as it is; a local path by its last part (no paths of the training machine)."""
+    return ref if re.fullmatch(HUB_ID, ref) and not Path(ref).exists() else Path(ref).name
