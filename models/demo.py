@@ -47,7 +47,8 @@ SHIPPED_NAME = "slhf-condorcet-tiny"
 DEMOS, FOLLOWER_SHARE, TRAIN_PROMPTS, EVAL_PROMPTS = 8000, 0.5, 4000, 128
 #: Follower-template rows are ~100-140 tokens (prompt, given answer, instruction, answer).
 SFT = SFTConfig(steps=600, batch_size=32, learning_rate=3e-3, warmup_steps=20, max_length=192)
-FAMILIES = {"llama": 0, "qwen2": 1}  # family -> seed
+#: family -> (seed, warm-start steps); family 2 is the evaluation's "other family".
+FAMILIES = {"llama": (0, SFT.steps), "qwen2": (1, SFT.steps)}
 #: The shipped model's serving defaults: the task's answers are 25-40 tokens; 64 leave room.
 SAMPLING = SamplingDefaults(max_tokens=64, temperature=0.9, top_k=50)
 #: torch threads for the build. On the shared 2-core machine one thread ran an SFT step in
@@ -85,7 +86,7 @@ def build_data(out: Path) -> dict[str, Path]:
     return paths
 
 
-def warm_start(family: str, seed: int, demos: Path, out: Path) -> Path:
+def warm_start(family: str, seed: int, steps: int, demos: Path, out: Path) -> Path:
     """Build the random ``family`` model and fine-tune it on ``demos`` (skipped when done)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -100,7 +101,7 @@ def warm_start(family: str, seed: int, demos: Path, out: Path) -> Path:
     init = build_tiny_model(out / f"init-{family}", family=family, seed=seed)
     tokenizer = AutoTokenizer.from_pretrained(init)
     model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
-    config = SFTConfig(**{**asdict(SFT), "seed": seed})
+    config = SFTConfig(**{**asdict(SFT), "seed": seed, "steps": steps})
     losses = train_sft(model, tokenizer, read_rows(demos), config)
     return save_sft(model, tokenizer, init, target, config, demos=str(demos), final_loss=losses[-1])
 
@@ -182,9 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _stage("data", timings):
         data = build_data(out)
     sft = {}
-    for family, seed in FAMILIES.items():
+    for family, (seed, steps) in FAMILIES.items():
         with _stage(f"warm start {family}", timings):
-            sft[family] = warm_start(family, seed, data["demos"], out)
+            sft[family] = warm_start(family, seed, steps, data["demos"], out)
     with _stage("stackelberg", timings):
         final = stackelberg(sft["llama"], data, out, args.resume)
     timings["total"] = round(time.monotonic() - t0, 1)
