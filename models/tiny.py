@@ -170,7 +170,7 @@ def random_model_dir(*, build: bool = True) -> Path:
 
 
 #: The demo model trained by ``make demo-model`` (models/demo.py) and shipped in the package.
-SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "weights" / "slhf-arith-tiny"
+SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "weights" / "slhf-condorcet-tiny"
 
 
 def default_model_dir(*, build: bool = True) -> Path:

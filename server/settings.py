@@ -21,7 +21,7 @@ class ServerSettings(BaseSettings):
     # -- what to serve ------------------------------------------------------------------------
     model: str | None = None
     """Model folder or HF id. A folder may hold an ``slhf.json`` manifest (adapters, template,
-    defaults). Unset: the shipped demo model (models/weights/slhf-arith-tiny, trained by
+    defaults). Unset: the shipped demo model (models/weights/slhf-condorcet-tiny, trained by
     ``make demo-model``; no download)."""
     follower_model: str | None = None
     """A separate Follower model (topology "separate") when the model has no manifest saying so."""

@@ -19,7 +19,7 @@ def test_litellm_config_routes_to_the_service(
     monkeypatch.setenv("SLHF_BASE_URL_V1", shared_server.url + "/v1")
     monkeypatch.setenv("SLHF_API_KEY", "unused")
     # the example names the shipped demo model; this server runs the random tiny one
-    config = CONFIG.read_text().replace("slhf-arith-tiny", "slhf-tiny-llama")
+    config = CONFIG.read_text().replace("slhf-condorcet-tiny", "slhf-tiny-llama")
     router = litellm.Router(model_list=yaml.safe_load(config)["model_list"])
     messages = [{"role": "user", "content": "Explain gravity"}]
 
