@@ -82,6 +82,13 @@ SAMPLING_FIELDS: Strategies = {
     "seed": st.one_of(st.integers(0, 2**63 - 1), ODD),
     "stop": st.one_of(TEXT, st.lists(TEXT, max_size=3), ODD),
     "source": st.one_of(st.just("leader"), ODD),
+    # vLLM's extra sampling fields, per role
+    "min_p": st.one_of(st.floats(0, 1), ODD),
+    "repetition_penalty": st.one_of(st.floats(0.1, 2), ODD),
+    "presence_penalty": st.one_of(st.floats(-2, 2), ODD),
+    "frequency_penalty": st.one_of(st.floats(-2, 2), ODD),
+    "min_tokens": st.one_of(st.integers(0, 8), ODD),
+    "ignore_eos": st.one_of(st.booleans(), ODD),
 }
 SAMPLING = st.one_of(hostile(SAMPLING_FIELDS, {"max_tokens": 4}), ODD)
 PARTS = st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": TEXT}), max_size=2)
@@ -125,6 +132,13 @@ OPENAI: Strategies = {
     "stream": st.one_of(st.booleans(), ODD),
     "user": st.one_of(TEXT, ODD),
     "logprobs": ODD,
+    "top_k": st.one_of(st.integers(-1, 100), ODD),
+    "min_p": st.one_of(st.floats(0, 1), ODD),
+    "repetition_penalty": st.one_of(st.floats(0.1, 2), ODD),
+    "presence_penalty": st.one_of(st.floats(-2, 2), ODD),
+    "frequency_penalty": st.one_of(st.floats(-2, 2), ODD),
+    "min_tokens": st.one_of(st.integers(0, 8), ODD),
+    "ignore_eos": st.one_of(st.booleans(), ODD),
     "refinement": st.one_of(
         hostile(
             {
