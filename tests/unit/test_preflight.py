@@ -20,6 +20,7 @@ from server.preflight import (
     StartupError,
     bind_socket,
     check_adapter_folder,
+    check_block_size,
     check_model_folder,
     check_safetensors,
 )
@@ -151,3 +152,25 @@ def test_serve_exits_2_with_one_line_for_a_busy_port(
         f"slhf serve: cannot listen on 127.0.0.1:{busy_port} (SLHF_HOST, SLHF_PORT): "
         "Address already in use"
     )
+
+
+@pytest.mark.parametrize("block_size", [16, 48, 100])
+def test_a_kv_block_size_the_cpu_build_cannot_run_is_named(block_size: int) -> None:
+    with pytest.raises(StartupError, match=f"SLHF_KV_BLOCK_SIZE is {block_size}; .* multiple"):
+        check_block_size(block_size, cpu=True)
+    check_block_size(block_size, cpu=False)  # GPU builds take 16 (their default)
+
+
+@pytest.mark.parametrize("block_size", [None, 32, 64, 128])
+def test_cpu_block_sizes_that_run_pass(block_size: int | None) -> None:
+    check_block_size(block_size, cpu=True)
+
+
+def test_serve_exits_2_with_one_line_for_a_cpu_block_size_of_16(
+    folder: Path, no_app: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("server.preflight.vllm_cpu_build", lambda: True)
+    monkeypatch.setenv("SLHF_KV_BLOCK_SIZE", "16")
+    assert serve(model=str(folder), host="127.0.0.1", port=0) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("slhf serve: SLHF_KV_BLOCK_SIZE is 16;") and "\n" not in err
