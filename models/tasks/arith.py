@@ -45,7 +45,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.preferences import Preference, PreferenceError, Prompt
+from models.preferences import CallablePreference, Preference, PreferenceError, Prompt
 from models.tasks.graphs import cycle_share
 
 OPS = ("add", "sub")
@@ -209,7 +209,7 @@ def vote(prompt: Prompt, a: str, b: str, attributes: Sequence[str] = ATTRIBUTES)
     return total / len(attributes)
 
 
-class TaskPreference:
+class TaskPreference(CallablePreference):
     """The attribute vote as a batched ``models.preferences.Preference``.
 
     ``attributes`` picks a subset of ``ATTRIBUTES`` (default: all five).
@@ -222,19 +222,7 @@ class TaskPreference:
                 f"attributes must be a non-empty subset of {', '.join(ATTRIBUTES)}; got {unknown}"
             )
         self.attributes = tuple(attributes)
-
-    def __call__(
-        self, prompts: Sequence[Prompt], answers_a: Sequence[str], answers_b: Sequence[str]
-    ) -> list[float]:
-        if not len(prompts) == len(answers_a) == len(answers_b):
-            raise PreferenceError(
-                f"prompts, answers_a and answers_b must have the same length; "
-                f"got {len(prompts)}, {len(answers_a)}, {len(answers_b)}"
-            )
-        return [
-            vote(x, a, b, self.attributes)
-            for x, a, b in zip(prompts, answers_a, answers_b, strict=True)
-        ]
+        super().__init__(functools.partial(vote, attributes=self.attributes))
 
 
 def preference(prompt: Prompt, a: str, b: str) -> float:

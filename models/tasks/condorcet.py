@@ -42,6 +42,7 @@ lose. How to run::
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import random
 import re
@@ -49,7 +50,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.preferences import PreferenceError, Prompt
+from models.preferences import CallablePreference, PreferenceError, Prompt
 from models.tasks.arith import TaskError, write_jsonl
 
 STYLES = ("A", "B", "C")
@@ -232,26 +233,14 @@ def condorcet_vote(prompt: Prompt, a: str, b: str, shares: Sequence[float] = SHA
     return style_preference(va.style, vb.style, shares)
 
 
-class CondorcetPreference:
+class CondorcetPreference(CallablePreference):
     """The Condorcet mixture as a batched ``models.preferences.Preference``."""
 
     def __init__(self, shares: Sequence[float] = SHARES) -> None:
         if len(shares) != len(RANKINGS) or abs(sum(shares) - 1.0) > 1e-9 or min(shares) < 0:
             raise PreferenceError(f"shares must be 3 numbers ≥ 0 summing to 1; got {shares}")
         self.shares = tuple(shares)
-
-    def __call__(
-        self, prompts: Sequence[Prompt], answers_a: Sequence[str], answers_b: Sequence[str]
-    ) -> list[float]:
-        if not len(prompts) == len(answers_a) == len(answers_b):
-            raise PreferenceError(
-                f"prompts, answers_a and answers_b must have the same length; "
-                f"got {len(prompts)}, {len(answers_a)}, {len(answers_b)}"
-            )
-        return [
-            condorcet_vote(x, a, b, self.shares)
-            for x, a, b in zip(prompts, answers_a, answers_b, strict=True)
-        ]
+        super().__init__(functools.partial(condorcet_vote, shares=self.shares))
 
 
 TaskPreference = CondorcetPreference  # the name every task module exposes
