@@ -9,16 +9,10 @@ import numpy as np
 import pytest
 
 from models.game import closed_form, condorcet_preferences
-from models.tiny import build_tiny_model
 from models.token_game import TokenGame, TokenGameError, token_game
 from server.cli import main
 
 GAME = TokenGame((5, 6, 7), ("A", "B", "C"), (0.4, 0.35, 0.25), vocab_size=10)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 
 
 def test_answers_play_condorcet_beat_every_other_token_and_others_tie() -> None:

@@ -13,25 +13,13 @@ from safetensors import safe_open
 
 from models.loading import resolve_weights
 from models.manifest import Manifest
-from models.tiny import build_tiny_model
 from models.trainer.artefact import portable_base, push_to_hub
 from models.trainer.trainer import StackelbergTrainer
 from tests.trainer_helpers import tiny_config, tiny_trainer
 
 PROMPTS = ["What is the map?", "Tell me about the river.", "Why does it rain?"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)  # bf16 on disk
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def trained(model: Path, out: Path, **overrides: Any) -> StackelbergTrainer:

@@ -11,24 +11,12 @@ import pytest
 import torch
 
 from models.preferences import CallablePreference, Unscored
-from models.tiny import build_tiny_model
 from models.trainer.console import Console, PreferenceFailureError, format_line
 from tests.trainer_helpers import tiny_config, tiny_trainer
 
 PROMPTS = ["What is the map?", "Tell me about the river.", "Why does it rain?", "Name a tree."]
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def judge_down(x: Any, a: str, b: str) -> float:

@@ -12,7 +12,6 @@ import torch
 
 from models.loading import resolve_weights
 from models.manifest import Manifest
-from models.tiny import build_tiny_model
 from models.trainer.checkpoint import latest_checkpoint
 from models.trainer.trainer import TIMING_KEYS, StackelbergTrainer
 from tests.trainer_helpers import tiny_config, tiny_trainer
@@ -23,19 +22,7 @@ PROMPTS = [
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why does it rain?"}],
 ]
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    # Tiny matmuls: a second thread only adds contention (10x slower on a busy 2-core box).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_trainer(model_dir: Path, out: Path, **overrides: Any) -> StackelbergTrainer:
