@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 
 import httpx
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 
 EDGE_CHARS = [
@@ -52,6 +53,19 @@ ODD = st.one_of(
     st.dictionaries(TEXT, st.integers(), max_size=2),
 )
 Strategies = dict[str, st.SearchStrategy[object]]
+
+
+def fuzz_settings(examples: int) -> settings:
+    """Hypothesis settings of a bounded, repeatable fuzz run: ``examples`` cases, no shrinking
+    (a failure is reported as found), no example database, no deadline or health checks."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
 
 
 def one_field(base: dict[str, object], fields: Strategies) -> st.SearchStrategy[dict]:

@@ -14,9 +14,9 @@ from collections import Counter
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given
 
-from tests.hostile_requests import REQUESTS, encode, violation
+from tests.hostile_requests import REQUESTS, encode, fuzz_settings, violation
 from tests.integration.conftest import ServerProcess
 
 pytestmark = pytest.mark.integration
@@ -34,14 +34,7 @@ def test_fuzzed_requests_get_200_or_4xx_envelopes_and_the_server_stays_healthy(
     client = httpx.Client(base_url=hostile_server.url, timeout=60)
 
     @given(request=REQUESTS)
-    @settings(
-        max_examples=EXAMPLES,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        phases=[Phase.explicit, Phase.generate],
-        suppress_health_check=list(HealthCheck),
-    )
+    @fuzz_settings(EXAMPLES)
     def run(request: tuple[str, object]) -> None:
         if time.monotonic() - started > BUDGET_S:
             return

@@ -9,11 +9,11 @@ from collections import Counter
 
 import schemathesis
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.fakes import ScriptedEngine, VllmLikeEngine, numbered_script
-from tests.hostile_requests import REQUESTS, encode, violation
+from tests.hostile_requests import REQUESTS, encode, fuzz_settings, violation
 from tests.unit.test_hardening import AUTH, KEY, make_app
 
 CASES_PER_OPERATION = 200  # 6 operations: 1,200 cases
@@ -65,14 +65,7 @@ def test_hostile_bodies_get_200_or_4xx_envelopes() -> None:
     with TestClient(app) as client:
 
         @given(request=REQUESTS)
-        @settings(
-            max_examples=HOSTILE_EXAMPLES,
-            deadline=None,
-            derandomize=True,
-            database=None,
-            phases=[Phase.explicit, Phase.generate],
-            suppress_health_check=list(HealthCheck),
-        )
+        @fuzz_settings(HOSTILE_EXAMPLES)
         def run(request: tuple[str, object]) -> None:
             path, body = request
             content = encode(body)
