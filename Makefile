@@ -87,17 +87,23 @@ test-unit: install-dev
 test-integration: install-dev
 	$(call run_pytest,-m integration)
 
-lint: install-dev
+lint: install-dev typecheck
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy
 
 format: install-dev
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# mypy cannot follow setuptools' package mapping (server/ installs as slhf.server): it checks a
+# tree of links with the installed layout, build/typecheck/{slhf/{server,models,*.py},slhf_client}.
+TYPECHECK := build/typecheck
 typecheck: install-dev
-	$(VENV)/bin/mypy
+	@rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/slhf
+	@ln -s $(CURDIR)/server $(CURDIR)/models $(CURDIR)/slhf/*.py $(TYPECHECK)/slhf/
+	@ln -s $(CURDIR)/clients/slhf_client $(TYPECHECK)/slhf_client
+	cd $(TYPECHECK) && MYPYPATH=. $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml \
+		-p slhf.cli -p slhf.server -p slhf_client
 
 # Benchmarks print ratios against peers measured in the same run (bench/results/*).
 # The shipped default model (models/weights/slhf-condorcet-tiny, docs/demo.md): warm starts of two
@@ -109,7 +115,7 @@ DEMO_EVAL_SEED ?= 0
 DEMO_EVAL_OUT ?= $(DEMO_MODEL)/eval
 
 demo-model: install-dev
-	$(PY) -m models.demo $(DEMO_WORK) --ship $(DEMO_MODEL)
+	$(PY) -m slhf.models.demo $(DEMO_WORK) --ship $(DEMO_MODEL)
 
 demo-eval: install-dev
 	$(VENV)/bin/slhf eval --model $(DEMO_MODEL) --base $(DEMO_WORK)/sft-llama \

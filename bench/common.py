@@ -35,16 +35,16 @@ def bench_model_dir() -> Path:
     """The benchmarks' model: the random tiny llama (``random_model_dir``). It rarely stops, so
     every request generates its full ``max_tokens`` (the shipped demo model answers in a dozen
     tokens); the server and the in-process chain must both use it."""
-    from models.tiny import random_model_dir
+    from slhf.models.tiny import random_model_dir
 
     return random_model_dir()
 
 
 def in_process_job(service: Any, body: dict[str, Any], i: int, k: int) -> Any:
     """The ``RefineJob`` our server would run for ``body`` (k rounds, early stop off), for the
-    in-process chain on ``service`` (a ``server.service.Service``)."""
-    from server.protocol import RefineRequest
-    from server.refine import RefineJob
+    in-process chain on ``service`` (a ``slhf.server.service.Service``)."""
+    from slhf.server.protocol import RefineRequest
+    from slhf.server.refine import RefineJob
 
     request = RefineRequest(**body)
     return RefineJob(
@@ -95,5 +95,5 @@ def start_slhf(port: int, **settings: str) -> tuple[subprocess.Popen[bytes], str
         "SLHF_LOG_LEVEL": "warning",
         **settings,
     }
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "slhf.cli", "serve"], cwd=REPO, env=env)
     return proc, f"http://127.0.0.1:{port}"

@@ -54,10 +54,10 @@ async def measure(args: argparse.Namespace, url: str) -> dict:
     """Paired measurement: request i goes to both sides, alternating which goes first."""
     import httpx
 
-    from server.app import resolve_served_weights
-    from server.engine import VllmEngine
-    from server.service import Service
-    from server.settings import ServerSettings
+    from slhf.server.app import resolve_served_weights
+    from slhf.server.engine import VllmEngine
+    from slhf.server.service import Service
+    from slhf.server.settings import ServerSettings
 
     settings = ServerSettings(model=str(bench_model_dir()), max_model_len=args.max_model_len)
     weights = resolve_served_weights(settings)

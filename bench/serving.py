@@ -4,13 +4,14 @@ Three systems run the same Leader -> k Follower-round chain, one after another (
 they do not share the CPU), each warm, on the same model folder, templates, prompts, seeds and
 sampling (32 new tokens per generation, early stop off):
 
-1. ``ours``: ``slhf serve`` (``python -m server.cli serve``); the client posts ``/v1/refine``.
+1. ``ours``: ``slhf serve`` (``python -m slhf.cli serve``); the client posts ``/v1/refine``.
    Admission is set out of the way (``SLHF_MAX_INFLIGHT_GENERATIONS`` above the largest
    concurrency times two, so no request is ever rejected) and logs are quiet.
 2. ``peer``: vLLM's own server (``python -m vllm.entrypoints.openai.api_server``); an asyncio
    client renders the Leader template with our ``TemplateRenderer`` and the model's tokenizer,
    sends the token ids to ``/v1/completions``, then k times the Follower template with the
-   previous answer. Per-round seeds are ``server.refine.derive_seed`` -- the very seeds our server
+   previous answer. Per-round seeds are ``slhf.server.refine.derive_seed`` -- the very seeds our
+   server
    uses -- so both generate the same tokens. Flags: ``--peer-flags`` (default: the best honest
    setting found, see README "Benchmarks").
 3. ``in_process``: the chain on an in-process engine (``VllmEngine`` + our ``Refiner``, no HTTP):
@@ -129,8 +130,8 @@ def start_peer(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
 
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
-        from server.app import resolve_served_weights
-        from server.settings import ServerSettings
+        from slhf.server.app import resolve_served_weights
+        from slhf.server.settings import ServerSettings
 
         self.args = args
         self.settings = ServerSettings(
@@ -240,8 +241,8 @@ class Bench:
     def run_peer(self, port: int) -> tuple[list[dict[str, Any]], float]:
         from transformers import AutoTokenizer
 
-        from models.templates import TemplateRenderer
-        from server.refine import derive_seed
+        from slhf.models.serving.templates import TemplateRenderer
+        from slhf.server.refine import derive_seed
 
         tok = AutoTokenizer.from_pretrained(str(self.args.model))
         renderer = TemplateRenderer(tok)
@@ -285,9 +286,9 @@ class Bench:
     async def _in_process(self) -> tuple[list[dict[str, Any]], float]:
         import prometheus_client
 
-        from server.app import resolve_served_weights
-        from server.engine import VllmEngine
-        from server.service import Service
+        from slhf.server.app import resolve_served_weights
+        from slhf.server.engine import VllmEngine
+        from slhf.server.service import Service
 
         weights = resolve_served_weights(self.settings)
         engine = VllmEngine.start(weights, self.settings)
@@ -457,7 +458,7 @@ def main() -> None:
         },
         "settings": {
             "quick": args.quick,
-            "model": "tiny-llama (models.tiny.random_model_dir)",
+            "model": "tiny-llama (slhf.models.tiny.random_model_dir)",
             "max_tokens": args.max_tokens,
             "stop_when_unchanged": False,
             "seeded": args.seeded,

@@ -2,14 +2,14 @@
 
 One seeded command, on CPU, from nothing but this repository::
 
-    python -m models.demo runs/demo --ship models/weights/slhf-condorcet-tiny
+    python -m slhf.models.demo runs/demo --ship models/weights/slhf-condorcet-tiny
 
-1. two tiny models of two families (``models.tiny``: llama, seed 0; qwen2, seed 1), the
+1. two tiny models of two families (``slhf.models.tiny``: llama, seed 0; qwen2, seed 1), the
    project's tokenizer and ChatML template;
-2. the Condorcet task's demonstrations (``models.tasks.condorcet``: three styles in equal
+2. the Condorcet task's demonstrations (``slhf.models.tasks.condorcet``: three styles in equal
    shares, half of them with defects; half of the rows in the Follower template, rewriting the
    given answer in a random style with its defects) and train / held-out prompts;
-3. a supervised warm start of each family (``models.sft``): family 1 is the base and reference
+3. a supervised warm start of each family (``slhf.models.sft``): family 1 is the base and reference
    of the SLHF run, family 2 the "other model family" of the evaluation;
 4. StackelbergGDA on family 1 with ``recipes/demo.yaml`` (``slhf train``: one model, both roles);
 5. the final weights in bfloat16 with their tokenizer and an ``slhf.json`` that records how they
@@ -36,8 +36,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from models.manifest import Manifest, SamplingDefaults
-from models.sft import SFTConfig
+from slhf.models.serving.manifest import Manifest, SamplingDefaults
+from slhf.models.sft import SFTConfig
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "demo.yaml"
@@ -67,8 +67,8 @@ def _stage(name: str, timings: dict[str, float]) -> Iterator[None]:
 
 
 def build_data(out: Path) -> dict[str, Path]:
-    from models.tasks import task_module
-    from models.tasks.arith import write_jsonl
+    from slhf.models.tasks import task_module
+    from slhf.models.tasks.arith import write_jsonl
 
     task = task_module(TASK)
     rows = task.demonstrations(DEMOS, seed=0, follower_share=FOLLOWER_SHARE)
@@ -91,8 +91,8 @@ def warm_start(family: str, seed: int, steps: int, demos: Path, out: Path) -> Pa
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from models.sft import read_rows, save_sft, train_sft
-    from models.tiny import build_tiny_model
+    from slhf.models.sft import read_rows, save_sft, train_sft
+    from slhf.models.tiny import build_tiny_model
 
     target = out / f"sft-{family}"
     if (target / "slhf.json").exists():
@@ -107,7 +107,7 @@ def warm_start(family: str, seed: int, steps: int, demos: Path, out: Path) -> Pa
 
 
 def stackelberg(base: Path, data: dict[str, Path], out: Path, resume: bool) -> Path:
-    from models.trainer.cli import main as train_main
+    from slhf.models.trainer.cli import main as train_main
 
     overrides = [
         f"model={base}",
@@ -167,7 +167,7 @@ def _git_commit() -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m slhf.models.demo", description=__doc__)
     parser.add_argument("out_dir", type=Path, help="work folder (models, data, checkpoints)")
     parser.add_argument("--ship", type=Path, help="copy the final model here (bfloat16)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         final = stackelberg(sft["llama"], data, out, args.resume)
     timings["total"] = round(time.monotonic() - t0, 1)
     provenance = {
-        "command": "python -m models.demo " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m slhf.models.demo " + " ".join(sys.argv[1:] if argv is None else argv),
         "recipe": RECIPE.read_text(),
         "sft": asdict(SFT),
         "task": TASK,

@@ -12,7 +12,7 @@ win rate ``mean_i p_i`` (a tie, ``p = ½``, counts as half a win) with a 95% Wil
   Follower template) on the same answers (``z₀`` when another model is given, else ``y₀``).
 
 Models are ``Generator`` objects (``leader`` and ``follow``), so the statistics and the report
-assembly are tested with fakes; ``models.eval_cli`` provides served ones and ``slhf eval``.
+assembly are tested with fakes; ``slhf.models.eval_cli`` provides served ones and ``slhf eval``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from models.preferences import Preference, Prompt
+from slhf.models.preferences import Preference, Prompt
 
 Z95 = 1.959964  # two-sided 95% normal quantile
 
@@ -181,7 +181,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         lines += [_row(point["vs_round0"]), _row(point["vs_previous"])]
     text = "\n".join(lines) + "\n"
     if "twin" in report:
-        from models.tasks.condorcet_twin import twin_markdown
+        from slhf.models.tasks.condorcet_twin import twin_markdown
 
         text += twin_markdown(report["twin"])
     return text

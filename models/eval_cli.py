@@ -32,8 +32,8 @@ from typing import Any
 
 import httpx
 
-from models.preferences import Prompt
-from models.tasks import TASKS, task_module
+from slhf.models.preferences import Prompt
+from slhf.models.tasks import TASKS, task_module
 
 START_TIMEOUT_S = 300
 
@@ -142,7 +142,7 @@ def serve_folder(folder: str, log_dir: Path) -> Iterator[str]:
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"serve-{port}.log"
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", folder]
+    cmd = [sys.executable, "-m", "slhf.cli", "serve", "--model", folder]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -199,7 +199,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 def _load_prompts(args: argparse.Namespace) -> list[Prompt]:
     if args.task:
         return list(task_module(args.task).sample_prompts(args.num_prompts, "test", seed=args.seed))
-    from models.trainer.data import load_prompts
+    from slhf.models.trainer.data import load_prompts
 
     prompts: list[Prompt] = list(load_prompts(args.prompts))
     return prompts[: args.num_prompts]
@@ -230,7 +230,7 @@ def recipe_taus(model: str) -> tuple[float, float] | None:
     """(τL, τF) of the recipe recorded in a weights folder's slhf.json (models/demo.py), if any."""
     import yaml
 
-    from models.manifest import Manifest, ManifestError
+    from slhf.models.serving.manifest import Manifest, ManifestError
 
     try:
         recipe = Manifest.load(model).provenance.get("demo", {}).get("recipe")
@@ -251,7 +251,7 @@ def _twin(
     taus = tuple(args.tau) if args.tau else recipe_taus(args.model)
     if taus is None:
         raise ValueError("the tabular twin needs τL and τF: pass --tau TAU_L TAU_F")
-    from models.tasks.condorcet_twin import twin_report
+    from slhf.models.tasks.condorcet_twin import twin_report
 
     answers = report["answers"]
     return twin_report(
@@ -261,10 +261,10 @@ def _twin(
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from models.eval import evaluate, write_outputs
-    from models.trainer.cli import build_preference
-    from models.trainer.config import ConfigError
-    from models.trainer.data import DataError
+    from slhf.models.eval import evaluate, write_outputs
+    from slhf.models.trainer.cli import build_preference
+    from slhf.models.trainer.config import ConfigError
+    from slhf.models.trainer.data import DataError
 
     spec = args.preference or (args.task and f"task:{args.task}")
     try:

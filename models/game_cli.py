@@ -27,7 +27,7 @@ answer. ``gda`` (Algorithm 1, step sizes adapted to τ; see models/game.py) runs
 fixed-point residual is below ``--tol``; when ``--max-steps`` run out first it still prints its
 answer but exits with status 1 and says so on stderr. ``softmax-pg`` runs ``--steps``; when its
 answer is more than 1e-3 (total variation) from the closed form a warning goes to stderr. The parser
-is registered by ``server.cli`` (the ``slhf`` console script); this module holds the code.
+is registered by ``slhf.cli`` (the ``slhf`` console script); this module holds the code.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import json
 import sys
 from pathlib import Path
 
-from models.game import (
+from slhf.models.game import (
     GameError,
     closed_form,
     condorcet_preferences,
@@ -48,8 +48,8 @@ from models.game import (
     stackelberg_gda,
     total_variation,
 )
-from models.templates import DEFAULT_FOLLOWER_INSTRUCTION
-from models.token_game import (
+from slhf.models.serving.templates import DEFAULT_FOLLOWER_INSTRUCTION
+from slhf.models.token_game import (
     DEFAULT_ANSWERS,
     DEFAULT_PROMPT,
     DEFAULT_SHARES,
@@ -180,7 +180,7 @@ def _tokens(args: argparse.Namespace) -> dict[str, object]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from models.templates import TemplateConfig, TemplateRenderer
+    from slhf.models.serving.templates import TemplateConfig, TemplateRenderer
 
     if not args.temperature > 0:
         raise GameError(f"--temperature must be > 0; got {args.temperature}")

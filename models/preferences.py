@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from models.templates import Message, to_messages
+from slhf.models.serving.templates import Message, to_messages
 
 Prompt = str | Sequence[Message]
 

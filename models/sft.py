@@ -1,7 +1,7 @@
 """Supervised warm start: fine-tune a causal LM on demonstrations in the Leader template.
 
-Each row ``{"prompt", "answer"}`` becomes ``T_L(prompt)`` (models/templates.py) followed by the
-answer and the tokenizer's EOS; a row that also has a ``response`` becomes ``T_F(prompt,
+Each row ``{"prompt", "answer"}`` becomes ``T_L(prompt)`` (models/serving/templates.py) followed by
+the answer and the tokenizer's EOS; a row that also has a ``response`` becomes ``T_F(prompt,
 response)`` and the answer. The loss is the mean cross-entropy over answer tokens only (prompt
 tokens are masked with -100). Plain PyTorch AdamW loop on the model's device (CUDA when
 available), seeded (data order and init of any randomness), batches padded on the right. The
@@ -9,8 +9,8 @@ result is an HF folder with an ``slhf.json`` (the input model's manifest, or a p
 the SFT run in its provenance), ready to be served or to be the base and reference of
 ``slhf train``. How to run::
 
-    python -m models.tasks.arith demos demos.jsonl --n 4000
-    python -m models.sft MODEL_FOLDER demos.jsonl OUT_FOLDER --steps 600 --batch-size 32
+    python -m slhf.models.tasks.arith demos demos.jsonl --n 4000
+    python -m slhf.models.sft MODEL_FOLDER demos.jsonl OUT_FOLDER --steps 600 --batch-size 32
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from models.manifest import Manifest, ManifestError
-from models.templates import TemplateRenderer
+from slhf.models.serving.manifest import Manifest, ManifestError
+from slhf.models.serving.templates import TemplateRenderer
 
 IGNORE = -100
 
@@ -161,8 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    parser = argparse.ArgumentParser(prog="python -m models.sft", description=__doc__)
-    parser.add_argument("model", help="model folder to start from (e.g. a models.tiny folder)")
+    parser = argparse.ArgumentParser(prog="python -m slhf.models.sft", description=__doc__)
+    parser.add_argument("model", help="model folder to start from (e.g. a slhf.models.tiny folder)")
     parser.add_argument("demos", help="demonstrations .jsonl with prompt and answer fields")
     parser.add_argument("out_dir")
     defaults = SFTConfig()

@@ -26,11 +26,11 @@ differently, and the manifest serves them as topology "lora".
 
 Usage::
 
-    from models.tiny import build_tiny_model, default_model_dir, random_model_dir
+    from slhf.models.tiny import build_tiny_model, random_model_dir
     path = build_tiny_model(tmp_path / "m", family="qwen2", adapters=True, seed=1)
     path = random_model_dir()         # a random tiny llama, built once into the cache
 
-    python -m models.tiny OUT_DIR [--family qwen2] [--adapters] [--seed 1] [--no-chat-template]
+    python -m slhf.models.tiny OUT_DIR [--family qwen2] [--adapters] [--seed 1] [--no-chat-template]
 
 Builds are atomic (a temporary sibling folder renamed into place) and serialised by a lock file,
 so concurrent test workers can ask for the same folder. torch and transformers are imported only
@@ -46,13 +46,18 @@ import os
 import random
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from models.manifest import Manifest, ManifestError, RoleSpec, SamplingDefaults, TemplateSpec
+from slhf.models.serving.manifest import (
+    Manifest,
+    ManifestError,
+    RoleSpec,
+    SamplingDefaults,
+    TemplateSpec,
+)
 
 #: Bump when the factory's output changes, so cached default models are rebuilt.
 FACTORY_VERSION = 2
@@ -167,26 +172,6 @@ def random_model_dir(*, build: bool = True) -> Path:
     """
     path = cache_dir() / f"tiny-llama-v{FACTORY_VERSION}"
     return build_tiny_model(path, family="llama", seed=0) if build else path
-
-
-#: The demo model trained by ``make demo-model`` (models/demo.py) and shipped in the package.
-SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "weights" / "slhf-condorcet-tiny"
-
-
-def default_model_dir(*, build: bool = True) -> Path:
-    """The server's default model: the shipped demo model (``SHIPPED_MODEL_DIR``).
-
-    A checkout without it (before ``make demo-model`` has run) falls back to
-    ``random_model_dir`` with a warning.
-    """
-    if _is_built(SHIPPED_MODEL_DIR):
-        return SHIPPED_MODEL_DIR
-    warnings.warn(
-        f"the shipped demo model is missing ({SHIPPED_MODEL_DIR}); serving a random tiny model "
-        "instead. Run `make demo-model` to train it.",
-        stacklevel=2,
-    )
-    return random_model_dir(build=build)
 
 
 # -- folder handling -------------------------------------------------------------------------
@@ -440,7 +425,7 @@ def tiny_manifest(
         default_rounds=2,
         max_model_len=_CONFIG["max_position_embeddings"],
         provenance={
-            "producer": "models.tiny",
+            "producer": "slhf.models.tiny",
             "family": family,
             "seed": seed,
             "size": size,
@@ -454,7 +439,7 @@ def tiny_manifest(
 # -- CLI -------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m models.tiny", description="Build a tiny random SLHF model folder."
+        prog="python -m slhf.models.tiny", description="Build a tiny random SLHF model folder."
     )
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--family", choices=list(FAMILIES), default="llama")

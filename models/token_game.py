@@ -5,7 +5,7 @@ the model's next-token distribution on ``T_L(x)`` and the Follower's row ``y`` i
 next-token distribution on ``T_F(x, y)``. The preference is the paper's Condorcet mixture
 (PAPER.md, "Condorcet example") over three answer tokens A, B, C with shares ``α``; any other
 token loses to A, B and C (p = 0) and ties with every other token (p = ½). With the model's own
-distributions as references, ``models.game.closed_form`` gives the equilibrium the trainer
+distributions as references, ``slhf.models.game.closed_form`` gives the equilibrium the trainer
 should reach over the whole vocabulary:
 
     ω*(y'|y) ∝ ω_ref(y'|y)·exp(−P[y, y']/τF)        π*(y) ∝ π_ref(y)·Z_F(y)^(−τF/τL)
@@ -24,8 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from models.game import StackelbergSolution, closed_form, condorcet_preferences, total_variation
-from models.templates import TemplateRenderer
+from slhf.models.game import (
+    StackelbergSolution,
+    closed_form,
+    condorcet_preferences,
+    total_variation,
+)
+from slhf.models.serving.templates import TemplateRenderer
 
 #: The prompt of the game (any prompt works; the test and the CLI default use this one).
 DEFAULT_PROMPT = "Pick one letter."
@@ -102,7 +107,7 @@ def next_token_distributions(
     """``(N, V)`` float64 next-token distributions after each rendered prompt (no grad)."""
     import torch
 
-    from models.trainer.rollouts import encode_prompts
+    from slhf.models.trainer.rollouts import encode_prompts
 
     out = []
     with torch.no_grad():

@@ -17,8 +17,8 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from server.errors import OverloadedError, ServiceUnavailableError
-from server.metrics import ServiceMetrics
+from slhf.server.errors import OverloadedError, ServiceUnavailableError
+from slhf.server.metrics import ServiceMetrics
 
 ABORT_WAIT_S = 2.0
 """After the drain's grace: how long the aborted requests get to answer their 503."""

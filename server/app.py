@@ -12,21 +12,21 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from models.loading import ServedWeights, resolve_weights
-from server.admission import Admission
-from server.errors import install_error_handlers
-from server.generation import Engine
-from server.lifecycle import install_drain
-from server.logs import restyle_handlers
-from server.metrics import ServiceMetrics
-from server.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
-from server.openapi import install_openapi
-from server.playground import PLAYGROUND_PATH, mount_playground
-from server.routes import router
-from server.routes_openai import router as openai_router
-from server.service import Service
-from server.settings import ServerSettings
-from server.upstream import UpstreamClient
+from slhf.models.serving.loading import ServedWeights, default_model_dir, resolve_weights
+from slhf.server.admission import Admission
+from slhf.server.errors import install_error_handlers
+from slhf.server.generation import Engine
+from slhf.server.lifecycle import install_drain
+from slhf.server.logs import restyle_handlers
+from slhf.server.metrics import ServiceMetrics
+from slhf.server.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from slhf.server.openapi import install_openapi
+from slhf.server.playground import PLAYGROUND_PATH, mount_playground
+from slhf.server.routes import router
+from slhf.server.routes_openai import router as openai_router
+from slhf.server.service import Service
+from slhf.server.settings import ServerSettings
+from slhf.server.upstream import UpstreamClient
 
 logger = logging.getLogger("slhf.server")
 
@@ -35,13 +35,8 @@ EngineFactory = Callable[[ServedWeights, ServerSettings], Engine]
 
 def resolve_served_weights(settings: ServerSettings) -> ServedWeights:
     """The weights ``settings`` name; the shipped default model when none is named."""
-    model = settings.model
-    if model is None:
-        from models.tiny import default_model_dir
-
-        model = str(default_model_dir())
     return resolve_weights(
-        model,
+        settings.model or str(default_model_dir()),
         follower_model=settings.follower_model,
         topology=settings.topology,
         served_model_name=settings.served_model_name,
@@ -50,7 +45,7 @@ def resolve_served_weights(settings: ServerSettings) -> ServedWeights:
 
 
 def _vllm_engine(weights: ServedWeights, settings: ServerSettings) -> Engine:
-    from server.engine import VllmEngine  # imports vllm: only when a real engine is wanted
+    from slhf.server.engine import VllmEngine  # imports vllm: only when a real engine is wanted
 
     return VllmEngine.start(weights, settings)
 

@@ -10,7 +10,8 @@ vLLM's Prometheus stat logger (``vllm:*`` metrics in prometheus_client's default
 at ``/metrics``) is on when ``SLHF_ENGINE_METRICS`` is (the default), without vLLM's periodic
 stats log lines. With two engines only the Leader's reports (vLLM keeps one set per process).
 
-Requests go in as token ids (the templates are rendered by ``models.templates``), so the server
+Requests go in as token ids (the templates are rendered by ``slhf.models.serving.templates``), so
+the server
 knows every prompt's length before it reaches the engine.
 """
 
@@ -36,10 +37,10 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 from vllm.v1.metrics.loggers import PrometheusStatLogger
 
-from models.loading import ServedWeights
-from models.templates import ROLES, ChatTokenizer, Role
-from server.errors import REQUEST_REJECTIONS
-from server.generation import (
+from slhf.models.serving.loading import ServedWeights
+from slhf.models.serving.templates import ROLES, ChatTokenizer, Role
+from slhf.server.errors import REQUEST_REJECTIONS
+from slhf.server.generation import (
     DraftCounts,
     EngineError,
     FinishReason,
@@ -47,7 +48,7 @@ from server.generation import (
     GenerationDelta,
     GenerationParams,
 )
-from server.settings import ServerSettings
+from slhf.server.settings import ServerSettings
 
 logger = logging.getLogger("slhf.engine")
 
@@ -159,7 +160,7 @@ def _server_error(role: Role, exc: Exception) -> Exception:
     ``EngineError`` (503); a rejection of the request's values is re-raised as the plain
     exception it is (vLLM's validation errors as ``ValueError``; the ``ValueError`` /
     ``OverflowError`` its serializer raises, which vLLM wraps in ``EngineGenerateError``), which
-    the refiner turns into a 400 (``server.errors.request_rejected``); anything else is an
+    the refiner turns into a 400 (``slhf.server.errors.request_rejected``); anything else is an
     ``EngineError``."""
     if isinstance(exc, EngineDeadError):
         return EngineError(f"the {role} engine is dead: {exc}")

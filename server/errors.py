@@ -6,9 +6,9 @@ FastAPI's validation errors and anything unexpected as
 body never leaves the server.
 
 ``request_rejected`` is the one place where the engine's or a tokenizer's rejection of a request
-(the ``REQUEST_REJECTIONS`` exception types) becomes a 400: ``server.engine`` calls it for vLLM's
-errors, ``server.refine`` for the tokenizers'. Texts in an envelope are made encodable first, so
-an error about a lone surrogate can itself be sent (docs/reliability.md).
+(the ``REQUEST_REJECTIONS`` exception types) becomes a 400: ``slhf.server.engine`` calls it for
+vLLM's errors, ``slhf.server.refine`` for the tokenizers'. Texts in an envelope are made encodable
+first, so an error about a lone surrogate can itself be sent (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.templates import TemplateError
-from server.generation import EngineError
+from slhf.models.serving.templates import TemplateError
+from slhf.server.generation import EngineError
 
 logger = logging.getLogger("slhf.server")
 

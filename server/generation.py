@@ -1,6 +1,6 @@
 """The ``Engine`` protocol the refinement loop is written against, and its value types.
 
-``server.engine.VllmEngine`` implements it on vLLM's ``AsyncLLM``; unit tests use a scripted
+``slhf.server.engine.VllmEngine`` implements it on vLLM's ``AsyncLLM``; unit tests use a scripted
 fake. Nothing here imports vllm.
 """
 
@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from models.templates import ChatTokenizer, Role
+from slhf.models.serving.templates import ChatTokenizer, Role
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -101,7 +101,7 @@ class Engine(Protocol):
     """Generates text for a role. Concurrent calls must batch inside the engine.
 
     ``generate`` and ``stream`` raise ``EngineError`` when the engine fails, and one of
-    ``server.errors.REQUEST_REJECTIONS`` (``ValueError``, ``TypeError``, ``OverflowError``)
+    ``slhf.server.errors.REQUEST_REJECTIONS`` (``ValueError``, ``TypeError``, ``OverflowError``)
     when it rejects the request's values; the refiner turns the latter into a 400."""
 
     def tokenizer(self, role: Role) -> ChatTokenizer:

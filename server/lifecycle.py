@@ -12,7 +12,7 @@ aborts what remains, then asks uvicorn to stop -- without re-raising the signal,
 exits 0. A second SIGTERM goes straight to uvicorn. The teardown after the drain (uvicorn, the
 engine stopping its processes, the interpreter's exit) is bounded too: a watchdog ends the
 process ``SLHF_SHUTDOWN_TIMEOUT_S`` after the drain, killing its child processes first. So the
-process is gone within ``SLHF_DRAIN_GRACE_S`` + 2 s (``server.admission.ABORT_WAIT_S``) +
+process is gone within ``SLHF_DRAIN_GRACE_S`` + 2 s (``slhf.server.admission.ABORT_WAIT_S``) +
 ``SLHF_SHUTDOWN_TIMEOUT_S`` of the first SIGTERM (docs/reliability.md).
 """
 
@@ -31,9 +31,9 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
-from server import log_pipe
-from server.admission import Admission, Ticket
-from server.errors import ServiceUnavailableError, SLHFError
+from slhf.server import log_pipe
+from slhf.server.admission import Admission, Ticket
+from slhf.server.errors import ServiceUnavailableError, SLHFError
 
 logger = logging.getLogger("slhf.server")
 
@@ -136,7 +136,7 @@ def exit_process(code: int) -> None:
         with contextlib.suppress(Exception):
             stream.flush()
     _kill_children()
-    log_pipe.close()  # the lines still in the JSON log pipe (server.log_pipe)
+    log_pipe.close()  # the lines still in the JSON log pipe (slhf.server.log_pipe)
     os._exit(code)
 
 

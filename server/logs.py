@@ -6,7 +6,7 @@ logging config using ``JsonFormatter``, inherited by vLLM's engine processes), P
 and every other library's console handler (restyled once the engine has loaded). uvicorn's
 ``color_message`` (the message with ANSI colour codes) is left out.
 
-The request id lives in a contextvar set by ``server.middleware.RequestContextMiddleware``
+The request id lives in a contextvar set by ``slhf.server.middleware.RequestContextMiddleware``
 (from the client's ``X-Request-Id`` or a fresh one), so every log line written while serving a
 request -- in the routes, the refinement loop or an error handler -- names it. API keys are never
 logged: the middleware does not log headers, and nothing below it sees them.
@@ -89,7 +89,7 @@ def _vllm_logging_config(level: str) -> str:
     config = {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"slhf": {"()": "server.logs.JsonFormatter"}},
+        "formatters": {"slhf": {"()": "slhf.server.logs.JsonFormatter"}},
         "handlers": {
             "slhf": {
                 "class": "logging.StreamHandler",

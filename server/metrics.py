@@ -1,7 +1,7 @@
 """Prometheus metrics of the service (one fresh registry per app) and the ``/metrics`` text.
 
 ``/metrics`` serves this registry followed by prometheus_client's default registry, where vLLM's
-own ``vllm:*`` engine metrics live (``server.engine`` turns vLLM's Prometheus stat logger on).
+own ``vllm:*`` engine metrics live (``slhf.server.engine`` turns vLLM's Prometheus stat logger on).
 Labels stay low-cardinality: route templates, status codes, roles, round numbers capped at
 ``ROUND_LABELS``, and fixed reason words.
 """
@@ -19,8 +19,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from server.protocol import Usage
-from server.refine import RefineOutcome
+from slhf.server.protocol import Usage
+from slhf.server.refine import RefineOutcome
 
 ROUND_LABELS = 8
 """Rounds above this share the label ``"9+"`` (``round`` stays a bounded label)."""

@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import error_response
-from server.logs import request_id_var
-from server.metrics import ServiceMetrics
+from slhf.server.errors import error_response
+from slhf.server.logs import request_id_var
+from slhf.server.metrics import ServiceMetrics
 
 logger = logging.getLogger("slhf.access")
 

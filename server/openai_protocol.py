@@ -6,7 +6,7 @@ accepts them. Fields this server does not support are declared (``UNSUPPORTED``,
 ``x-slhf-unsupported`` in /openapi.json) so a request that sets them gets a 400 naming the field
 (``unsupported_field``); unknown fields are a 400 too (never silently ignored). Our extension is
 the ``refinement`` object, which the OpenAI SDK sends through ``extra_body``. Types are strict
-and texts must be encodable, as on ``/v1/refine`` (``server.protocol``). The docstring under a
+and texts must be encodable, as on ``/v1/refine`` (``slhf.server.protocol``). The docstring under a
 field is its description in /openapi.json.
 """
 
@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from server.generation import MAX_TEMPERATURE, MAX_TOP_K
-from server.protocol import (
+from slhf.server.generation import MAX_TEMPERATURE, MAX_TOP_K
+from slhf.server.protocol import (
     CompletionTokensDetails,
     LeaderAnswer,
     LeaderParams,
@@ -114,7 +114,7 @@ class TextPart(BaseModel):
 
 
 class OpenAIMessage(BaseModel):
-    # extra fields (e.g. "name") are harmless; tool calls are checked in server.openai_service
+    # extra fields (e.g. "name") are harmless; tool calls are checked in slhf.server.openai_service
     model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from models.templates import Message, Role, to_messages
-from server.errors import InvalidRequestError
-from server.openai_protocol import (
+from slhf.models.serving.templates import Message, Role, to_messages
+from slhf.server.errors import InvalidRequestError
+from slhf.server.openai_protocol import (
     UNSUPPORTED,
     ChatCompletionRequest,
     CompletionRequest,
@@ -25,9 +25,9 @@ from server.openai_protocol import (
     RefinementTrace,
     UsageBreakdown,
 )
-from server.protocol import SamplingParams, Usage
-from server.refine import RefineJob, RefineOutcome, Refiner, choice_seed
-from server.service import Service
+from slhf.server.protocol import SamplingParams, Usage
+from slhf.server.refine import RefineJob, RefineOutcome, Refiner, choice_seed
+from slhf.server.service import Service
 
 Kind = Literal["chat", "completion"]
 

@@ -19,11 +19,11 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from models.templates import TemplateError
-from server.errors import SLHFError, error_body
-from server.generation import EngineError
-from server.openai_service import OpenAIPlan, finish_reason, trace, usage_breakdown
-from server.refine import RefineJob, RefineOutcome, Refiner
+from slhf.models.serving.templates import TemplateError
+from slhf.server.errors import SLHFError, error_body
+from slhf.server.generation import EngineError
+from slhf.server.openai_service import OpenAIPlan, finish_reason, trace, usage_breakdown
+from slhf.server.refine import RefineJob, RefineOutcome, Refiner
 
 logger = logging.getLogger("slhf.server")
 

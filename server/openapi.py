@@ -1,7 +1,7 @@
 """The OpenAPI document as the server behaves: typed answers, its error envelope, no 422s.
 
 FastAPI documents a ``422 HTTPValidationError`` on every route with a body or parameters; this
-server never sends one (``server.errors`` answers invalid input with a 400 envelope), so
+server never sends one (``slhf.server.errors`` answers invalid input with a 400 envelope), so
 ``install_openapi`` removes them and documents the envelope instead (``ERROR_RESPONSES``).
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from server.protocol import ErrorResponse
+from slhf.server.protocol import ErrorResponse
 
 _ERROR = {"model": ErrorResponse}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -2,7 +2,7 @@
 
 The page calls this server's ``/v1/models`` and ``/v1/chat/completions`` (streamed, every
 round, with the trace); nothing is built or fetched from elsewhere. ``SLHF_PLAYGROUND=false``
-turns it off; with API keys it is behind them like ``/v1`` (``server.middleware``).
+turns it off; with API keys it is behind them like ``/v1`` (``slhf.server.middleware``).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import socket
 from importlib import metadata
 from pathlib import Path
 
-from models.loading import ServedWeights
+from slhf.models.serving.loading import ServedWeights
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 """A Hugging Face tokenizer needs at least one of these."""

@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from models.templates import Message, Role, TemplateError, TemplateRenderer
-from server.errors import REQUEST_REJECTIONS, PromptTooLongError, request_rejected
-from server.generation import Engine
+from slhf.models.serving.templates import Message, Role, TemplateError, TemplateRenderer
+from slhf.server.errors import REQUEST_REJECTIONS, PromptTooLongError, request_rejected
+from slhf.server.generation import Engine
 
 logger = logging.getLogger("slhf.refine")
 

@@ -6,7 +6,7 @@ Requests are validated strictly, as the OpenAI API and vLLM's server do: a JSON 
 coerced (``"rounds": true``, ``"max_tokens": "10"``, ``"stream": "yes"`` are 400s; an integer
 is accepted where a number is expected), ``NaN`` and ``Infinity`` are refused, every text must
 be encodable Unicode (no lone surrogates), and numeric bounds are the engine's own
-(``server.generation``). docs/reliability.md lists what this guarantees.
+(``slhf.server.generation``). docs/reliability.md lists what this guarantees.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from server.generation import MAX_TEMPERATURE, MAX_TOP_K, SEED_RANGE, FinishReason, Generation
+from slhf.server.generation import MAX_TEMPERATURE, MAX_TOP_K, SEED_RANGE, FinishReason, Generation
 
 StoppedReason = Literal["max_rounds", "unchanged", "deadline", "context_length"]
 AnswerSource = Literal["leader", "given", "upstream"]

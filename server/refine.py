@@ -12,7 +12,7 @@ that passes before the first answer is complete is a ``DeadlineExceededError``, 
 Each round's seed is derived from the request's seed, so a seeded request is reproducible and
 rounds do not share a random stream.
 
-What a tokenizer or the engine rejects in a request (``server.errors.REQUEST_REJECTIONS``) is
+What a tokenizer or the engine rejects in a request (``slhf.server.errors.REQUEST_REJECTIONS``) is
 turned into a 400 here, in ``prompt_ids`` and ``_run``, whatever the engine.
 
 Written against the ``Engine`` protocol; many requests run this loop concurrently and batch in the
@@ -29,17 +29,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
-from models.templates import Message, Role, TemplateRenderer
-from server.errors import (
+from slhf.models.serving.templates import Message, Role, TemplateRenderer
+from slhf.server.errors import (
     REQUEST_REJECTIONS,
     DeadlineExceededError,
     InvalidRequestError,
     request_rejected,
 )
-from server.generation import DraftCounts, Engine, FinishReason, Generation, GenerationParams
-from server.prompts import Prompts
-from server.protocol import LeaderAnswer, RoundResult, StoppedReason, Usage
-from server.upstream import UpstreamError
+from slhf.server.generation import DraftCounts, Engine, FinishReason, Generation, GenerationParams
+from slhf.server.prompts import Prompts
+from slhf.server.protocol import LeaderAnswer, RoundResult, StoppedReason, Usage
+from slhf.server.upstream import UpstreamError
 
 MAX_CHARS_PER_TOKEN = 32
 """An upstream answer longer than ``max_model_len`` x this many characters cannot fit the
@@ -99,7 +99,8 @@ DeltaSink = Callable[[int, str], None]
 
 
 class UpstreamLeader(Protocol):
-    """Where the first answer comes from in upstream mode (``server.upstream.UpstreamClient``)."""
+    """Where the first answer comes from in upstream mode
+    (``slhf.server.upstream.UpstreamClient``)."""
 
     async def answer(
         self, prompt: str | Sequence[Message], params: GenerationParams
@@ -343,7 +344,7 @@ class Refiner:
         """The Follower rounds after the first answer ``previous``, and why they stopped.
 
         ``next_ids`` is round 1's prompt when already built; later prompts are spliced from
-        ``leader_ids`` and the previous round's ids where they can be (``server.prompts``)."""
+        ``leader_ids`` and the previous round's ids where they can be (``slhf.server.prompts``)."""
         rounds: list[RoundResult] = []
         previous_ids: tuple[int, ...] | None = None
         for i in range(1, job.rounds + 1):

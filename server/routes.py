@@ -10,11 +10,11 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server.lifecycle import run_guarded
-from server.openapi import ERROR_RESPONSES
-from server.protocol import ModelCard, ModelList, RefineRequest, RefineResponse
-from server.refine import RefineJob
-from server.service import Service, ServiceDep
+from slhf.server.lifecycle import run_guarded
+from slhf.server.openapi import ERROR_RESPONSES
+from slhf.server.protocol import ModelCard, ModelList, RefineRequest, RefineResponse
+from slhf.server.refine import RefineJob
+from slhf.server.service import Service, ServiceDep
 
 router = APIRouter()
 

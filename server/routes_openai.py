@@ -7,8 +7,8 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from server.lifecycle import guarded_stream, run_guarded
-from server.openai_protocol import (
+from slhf.server.lifecycle import guarded_stream, run_guarded
+from slhf.server.openai_protocol import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionRequest,
@@ -17,7 +17,7 @@ from server.openai_protocol import (
     CompletionRequest,
     CompletionResponse,
 )
-from server.openai_service import (
+from slhf.server.openai_service import (
     OpenAIPlan,
     finish_reason,
     plan_chat,
@@ -26,10 +26,10 @@ from server.openai_service import (
     trace,
     usage_breakdown,
 )
-from server.openai_stream import open_stream
-from server.openapi import ERROR_RESPONSES, sse_response
-from server.refine import RefineOutcome
-from server.service import Service, ServiceDep
+from slhf.server.openai_stream import open_stream
+from slhf.server.openapi import ERROR_RESPONSES, sse_response
+from slhf.server.refine import RefineOutcome
+from slhf.server.service import Service, ServiceDep
 
 router = APIRouter()
 

@@ -8,17 +8,17 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from models.loading import ServedWeights
-from models.manifest import SamplingDefaults
-from models.templates import ROLES, Role, TemplateRenderer
-from server.admission import Admission, Ticket
-from server.errors import InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
-from server.generation import Engine, EngineError, GenerationParams
-from server.metrics import ServiceMetrics
-from server.protocol import SamplingParams
-from server.refine import Refiner
-from server.settings import ServerSettings
-from server.upstream import UpstreamClient
+from slhf.models.serving.loading import ServedWeights
+from slhf.models.serving.manifest import SamplingDefaults
+from slhf.models.serving.templates import ROLES, Role, TemplateRenderer
+from slhf.server.admission import Admission, Ticket
+from slhf.server.errors import InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
+from slhf.server.generation import Engine, EngineError, GenerationParams
+from slhf.server.metrics import ServiceMetrics
+from slhf.server.protocol import SamplingParams
+from slhf.server.refine import Refiner
+from slhf.server.settings import ServerSettings
+from slhf.server.upstream import UpstreamClient
 
 _EXTRAS = (
     "min_p",

@@ -24,11 +24,11 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from models.templates import Message, to_messages
-from server.errors import SLHFError, printable
-from server.generation import FinishReason, Generation, GenerationParams
-from server.protocol import Text
-from server.settings import ServerSettings
+from slhf.models.serving.templates import Message, to_messages
+from slhf.server.errors import SLHFError, printable
+from slhf.server.generation import FinishReason, Generation, GenerationParams
+from slhf.server.protocol import Text
+from slhf.server.settings import ServerSettings
 
 ERROR_BODY_BYTES = 64 * 1024
 """How much of a failed upstream answer is read for its error message."""

@@ -21,4 +21,4 @@ def task_module(name: str) -> ModuleType:
     """The module of task ``name``; ``ValueError`` naming the tasks for any other name."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
-    return importlib.import_module(f"models.tasks.{name}")
+    return importlib.import_module(f"slhf.models.tasks.{name}")

@@ -26,10 +26,10 @@ Demonstrations for the warm start are deliberately mixed (``DEMO_DEFECTS``): wro
 partial, verbose, repetitive, unended and truncated answers and their combinations, so a base
 model trained on them leaves room to improve. How to run::
 
-    python -m models.tasks.arith demos OUT.jsonl --n 4000      # SFT rows {prompt, answer, style}
-    python -m models.tasks.arith demos OUT.jsonl --follower-share 0.5   # half in T_F (+response)
-    python -m models.tasks.arith prompts OUT.jsonl --split test --n 256
-    python -m models.tasks.arith cycles --n 200                 # cycle share over demo answers
+    python -m slhf.models.tasks.arith demos OUT.jsonl --n 4000  # SFT rows {prompt, answer, style}
+    python -m slhf.models.tasks.arith demos OUT.jsonl --follower-share 0.5  # half in T_F
+    python -m slhf.models.tasks.arith prompts OUT.jsonl --split test --n 256
+    python -m slhf.models.tasks.arith cycles --n 200                 # cycle share over demo answers
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.preferences import CallablePreference, Preference, PreferenceError, Prompt
-from models.tasks.graphs import cycle_share
+from slhf.models.preferences import CallablePreference, Preference, PreferenceError, Prompt
+from slhf.models.tasks.graphs import cycle_share
 
 OPS = ("add", "sub")
 MAX_OPERAND = 99
@@ -210,7 +210,7 @@ def vote(prompt: Prompt, a: str, b: str, attributes: Sequence[str] = ATTRIBUTES)
 
 
 class TaskPreference(CallablePreference):
-    """The attribute vote as a batched ``models.preferences.Preference``.
+    """The attribute vote as a batched ``slhf.models.preferences.Preference``.
 
     ``attributes`` picks a subset of ``ATTRIBUTES`` (default: all five).
     """
@@ -226,7 +226,7 @@ class TaskPreference(CallablePreference):
 
 
 def preference(prompt: Prompt, a: str, b: str) -> float:
-    """Per-pair form, for ``preference: callable:models.tasks.arith:preference``."""
+    """Per-pair form, for ``preference: callable:slhf.models.tasks.arith:preference``."""
     return vote(prompt, a, b)
 
 
@@ -331,7 +331,7 @@ def demo_cycle_share(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.tasks.arith", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m slhf.models.tasks.arith", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demos = sub.add_parser("demos", help="write SFT demonstrations (JSONL)")
     prompts = sub.add_parser("prompts", help="write prompts {prompt} (JSONL)")

@@ -35,8 +35,8 @@ keeping its style with probability ½ or else taking one of the other two (``KEE
 the warm start reads the answer but learns nothing about which style wins or that defects
 lose. How to run::
 
-    python -m models.tasks.condorcet demos OUT.jsonl --n 8000 --follower-share 0.5
-    python -m models.tasks.condorcet prompts OUT.jsonl --split test --n 256
+    python -m slhf.models.tasks.condorcet demos OUT.jsonl --n 8000 --follower-share 0.5
+    python -m slhf.models.tasks.condorcet prompts OUT.jsonl --split test --n 256
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.preferences import CallablePreference, PreferenceError, Prompt
-from models.tasks.arith import TaskError, write_jsonl
+from slhf.models.preferences import CallablePreference, PreferenceError, Prompt
+from slhf.models.tasks.arith import TaskError, write_jsonl
 
 STYLES = ("A", "B", "C")
 STYLE_NAMES = {"A": "statement", "B": "list", "C": "story"}
@@ -234,7 +234,7 @@ def condorcet_vote(prompt: Prompt, a: str, b: str, shares: Sequence[float] = SHA
 
 
 class CondorcetPreference(CallablePreference):
-    """The Condorcet mixture as a batched ``models.preferences.Preference``."""
+    """The Condorcet mixture as a batched ``slhf.models.preferences.Preference``."""
 
     def __init__(self, shares: Sequence[float] = SHARES) -> None:
         if len(shares) != len(RANKINGS) or abs(sum(shares) - 1.0) > 1e-9 or min(shares) < 0:
@@ -247,7 +247,7 @@ TaskPreference = CondorcetPreference  # the name every task module exposes
 
 
 def preference(prompt: Prompt, a: str, b: str) -> float:
-    """Per-pair form, for ``preference: callable:models.tasks.condorcet:preference``."""
+    """Per-pair form, for ``preference: callable:slhf.models.tasks.condorcet:preference``."""
     return condorcet_vote(prompt, a, b)
 
 
@@ -328,7 +328,9 @@ def demonstrations(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.tasks.condorcet", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m slhf.models.tasks.condorcet", description=__doc__
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demos = sub.add_parser("demos", help="write SFT demonstrations (JSONL)")
     prompts = sub.add_parser("prompts", help="write prompts {prompt} (JSONL)")

@@ -2,14 +2,14 @@
 
 The text task (models/tasks/condorcet.py) reduces, among clean answers, to the paper's 3-action
 Condorcet game over the styles A, B, C with ``P = condorcet_preferences(SHARES)``. Its
-Stackelberg equilibrium has a closed form (``models.game.closed_form``) once the references are
+Stackelberg equilibrium has a closed form (``slhf.models.game.closed_form``) once the references are
 known; here they are *measured*: the base model's Leader style distribution ``π_ref`` and its
 Follower style-response matrix ``ω_ref`` (row s: the styles it answers with when given a clean
 answer in style s). The twin then compares, as total variation,
 
 - the trained Leader's style distribution with the predicted ``π*``;
 - the trained Follower's response matrix with the predicted ``ω*`` (each row; the worst row is
-  the headline, as ``models.game.total_variation`` takes it);
+  the headline, as ``slhf.models.game.total_variation`` takes it);
 
 and, per annotator group (favourite style A, B, C), how often the favourite has been reached
 after 0, 1, 2, 3 Follower rounds: measured on the evaluation's refinement chains, predicted by
@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from models.game import (
+from slhf.models.game import (
     closed_form,
     condorcet_preferences,
     nash_equilibrium,
@@ -37,8 +37,8 @@ from models.game import (
     resampling_kernel,
     total_variation,
 )
-from models.preferences import Prompt
-from models.tasks.condorcet import (
+from slhf.models.preferences import Prompt
+from slhf.models.tasks.condorcet import (
     SHARES,
     STYLES,
     classify,

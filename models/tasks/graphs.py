@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import combinations
 
-from models.preferences import Preference, Prompt
+from slhf.models.preferences import Preference, Prompt
 
 
 def preference_edges(

@@ -7,9 +7,9 @@ weights, in the base model's dtype (training runs in float32: a bf16 base is wri
 adapters stay float32, they are small). The manifest records the template, the sampling
 defaults and the config hash; its ``base_model`` is portable: a Hub id, or a local base folder
 as a path relative to the artefact's folder (the server resolves it against the manifest's
-folder, models/manifest.py), never an absolute path of the training machine. ``README.md`` is
-a model card (models/trainer/model_card.py). ``push_to_hub`` uploads the folder with
-``huggingface_hub``.
+folder, models/serving/manifest.py), never an absolute path of the training machine.
+``README.md`` is a model card (models/trainer/model_card.py). ``push_to_hub`` uploads the folder
+with ``huggingface_hub``.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from models.manifest import Manifest, RoleSpec, SamplingDefaults, TemplateSpec
-from models.templates import ROLES, Role
-from models.trainer import model_card
-from models.trainer.config import HUB_ID, StackelbergConfig
-from models.trainer.reporting import METRICS_FILE
+from slhf.models.serving.manifest import Manifest, RoleSpec, SamplingDefaults, TemplateSpec
+from slhf.models.serving.templates import ROLES, Role
+from slhf.models.trainer import model_card
+from slhf.models.trainer.config import HUB_ID, StackelbergConfig
+from slhf.models.trainer.reporting import METRICS_FILE
 
 
 def config_hash(config: StackelbergConfig) -> str:

@@ -17,7 +17,8 @@ The final weights go to ``output_dir/final`` (adapters on a reference to the bas
 
 Multi-GPU runs go through accelerate (configs in recipes/accelerate/)::
 
-    accelerate launch --config_file recipes/accelerate/fsdp.yaml -m models.trainer.cli CONFIG.yaml
+    accelerate launch --config_file recipes/accelerate/fsdp.yaml \
+        -m slhf.models.trainer.cli CONFIG.yaml
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from models.preferences import (
+from slhf.models.preferences import (
     CallablePreference,
     LLMJudgePreference,
     Preference,
     RewardModelPreference,
 )
-from models.trainer.config import ConfigError, StackelbergConfig
+from slhf.models.trainer.config import ConfigError, StackelbergConfig
 
 PREFERENCE_KINDS = ("callable", "reward_model", "judge", "task")
 
@@ -72,7 +73,7 @@ def build_preference(spec: str | None) -> Preference:
             raise ConfigError(f"preference {spec!r} must look like judge:BASE_URL:MODEL")
         return LLMJudgePreference(base_url, model, api_key=os.environ.get("SLHF_JUDGE_API_KEY"))
     if kind == "task":
-        from models.tasks import task_module
+        from slhf.models.tasks import task_module
 
         try:
             return task_module(rest).TaskPreference()
@@ -87,10 +88,10 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from models.trainer.checkpoint import CheckpointError
-    from models.trainer.console import PreferenceFailureError
-    from models.trainer.data import DataError, load_prompts
-    from models.trainer.trainer import StackelbergTrainer
+    from slhf.models.trainer.checkpoint import CheckpointError
+    from slhf.models.trainer.console import PreferenceFailureError
+    from slhf.models.trainer.data import DataError, load_prompts
+    from slhf.models.trainer.trainer import StackelbergTrainer
 
     try:
         cfg = StackelbergConfig.from_yaml(args.config, args.overrides)

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import yaml
 
-from models.templates import DEFAULT_FOLLOWER_INSTRUCTION
+from slhf.models.serving.templates import DEFAULT_FOLLOWER_INSTRUCTION
 
 HUB_ID = r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*"  # a Hugging Face repository id
 

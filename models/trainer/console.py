@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
-from models.preferences import unscored
+from slhf.models.preferences import unscored
 
 
 class PreferenceFailureError(RuntimeError):

@@ -2,7 +2,7 @@
 
 Each row holds ``x`` in one field (``prompt_field``, default ``prompt``): a string, or a list of
 chat messages ``[{"role", "content"}, ...]`` ending with a user turn. Rows are validated with the
-same rules as the templates (models/templates.py), so a bad row fails at load time with its
+same rules as the templates (models/serving/templates.py), so a bad row fails at load time with its
 number, not mid-run.
 
 ``PromptSampler`` walks a seeded permutation per epoch; its whole state is ``position`` (prompts
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from models.templates import Message, TemplateError, to_messages
+from slhf.models.serving.templates import Message, TemplateError, to_messages
 
 Prompt = str | list[Message]
 

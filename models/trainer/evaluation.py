@@ -14,10 +14,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from models.preferences import Preference
-from models.templates import Role, TemplateRenderer
-from models.trainer.data import Prompt
-from models.trainer.rollouts import Rollout
+from slhf.models.preferences import Preference
+from slhf.models.serving.templates import Role, TemplateRenderer
+from slhf.models.trainer.data import Prompt
+from slhf.models.trainer.rollouts import Rollout
 
 RolloutFn = Callable[[Role, list[str]], Rollout]
 

@@ -43,7 +43,7 @@ from typing import Literal
 
 import torch
 
-from models.templates import Role
+from slhf.models.serving.templates import Role
 
 KLEstimator = Literal["k1", "k3"]
 KL_ESTIMATORS: tuple[KLEstimator, ...] = ("k1", "k3")

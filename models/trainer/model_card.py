@@ -14,8 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from models.manifest import Manifest
-from models.trainer.config import HUB_ID, StackelbergConfig
+from slhf.models.serving.manifest import Manifest
+from slhf.models.trainer.config import HUB_ID, StackelbergConfig
 
 
 def last_evaluation(log: Path) -> dict[str, float]:

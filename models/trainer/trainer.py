@@ -1,6 +1,6 @@
 """``StackelbergTrainer``: StackelbergGDA for LLMs (PAPER.md, Algorithm 2).
 
-One set of weights plays both roles through the server's templates (models/templates.py)::
+One set of weights plays both roles through the server's templates (models/serving/templates.py)::
 
     y_b  ~ π_θ(· | T_L(x_b))            Leader answer
     y'_b ~ π_θ(· | T_F(x_b, y_b))       Follower answer, conditioned on x_b and y_b
@@ -45,8 +45,9 @@ LoRA reference run on the unwrapped model; with FSDP/ZeRO-3 prefer LoRA (a full 
 Run::
 
     slhf train run.yaml steps=100 output_dir=runs/x      # see models/trainer/cli.py
-    accelerate launch --config_file recipes/accelerate/fsdp.yaml -m models.trainer.cli run.yaml
-    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m models.trainer.cli run.yaml  # 2 CPU procs
+    accelerate launch --config_file recipes/accelerate/fsdp.yaml -m slhf.models.trainer.cli run.yaml
+    # two CPU processes:
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m slhf.models.trainer.cli run.yaml
 """
 
 from __future__ import annotations
@@ -65,14 +66,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object
 
-from models.preferences import Preference, unscored
-from models.templates import ROLES, Role, TemplateConfig, TemplateRenderer
-from models.trainer import artefact, checkpoint, evaluation, weights
-from models.trainer.artefact import config_hash, save_artefact
-from models.trainer.config import StackelbergConfig
-from models.trainer.console import Console, preference_error_rate
-from models.trainer.data import Prompt, PromptSampler
-from models.trainer.losses import (
+from slhf.models.preferences import Preference, unscored
+from slhf.models.serving.templates import ROLES, Role, TemplateConfig, TemplateRenderer
+from slhf.models.trainer import artefact, checkpoint, evaluation, weights
+from slhf.models.trainer.artefact import config_hash, save_artefact
+from slhf.models.trainer.config import StackelbergConfig
+from slhf.models.trainer.console import Console, preference_error_rate
+from slhf.models.trainer.data import Prompt, PromptSampler
+from slhf.models.trainer.losses import (
     RoleRollout,
     advantages,
     leader_scores,
@@ -81,8 +82,8 @@ from models.trainer.losses import (
     sequence_kl,
     stackelberg_loss,
 )
-from models.trainer.reporting import METRICS_FILE, MetricsReporter
-from models.trainer.rollouts import (
+from slhf.models.trainer.reporting import METRICS_FILE, MetricsReporter
+from slhf.models.trainer.rollouts import (
     Rollout,
     answer_logprobs,
     answer_logprobs_and_entropy,
@@ -143,7 +144,7 @@ class StackelbergTrainer:
             self.ref_model = ref_model.to(self.accelerator.device).eval().requires_grad_(False)
         self.vllm: Any = None  # rollout_backend vllm: models/trainer/vllm_rollouts.py
         if config.rollout_backend == "vllm":
-            from models.trainer.vllm_rollouts import VllmRollouts
+            from slhf.models.trainer.vllm_rollouts import VllmRollouts
 
             self.vllm = VllmRollouts(config, tokenizer, num_processes=self.world)
             self._sync_rollout_weights()

@@ -46,9 +46,9 @@ from typing import Any
 
 import torch
 
-from models.templates import ROLES, Role
-from models.trainer.config import StackelbergConfig
-from models.trainer.rollouts import Rollout, encode_prompts, prompt_token_ids, to_rollout
+from slhf.models.serving.templates import ROLES, Role
+from slhf.models.trainer.config import StackelbergConfig
+from slhf.models.trainer.rollouts import Rollout, encode_prompts, prompt_token_ids, to_rollout
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
 _SEED_BOUND = 2**31 - 1

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from models.templates import Role
-from models.trainer.config import StackelbergConfig
+from slhf.models.serving.templates import Role
+from slhf.models.trainer.config import StackelbergConfig
 
 
 def with_lora(model: Any, cfg: StackelbergConfig) -> Any:

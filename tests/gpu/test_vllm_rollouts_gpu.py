@@ -29,10 +29,10 @@ def test_two_vllm_steps_on_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     pytest.importorskip("vllm")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from models.preferences import CallablePreference
-    from models.tiny import build_tiny_model
-    from models.trainer.config import StackelbergConfig
-    from models.trainer.trainer import StackelbergTrainer
+    from slhf.models.preferences import CallablePreference
+    from slhf.models.tiny import build_tiny_model
+    from slhf.models.trainer.config import StackelbergConfig
+    from slhf.models.trainer.trainer import StackelbergTrainer
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     model_dir = build_tiny_model(tmp_path / "tiny", seed=0)

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from models.tiny import FACTORY_VERSION, build_tiny_model
+from slhf.models.tiny import FACTORY_VERSION, build_tiny_model
 from tests.integration.fake_upstream import FakeUpstream
 
 pytestmark = pytest.mark.integration
@@ -69,7 +69,7 @@ class ServerProcess:
         env = server_env(SLHF_HOST="127.0.0.1", SLHF_PORT=str(port), **settings)
         out = log.open("wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve"],
+            [sys.executable, "-m", "slhf.cli", "serve"],
             cwd=REPO,
             env=env,
             stdout=out,
@@ -150,7 +150,8 @@ def _serve(
 
 @pytest.fixture(scope="session")
 def random_model(cache_dir: Path) -> Path:
-    """The random tiny llama (``models.tiny.random_model_dir``) in the session's cache: it rarely
+    """The random tiny llama (``slhf.models.tiny.random_model_dir``) in the session's cache: it
+    rarely
     stops, so requests generate their full ``max_tokens`` (the shipped demo model does not)."""
     return build_tiny_model(cache_dir / f"tiny-llama-v{FACTORY_VERSION}", family="llama", seed=0)
 

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from slhf_client import AsyncClient, BadRequestError, Client, NotFoundError
 
+from slhf_client import AsyncClient, BadRequestError, Client, NotFoundError
 from tests.integration.conftest import REPO, ServerProcess
 
 EXAMPLES = REPO / "clients" / "examples"
@@ -59,7 +59,7 @@ def test_async_client_runs_requests_concurrently(shared_server: ServerProcess) -
 
 
 def test_slhf_refine_cli_shows_every_round(shared_server: ServerProcess) -> None:
-    cmd = [sys.executable, "-m", "server.cli", "refine", "Explain gravity", "--rounds", "2"]
+    cmd = [sys.executable, "-m", "slhf.cli", "refine", "Explain gravity", "--rounds", "2"]
     out = run([*cmd, "--max-tokens", "12", "--seed", "0"], shared_server)
     assert "== Leader ·" in out and "== Round 1 ·" in out and "stopped:" in out
     out = run([*cmd, "--max-tokens", "12", "--stream"], shared_server)

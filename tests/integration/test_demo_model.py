@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from models.tasks.condorcet import check, sample_prompts
+from slhf.models.tasks.condorcet import check, sample_prompts
 from tests.integration.conftest import ServerProcess
 
 pytestmark = pytest.mark.integration

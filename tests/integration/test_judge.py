@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import httpx
 
-from models.preferences import LLMJudgePreference, unscored
+from slhf.models.preferences import LLMJudgePreference, unscored
 from tests.integration.conftest import ServerProcess, free_port
 
 PROMPTS = ["What is the map?", [{"role": "user", "content": "Why does it rain?"}], "Name a tree."]

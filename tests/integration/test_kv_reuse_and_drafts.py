@@ -1,5 +1,5 @@
 """Round 1 reuses the Leader's KV: its prompt is spliced from the Leader's sequence
-(``server.prompts``), so vLLM's prefix cache serves it (docs/performance.md).
+(``slhf.server.prompts``), so vLLM's prefix cache serves it (docs/performance.md).
 
 Also a measurement, ``python -m tests.integration.test_kv_reuse_and_drafts [shared] [lora]``,
 prints the share of each round's prompt tokens served from the cache, for 32- and 64-token KV
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from models.loading import resolve_weights
-from server.generation import GenerationParams
-from server.refine import RefineJob, RefineOutcome
-from server.settings import ServerSettings
+from slhf.models.serving.loading import resolve_weights
+from slhf.server.generation import GenerationParams
+from slhf.server.refine import RefineJob, RefineOutcome
+from slhf.server.settings import ServerSettings
 
 pytestmark = pytest.mark.integration
 
@@ -47,8 +47,8 @@ def run_chains(model: Path, rounds: int = 2, **settings: object) -> list[RefineO
     on a fresh in-process engine."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from server.engine import VllmEngine
-    from server.service import Service
+    from slhf.server.engine import VllmEngine
+    from slhf.server.service import Service
 
     cfg = ServerSettings(max_model_len=512, engine_metrics=False, **settings)  # type: ignore[arg-type]
     weights = resolve_weights(model)
@@ -113,7 +113,7 @@ def test_drafting_keeps_greedy_text_and_reports_acceptance_per_round(
 
 
 def main() -> None:
-    from models.tiny import build_tiny_model, cache_dir, random_model_dir
+    from slhf.models.tiny import build_tiny_model, cache_dir, random_model_dir
 
     models = {
         "shared": random_model_dir(),

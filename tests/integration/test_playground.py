@@ -16,8 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from slhf_client.render import word_diff
 
+from slhf_client.render import word_diff
 from tests.integration.browser import Chromium, chromium_or_skip
 from tests.integration.conftest import ServerProcess
 

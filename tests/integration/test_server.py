@@ -205,7 +205,7 @@ def test_bad_settings_fail_at_start_with_the_reason(
 ) -> None:
     env = server_env(SLHF_PORT="0", SLHF_CACHE_DIR=str(tmp_path), **settings)
     proc = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve"],
+        [sys.executable, "-m", "slhf.cli", "serve"],
         cwd=REPO,
         env=env,
         capture_output=True,

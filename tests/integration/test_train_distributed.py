@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo) train 2 steps through ``models.trainer.cli`` under torchrun.
+"""Two CPU processes (gloo) train 2 steps through ``slhf.models.trainer.cli`` under torchrun.
 
 ``accelerate launch --num_processes 2 --cpu`` needs MPI on CPU; torchrun is what accelerate
 itself uses on GPUs, and ``ACCELERATE_USE_CPU=1`` makes the Accelerator pick gloo on CPU.
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from models.tiny import build_tiny_model
+from slhf.models.tiny import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["What is the map?", "Tell me about the river.", "Why does it rain?", "Name a tree."]
@@ -49,7 +49,7 @@ def test_two_cpu_processes_split_the_global_batch_and_only_the_main_one_writes(
     )
     # torchrun (what accelerate uses on GPUs); `accelerate launch --cpu` needs MPI for 2 processes
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--master_port", str(free_port()), "-m", "models.trainer.cli", str(config)]
+    command += ["--master_port", str(free_port()), "-m", "slhf.models.trainer.cli", str(config)]
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
     t0 = time.monotonic()
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)

@@ -7,10 +7,10 @@ from pathlib import Path
 import httpx
 import torch
 
-from models.preferences import CallablePreference
-from models.tiny import build_tiny_model
-from models.trainer.config import StackelbergConfig
-from models.trainer.trainer import StackelbergTrainer
+from slhf.models.preferences import CallablePreference
+from slhf.models.tiny import build_tiny_model
+from slhf.models.trainer.config import StackelbergConfig
+from slhf.models.trainer.trainer import StackelbergTrainer
 from tests.integration.conftest import ServerProcess
 
 

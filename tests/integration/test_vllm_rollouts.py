@@ -18,11 +18,11 @@ import torch
 
 pytest.importorskip("vllm")
 
-from models.templates import ROLES
-from models.tiny import build_tiny_model
-from models.trainer.config import StackelbergConfig
-from models.trainer.rollouts import encode_prompts, generate, prompt_token_ids
-from models.trainer.trainer import StackelbergTrainer
+from slhf.models.serving.templates import ROLES
+from slhf.models.tiny import build_tiny_model
+from slhf.models.trainer.config import StackelbergConfig
+from slhf.models.trainer.rollouts import encode_prompts, generate, prompt_token_ids
+from slhf.models.trainer.trainer import StackelbergTrainer
 from tests.trainer_helpers import tiny_config, tiny_trainer
 
 pytestmark = pytest.mark.integration
@@ -181,7 +181,7 @@ def test_vllm_rollouts_are_reproducible_from_torchs_rng(lora_trainer: Stackelber
 def test_a_resumed_trainer_syncs_the_restored_adapters(
     lora_trainer: StackelbergTrainer,
 ) -> None:
-    from models.trainer.checkpoint import latest_checkpoint
+    from slhf.models.trainer.checkpoint import latest_checkpoint
 
     out = Path(lora_trainer.config.output_dir)
     if latest_checkpoint(out) is None:
@@ -254,7 +254,7 @@ def test_full_fine_tune_sync_loads_the_trained_weights(tiny: Path, tmp_path: Pat
 
 
 def test_several_processes_and_unknown_lora_ranks_are_refused(tiny: Path) -> None:
-    from models.trainer.vllm_rollouts import VllmRollouts, max_lora_rank
+    from slhf.models.trainer.vllm_rollouts import VllmRollouts, max_lora_rank
 
     cfg = StackelbergConfig(model=str(tiny), dataset="unused", rollout_backend="vllm")
     with pytest.raises(ValueError, match="supports one training process; got 2"):

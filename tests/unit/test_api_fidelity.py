@@ -12,13 +12,13 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from server import cli
-from server.app import create_app
-from server.log_pipe import as_json_line, split_lines
-from server.logs import JsonFormatter
-from server.openai_protocol import UNSUPPORTED
-from server.openai_service import EXTRA_SAMPLING
-from server.settings import ServerSettings
+from slhf import cli
+from slhf.server.app import create_app
+from slhf.server.log_pipe import as_json_line, split_lines
+from slhf.server.logs import JsonFormatter
+from slhf.server.openai_protocol import UNSUPPORTED
+from slhf.server.openai_service import EXTRA_SAMPLING
+from slhf.server.settings import ServerSettings
 from tests.fakes import ScriptedEngine, numbered_script
 from tests.unit.test_routes import WEIGHTS
 

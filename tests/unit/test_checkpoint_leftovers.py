@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from models.trainer.checkpoint import (
+from slhf.models.trainer.checkpoint import (
     CHECKPOINTS,
     remove_stale_temporaries,
     resolve_checkpoint,
@@ -24,7 +24,7 @@ DIE_WHILE_SAVING = """
 import os, sys
 from pathlib import Path
 import torch
-from models.trainer import checkpoint
+from slhf.models.trainer import checkpoint
 
 real_save = torch.save
 def save_then_die(obj, path, *args, **kwargs):

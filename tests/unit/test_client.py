@@ -13,6 +13,9 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+
+from slhf.server.app import create_app
+from slhf.server.settings import ServerSettings
 from slhf_client import (
     APIConnectionError,
     APITimeoutError,
@@ -24,9 +27,6 @@ from slhf_client import (
     RetryPolicy,
     ServerError,
 )
-
-from server.app import create_app
-from server.settings import ServerSettings
 from tests.fakes import ScriptedEngine, numbered_script
 from tests.unit.test_routes import WEIGHTS
 

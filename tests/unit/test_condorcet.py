@@ -9,10 +9,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from models.game import closed_form, condorcet_preferences
-from models.tasks import task_module
-from models.tasks.arith import TaskError
-from models.tasks.condorcet import (
+from slhf.models.game import closed_form, condorcet_preferences
+from slhf.models.tasks import task_module
+from slhf.models.tasks.arith import TaskError
+from slhf.models.tasks.condorcet import (
     SHARES,
     STYLES,
     CondorcetPreference,
@@ -31,7 +31,7 @@ from models.tasks.condorcet import (
     style_preference,
     with_defects,
 )
-from models.tiny import build_tokenizer
+from slhf.models.tiny import build_tokenizer
 
 PROMPT = "Name 4 red things the baker has."
 THINGS = [("red", "apple"), ("red", "river"), ("red", "map"), ("red", "book")]
@@ -122,7 +122,7 @@ def test_style_preferences_are_the_papers_condorcet_numbers() -> None:
     keeps = {y: min(style_preference(y, z) for z in STYLES) for y in STYLES}
     assert keeps == pytest.approx({"A": 0.36, "B": 0.33, "C": 0.31})
     assert max(keeps, key=keeps.__getitem__) == "A"
-    # the same matrix as models.game's Condorcet example with these shares
+    # the same matrix as slhf.models.game's Condorcet example with these shares
     matrix = [[style_preference(a, b) for b in STYLES] for a in STYLES]
     np.testing.assert_allclose(matrix, condorcet_preferences(SHARES), atol=1e-12)
     assert closed_form(matrix, 1e-3, 1e-3).leader.argmax() == 0

@@ -9,9 +9,9 @@ import random
 import numpy as np
 import pytest
 
-from models.eval import evaluate, markdown_table
-from models.game_cli import run_game
-from models.tasks.condorcet import (
+from slhf.models.eval import evaluate, markdown_table
+from slhf.models.game_cli import run_game
+from slhf.models.tasks.condorcet import (
     SHARES,
     CondorcetPreference,
     classify,
@@ -20,7 +20,7 @@ from models.tasks.condorcet import (
     sample_prompts,
     with_defects,
 )
-from models.tasks.condorcet_twin import (
+from slhf.models.tasks.condorcet_twin import (
     game_condorcet_reach,
     measured_reach,
     style_distribution,

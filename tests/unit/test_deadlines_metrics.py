@@ -145,7 +145,7 @@ def test_within_reports_its_own_timeout_on_every_event_loop(loop: str) -> None:
     # a timeout for someone else's and the request failed with a 500 about 4% of the time.
     import time
 
-    from server.refine import _Expired, within
+    from slhf.server.refine import _Expired, within
 
     async def many() -> int:
         expired = 0
@@ -167,7 +167,7 @@ def test_within_reports_its_own_timeout_on_every_event_loop(loop: str) -> None:
 def test_within_lets_a_foreign_timeout_through() -> None:
     import time
 
-    from server.refine import within
+    from slhf.server.refine import within
 
     async def foreign() -> None:
         raise TimeoutError("from the work itself")

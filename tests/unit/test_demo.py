@@ -7,12 +7,12 @@ from pathlib import Path
 
 import yaml
 
-from models import demo
-from models.manifest import Manifest
-from models.tasks.condorcet import check, parse_prompt, split_of
-from models.tiny import SHIPPED_MODEL_DIR, default_model_dir
-from models.trainer.cli import build_preference
-from models.trainer.config import StackelbergConfig
+from slhf.models import demo
+from slhf.models.serving.loading import SHIPPED_MODEL_DIR, default_model_dir
+from slhf.models.serving.manifest import Manifest
+from slhf.models.tasks.condorcet import check, parse_prompt, split_of
+from slhf.models.trainer.cli import build_preference
+from slhf.models.trainer.config import StackelbergConfig
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
-from server.cli import _serve_parser, _train_parser
-from server.metrics import ServiceMetrics
-from server.settings import ServerSettings
+from slhf.cli import _serve_parser, _train_parser
+from slhf.server.metrics import ServiceMetrics
+from slhf.server.settings import ServerSettings
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
@@ -149,7 +149,7 @@ def test_gpu_image_and_extra_are_the_vllm_release_ci_tests() -> None:
 def test_image_build_imports_the_engine_module(path: Path) -> None:
     """A vLLM whose API the engine does not match fails the build, not the first start."""
     smoke = [ln for ln in path.read_text().splitlines() if re.search(r"python3? -c .*import", ln)]
-    assert any("server.engine" in ln for ln in smoke), smoke
+    assert any("slhf.server.engine" in ln for ln in smoke), smoke
 
 
 def test_cpu_dockerfile_uses_the_cpu_build_and_removes_the_broken_extras() -> None:
@@ -221,7 +221,7 @@ def test_compose_bind_mounts_and_named_volumes_exist() -> None:
 
 
 def test_example_train_config_is_a_valid_stackelberg_config() -> None:
-    from models.trainer.config import StackelbergConfig
+    from slhf.models.trainer.config import StackelbergConfig
 
     StackelbergConfig(**yaml.safe_load((DOCKER / "train" / "train.yaml").read_text()))
 
@@ -238,8 +238,8 @@ ULTRAFEEDBACK_SPLITS = {
 
 
 def test_the_train_profile_names_a_real_split_and_a_judge_that_compose_runs() -> None:
-    from models.trainer.cli import build_preference
-    from models.trainer.config import StackelbergConfig
+    from slhf.models.trainer.cli import build_preference
+    from slhf.models.trainer.config import StackelbergConfig
 
     cfg = StackelbergConfig(**yaml.safe_load((DOCKER / "train" / "train.yaml").read_text()))
     assert cfg.dataset == "HuggingFaceH4/ultrafeedback_binarized"

@@ -1,11 +1,11 @@
-"""server.engine's vLLM engine arguments from the settings (no engine is started)."""
+"""slhf.server.engine's vLLM engine arguments from the settings (no engine is started)."""
 
 from __future__ import annotations
 
 import pytest
 
-from server.engine import _engine_args
-from server.settings import ServerSettings
+from slhf.server.engine import _engine_args
+from slhf.server.settings import ServerSettings
 
 
 def args(**settings):

@@ -1,4 +1,5 @@
-"""The wire bounds are vLLM's own (one bound, not two), and ``server.engine`` maps vLLM's request
+"""The wire bounds are vLLM's own (one bound, not two), and ``slhf.server.engine`` maps vLLM's
+request
 errors onto the ``Engine`` protocol: rejections stay plain exceptions (400s), the rest are
 ``EngineError`` (503s). No engine is started."""
 
@@ -9,9 +10,9 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
-from server.engine import _server_error
-from server.errors import REQUEST_REJECTIONS
-from server.generation import MAX_TEMPERATURE, MAX_TOP_K, EngineError
+from slhf.server.engine import _server_error
+from slhf.server.errors import REQUEST_REJECTIONS
+from slhf.server.generation import MAX_TEMPERATURE, MAX_TOP_K, EngineError
 
 
 def test_max_temperature_is_vllms() -> None:

@@ -27,11 +27,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.game import total_variation
-from models.preferences import CallablePreference
-from models.templates import TemplateConfig, TemplateRenderer
-from models.tiny import build_tiny_model
-from models.token_game import (
+from slhf.models.game import total_variation
+from slhf.models.preferences import CallablePreference
+from slhf.models.serving.templates import TemplateConfig, TemplateRenderer
+from slhf.models.tiny import build_tiny_model
+from slhf.models.token_game import (
     DEFAULT_PROMPT,
     TokenGame,
     distances,
@@ -39,9 +39,9 @@ from models.token_game import (
     policies,
     token_game,
 )
-from models.trainer.config import StackelbergConfig
-from models.trainer.rollouts import encode_prompts
-from models.trainer.trainer import StackelbergTrainer
+from slhf.models.trainer.config import StackelbergConfig
+from slhf.models.trainer.rollouts import encode_prompts
+from slhf.models.trainer.trainer import StackelbergTrainer
 
 #: The run: LoRA on the warm-started model, κ = 5, temperature 1, no top-k, a cosine schedule
 #: after 10 warm-up steps; a short Follower instruction keeps the prompts short (the test runs

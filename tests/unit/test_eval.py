@@ -1,4 +1,4 @@
-"""models.eval: Wilson intervals, report assembly with fake generators, the three outputs."""
+"""slhf.models.eval: Wilson intervals, report assembly with fake generators, the three outputs."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from models.eval import evaluate, markdown_table, wilson_interval, win_rate, write_outputs
-from models.preferences import CallablePreference
-from models.tasks.arith import TaskPreference, parse_prompt, sample_prompts
+from slhf.models.eval import evaluate, markdown_table, wilson_interval, win_rate, write_outputs
+from slhf.models.preferences import CallablePreference
+from slhf.models.tasks.arith import TaskPreference, parse_prompt, sample_prompts
 
 
 def test_wilson_interval_matches_hand_computed_values():

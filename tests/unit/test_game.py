@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.game import (
+from slhf.cli import main
+from slhf.models.game import (
     GameError,
     closed_form,
     condorcet_preferences,
@@ -22,7 +23,6 @@ from models.game import (
     total_variation,
     validate_preferences,
 )
-from server.cli import main
 
 UNIFORM3 = np.full(3, 1 / 3)
 

@@ -14,9 +14,9 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.logs import JsonFormatter, request_id_var
-from server.settings import ServerSettings
+from slhf.server.app import create_app
+from slhf.server.logs import JsonFormatter, request_id_var
+from slhf.server.settings import ServerSettings
 from tests.fakes import ScriptedEngine, numbered_script
 from tests.unit.test_routes import WEIGHTS, assert_envelope
 

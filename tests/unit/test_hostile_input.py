@@ -16,7 +16,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from server.generation import MAX_TEMPERATURE, MAX_TOP_K
+from slhf.server.generation import MAX_TEMPERATURE, MAX_TOP_K
 from tests.fakes import Call, CharTokenizer, ScriptedEngine, numbered_script
 from tests.unit.test_hardening import make_app
 from tests.unit.test_routes import assert_envelope

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.trainer.losses import KL_ESTIMATORS, RoleRollout, kl_per_token, reinforce_terms
+from slhf.models.trainer.losses import KL_ESTIMATORS, RoleRollout, kl_per_token, reinforce_terms
 
 V = 4  # vocabulary size
 

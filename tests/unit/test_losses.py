@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.trainer.losses import (
+from slhf.models.trainer.losses import (
     RoleRollout,
     advantages,
     kl_per_token,

@@ -9,9 +9,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.settings import ServerSettings
-from server.upstream import UpstreamClient
+from slhf.server.app import create_app
+from slhf.server.settings import ServerSettings
+from slhf.server.upstream import UpstreamClient
 from tests.fakes import Call, ScriptedEngine, numbered_script
 from tests.unit.test_routes import WEIGHTS, assert_envelope
 

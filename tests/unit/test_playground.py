@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.playground import STATIC_DIR
-from server.settings import ServerSettings
+from slhf.server.app import create_app
+from slhf.server.playground import STATIC_DIR
+from slhf.server.settings import ServerSettings
 from tests.fakes import ScriptedEngine, numbered_script
 from tests.unit.test_routes import WEIGHTS
 
@@ -83,5 +83,5 @@ def test_playground_is_plain_static_files_with_nothing_from_elsewhere() -> None:
 def test_static_files_are_package_data() -> None:
     """A non-editable install (the Docker images) must ship the page."""
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    data = pyproject["tool"]["setuptools"]["package-data"].get("server", [])
+    data = pyproject["tool"]["setuptools"]["package-data"].get("slhf.server", [])
     assert any(Path("static/playground/index.html").match(p) for p in data), data

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from models.preferences import (
+from slhf.models.preferences import (
     CallablePreference,
     LLMJudgePreference,
     MultiAttributeVote,
@@ -78,7 +78,7 @@ def test_reward_model_scorer_runs_a_real_sequence_classification_head(tmp_path: 
     import torch
     from transformers import AutoModelForSequenceClassification, LlamaConfig
 
-    from models.tiny import build_tokenizer
+    from slhf.models.tiny import build_tokenizer
 
     tok = build_tokenizer()
     config = LlamaConfig(

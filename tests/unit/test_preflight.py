@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from server import cli
-from server.preflight import (
+from slhf import cli
+from slhf.server.preflight import (
     StartupError,
     bind_socket,
     check_adapter_folder,
@@ -92,7 +92,7 @@ def test_an_adapter_without_weights_is_named(tmp_path: Path) -> None:
 
 
 def test_the_shipped_model_passes() -> None:
-    from models.tiny import default_model_dir
+    from slhf.models.serving.loading import default_model_dir
 
     check_model_folder(default_model_dir())
 
@@ -125,7 +125,7 @@ def no_app(monkeypatch: pytest.MonkeyPatch) -> None:
     def create_app(*args: object, **kwargs: object) -> None:
         raise AssertionError("the app (and its engine) must not be created")
 
-    monkeypatch.setattr("server.app.create_app", create_app)
+    monkeypatch.setattr("slhf.server.app.create_app", create_app)
     for name in [k for k in os.environ if k.startswith("SLHF_")]:
         monkeypatch.delenv(name)
 
@@ -169,7 +169,7 @@ def test_cpu_block_sizes_that_run_pass(block_size: int | None) -> None:
 def test_serve_exits_2_with_one_line_for_a_cpu_block_size_of_16(
     folder: Path, no_app: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("server.preflight.vllm_cpu_build", lambda: True)
+    monkeypatch.setattr("slhf.server.preflight.vllm_cpu_build", lambda: True)
     monkeypatch.setenv("SLHF_KV_BLOCK_SIZE", "16")
     assert serve(model=str(folder), host="127.0.0.1", port=0) == 2
     err = capsys.readouterr().err.strip()

@@ -1,4 +1,5 @@
-"""Follower prompts spliced from the Leader's sequence (``server.prompts``), and the usage details
+"""Follower prompts spliced from the Leader's sequence (``slhf.server.prompts``), and the usage
+details
 (cached prompt tokens, draft acceptance) on a fake engine with a per-token prefix cache."""
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from models.templates import TemplateConfig, TemplateRenderer
-from server.generation import DraftCounts, GenerationParams
-from server.metrics import ServiceMetrics
-from server.protocol import Usage
-from server.refine import RefineJob, Refiner
+from slhf.models.serving.templates import TemplateConfig, TemplateRenderer
+from slhf.server.generation import DraftCounts, GenerationParams
+from slhf.server.metrics import ServiceMetrics
+from slhf.server.protocol import Usage
+from slhf.server.refine import RefineJob, Refiner
 from tests.fakes import CharTokenizer, ScriptedEngine, numbered_script
 
 PARAMS = GenerationParams(max_tokens=16)

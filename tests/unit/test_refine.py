@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from models.templates import DEFAULT_FOLLOWER_INSTRUCTION, TemplateRenderer
-from server.errors import PromptTooLongError
-from server.generation import GenerationParams
-from server.refine import RefineJob, Refiner, derive_seed
+from slhf.models.serving.templates import DEFAULT_FOLLOWER_INSTRUCTION, TemplateRenderer
+from slhf.server.errors import PromptTooLongError
+from slhf.server.generation import GenerationParams
+from slhf.server.refine import RefineJob, Refiner, derive_seed
 from tests.fakes import Call, CharTokenizer, ScriptedEngine, numbered_script
 
 PARAMS = GenerationParams(max_tokens=16, temperature=0.9, top_k=50)

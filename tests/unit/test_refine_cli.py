@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+
+from slhf.cli import main as slhf_main
 from slhf_client import Client
 from slhf_client.cli import add_refine_arguments, run_refine
 from slhf_client.render import word_diff
-
-from server.cli import main as slhf_main
 from tests.fakes import Call, ScriptedEngine
 from tests.unit.test_client import make_app
 

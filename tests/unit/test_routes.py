@@ -7,10 +7,10 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from models.loading import RoleWeights, ServedWeights
-from models.manifest import Manifest, RoleSpec, SamplingDefaults
-from server.app import create_app
-from server.settings import ServerSettings
+from slhf.models.serving.loading import RoleWeights, ServedWeights
+from slhf.models.serving.manifest import Manifest, RoleSpec, SamplingDefaults
+from slhf.server.app import create_app
+from slhf.server.settings import ServerSettings
 from tests.fakes import ScriptedEngine, numbered_script
 
 MANIFEST = Manifest(

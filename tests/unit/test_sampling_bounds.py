@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from vllm import SamplingParams as VllmSamplingParams
 from vllm.exceptions import VLLMValidationError
 
-from server.protocol import SamplingParams
+from slhf.server.protocol import SamplingParams
 
 EDGES = [
     ("min_p", 0.0, -0.01),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from server.settings import ServerSettings
+from slhf.server.settings import ServerSettings
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,14 +1,14 @@
-"""models.sft: the masked Leader-template loss, a few steps lower it, the saved folder."""
+"""slhf.models.sft: the masked Leader-template loss, a few steps lower it, the saved folder."""
 
 from __future__ import annotations
 
 import pytest
 
-from models.manifest import Manifest
-from models.sft import IGNORE, SFTConfig, _collate, encode_row, save_sft, train_sft
-from models.tasks.arith import demonstrations
-from models.templates import TemplateRenderer
-from models.tiny import build_tiny_model
+from slhf.models.serving.manifest import Manifest
+from slhf.models.serving.templates import TemplateRenderer
+from slhf.models.sft import IGNORE, SFTConfig, _collate, encode_row, save_sft, train_sft
+from slhf.models.tasks.arith import demonstrations
+from slhf.models.tiny import build_tiny_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import threading
 import time
 
-from server.lifecycle import arm_exit_watchdog
-from server.settings import ServerSettings
+from slhf.server.lifecycle import arm_exit_watchdog
+from slhf.server.settings import ServerSettings
 
 
 def test_the_watchdog_exits_after_its_timeout() -> None:

@@ -7,10 +7,10 @@ import random
 
 import pytest
 
-from models.preferences import PreferenceError
-from models.tasks import arith
-from models.tasks.arith import Problem, TaskPreference, attribute_scores, parse_prompt, vote
-from models.tasks.graphs import cycle_share, has_cycle, preference_edges
+from slhf.models.preferences import PreferenceError
+from slhf.models.tasks import arith
+from slhf.models.tasks.arith import Problem, TaskPreference, attribute_scores, parse_prompt, vote
+from slhf.models.tasks.graphs import cycle_share, has_cycle, preference_edges
 
 X = "Add 17 and 25."
 # A Condorcet triple, each beating the next on 3 of 5 attributes (ties: 1 of 5 each, ½ each):

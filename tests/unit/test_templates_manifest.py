@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from models.loading import resolve_weights
-from models.manifest import Manifest, ManifestError, RoleSpec
-from models.templates import (
+from slhf.models.serving.loading import resolve_weights
+from slhf.models.serving.manifest import Manifest, ManifestError, RoleSpec
+from slhf.models.serving.templates import (
     DEFAULT_FOLLOWER_INSTRUCTION,
     TemplateConfig,
     TemplateError,

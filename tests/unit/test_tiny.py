@@ -13,9 +13,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
-from models import tiny  # noqa: E402
-from models.manifest import Manifest  # noqa: E402
-from models.templates import DEFAULT_FOLLOWER_INSTRUCTION, TemplateRenderer  # noqa: E402
+from slhf.models import tiny  # noqa: E402
+from slhf.models.serving.manifest import Manifest  # noqa: E402
+from slhf.models.serving.templates import DEFAULT_FOLLOWER_INSTRUCTION, TemplateRenderer  # noqa: E402
 
 PROMPT = "What is the capital of France?"
 ANSWER = "The answer is Paris."
@@ -154,7 +154,7 @@ def test_manifest_of_a_plain_build_is_shared(built: dict[str, Path]) -> None:
     assert manifest.template.layout == "chat"
     assert manifest.max_model_len == 2048
     assert manifest.leader.sampling.max_tokens == 32
-    assert manifest.provenance["producer"] == "models.tiny"
+    assert manifest.provenance["producer"] == "slhf.models.tiny"
     assert manifest.provenance["family"] == "llama"
     assert manifest.provenance["seed"] == 0
 
@@ -299,6 +299,6 @@ def test_cli_builds_and_prints_the_path(tmp_path: Path, capsys) -> None:
 
 
 def test_importing_the_module_does_not_import_torch() -> None:
-    code = "import sys, models.tiny; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, slhf.models.tiny; assert 'torch' not in sys.modules, 'torch imported'"
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)

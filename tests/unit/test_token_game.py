@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.game import closed_form, condorcet_preferences
-from models.token_game import TokenGame, TokenGameError, token_game
-from server.cli import main
+from slhf.cli import main
+from slhf.models.game import closed_form, condorcet_preferences
+from slhf.models.token_game import TokenGame, TokenGameError, token_game
 
 GAME = TokenGame((5, 6, 7), ("A", "B", "C"), (0.4, 0.35, 0.25), vocab_size=10)
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from models.trainer.config import StackelbergConfig
-from models.trainer.trainer import TIMING_KEYS, StackelbergTrainer
+from slhf.models.trainer.config import StackelbergConfig
+from slhf.models.trainer.trainer import TIMING_KEYS, StackelbergTrainer
 from tests.trainer_helpers import tiny_config, tiny_trainer
 
 PROMPTS = ["What is the map?", "Tell me about the river.", "Why does it rain?", "Name a tree."]

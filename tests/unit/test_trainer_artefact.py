@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from models.loading import resolve_weights
-from models.manifest import Manifest
-from models.trainer.artefact import portable_base, push_to_hub
-from models.trainer.trainer import StackelbergTrainer
+from slhf.models.serving.loading import resolve_weights
+from slhf.models.serving.manifest import Manifest
+from slhf.models.trainer.artefact import portable_base, push_to_hub
+from slhf.models.trainer.trainer import StackelbergTrainer
 from tests.trainer_helpers import tiny_config, tiny_trainer
 
 PROMPTS = ["What is the map?", "Tell me about the river.", "Why does it rain?"]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from models.templates import DEFAULT_FOLLOWER_INSTRUCTION
-from models.trainer.config import ConfigError, StackelbergConfig
+from slhf.models.serving.templates import DEFAULT_FOLLOWER_INSTRUCTION
+from slhf.models.trainer.config import ConfigError, StackelbergConfig
 
 
 def make(**kw: object) -> StackelbergConfig:

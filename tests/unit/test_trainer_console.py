@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from models.preferences import CallablePreference, Unscored
-from models.trainer.console import Console, PreferenceFailureError, format_line
+from slhf.models.preferences import CallablePreference, Unscored
+from slhf.models.trainer.console import Console, PreferenceFailureError, format_line
 from tests.trainer_helpers import tiny_config, tiny_trainer
 
 PROMPTS = ["What is the map?", "Tell me about the river.", "Why does it rain?", "Name a tree."]

@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 import torch
 
-from models.manifest import Manifest
-from models.preferences import CallablePreference, LLMJudgePreference
-from models.tiny import build_tiny_model
-from models.trainer.cli import build_preference
-from models.trainer.config import ConfigError
-from models.trainer.data import DataError, PromptSampler, load_prompts
-from server.cli import main
+from slhf.cli import main
+from slhf.models.preferences import CallablePreference, LLMJudgePreference
+from slhf.models.serving.manifest import Manifest
+from slhf.models.tiny import build_tiny_model
+from slhf.models.trainer.cli import build_preference
+from slhf.models.trainer.config import ConfigError
+from slhf.models.trainer.data import DataError, PromptSampler, load_prompts
 
 CHAT = [{"role": "user", "content": "Why does it rain?"}]
 

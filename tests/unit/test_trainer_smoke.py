@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import torch
 
-from models.loading import resolve_weights
-from models.manifest import Manifest
-from models.trainer.checkpoint import latest_checkpoint
-from models.trainer.trainer import TIMING_KEYS, StackelbergTrainer
+from slhf.models.serving.loading import resolve_weights
+from slhf.models.serving.manifest import Manifest
+from slhf.models.trainer.checkpoint import latest_checkpoint
+from slhf.models.trainer.trainer import TIMING_KEYS, StackelbergTrainer
 from tests.trainer_helpers import tiny_config, tiny_trainer
 
 PROMPTS = [

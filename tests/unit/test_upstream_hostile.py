@@ -13,9 +13,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from server.middleware import BodyLimitMiddleware
-from server.settings import ServerSettings
-from server.upstream import UpstreamClient
+from slhf.server.middleware import BodyLimitMiddleware
+from slhf.server.settings import ServerSettings
+from slhf.server.upstream import UpstreamClient
 from tests.fakes import ScriptedEngine, numbered_script
 from tests.unit.test_hardening import make_app
 from tests.unit.test_routes import assert_envelope

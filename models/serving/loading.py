@@ -16,8 +16,22 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.manifest import MANIFEST_FILE, Manifest, ManifestError, Topology
-from models.templates import Role
+from slhf.models.serving.manifest import MANIFEST_FILE, Manifest, ManifestError, Topology
+from slhf.models.serving.templates import Role
+
+#: The demo model trained by ``make demo-model`` (``slhf.models.demo``) and shipped in the package:
+#: the server's default when no model is named.
+SHIPPED_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "slhf-condorcet-tiny"
+
+
+def default_model_dir() -> Path:
+    """The server's default model: the shipped demo model (``SHIPPED_MODEL_DIR``)."""
+    if not (SHIPPED_MODEL_DIR / MANIFEST_FILE).is_file():
+        raise ManifestError(
+            f"the shipped demo model is missing ({SHIPPED_MODEL_DIR}): reinstall slhf, or name a "
+            "model (SLHF_MODEL or `slhf serve MODEL`); `make demo-model` rebuilds it"
+        )
+    return SHIPPED_MODEL_DIR
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from models.templates import DEFAULT_FOLLOWER_INSTRUCTION, DEFAULT_PLAIN_SEPARATOR, TemplateConfig
+from slhf.models.serving.templates import (
+    DEFAULT_FOLLOWER_INSTRUCTION,
+    DEFAULT_PLAIN_SEPARATOR,
+    TemplateConfig,
+)
 
 MANIFEST_FILE = "slhf.json"
 FORMAT_VERSION = 1

@@ -65,19 +65,19 @@ def serve(args: argparse.Namespace) -> int:
     the engine and serve; uvicorn listens on the socket bound here once the model is loaded."""
     import uvicorn
 
-    from models.manifest import ManifestError
-    from server import log_pipe
-    from server.app import create_app, resolve_served_weights
-    from server.lifecycle import exit_process
-    from server.logs import configure_logging
-    from server.preflight import (
+    from slhf.models.serving.manifest import ManifestError
+    from slhf.server import log_pipe
+    from slhf.server.app import create_app, resolve_served_weights
+    from slhf.server.lifecycle import exit_process
+    from slhf.server.logs import configure_logging
+    from slhf.server.preflight import (
         StartupError,
         bind_socket,
         check_block_size,
         check_weights,
         vllm_cpu_build,
     )
-    from server.settings import ServerSettings
+    from slhf.server.settings import ServerSettings
 
     try:
         settings = ServerSettings(**serve_overrides(args))
@@ -121,7 +121,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _game_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from models.game_cli import add_game_subcommands
+    from slhf.models.game_cli import add_game_subcommands
 
     p = sub.add_parser(
         "game",
@@ -132,13 +132,13 @@ def _game_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 
 def game(args: argparse.Namespace) -> int:
-    from models.game_cli import run_game
+    from slhf.models.game_cli import run_game
 
     return run_game(args)
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from models.trainer.cli import add_train_arguments
+    from slhf.models.trainer.cli import add_train_arguments
 
     p = sub.add_parser(
         "train",
@@ -149,13 +149,13 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
 
 
 def train(args: argparse.Namespace) -> int:
-    from models.trainer.cli import run_train
+    from slhf.models.trainer.cli import run_train
 
     return run_train(args)
 
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from models.eval_cli import add_eval_arguments
+    from slhf.models.eval_cli import add_eval_arguments
 
     p = sub.add_parser(
         "eval",
@@ -166,7 +166,7 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from models.eval_cli import run_eval
+    from slhf.models.eval_cli import run_eval
 
     return run_eval(args)
 
