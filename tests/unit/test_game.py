@@ -1,4 +1,4 @@
-"""Tabular Stackelberg game (models/game.py) and ``slhf game`` (PAPER.md, "The game")."""
+"""Tabular Stackelberg game (models/game.py) and ``slhf game`` (docs/algorithm.md, "The game")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Role templates (PAPER.md layout), the slhf.json manifest and weights resolution."""
+"""Role templates (docs/algorithm.md, "Templates"), the slhf.json manifest, weights resolution."""
 
 from __future__ import annotations
 
