@@ -39,9 +39,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from slhf.models.serving.templates import Message, to_messages
-
-Prompt = str | Sequence[Message]
+from slhf.models.serving.templates import Message, Prompt, to_messages
 
 
 class PreferenceError(ValueError):

@@ -37,6 +37,8 @@ DEFAULT_FOLLOWER_INSTRUCTION = (
 DEFAULT_PLAIN_SEPARATOR = "\n\n"
 
 Message = dict[str, str]
+#: ``x``: a prompt string, or a conversation (chat messages ending with a user turn).
+Prompt = str | Sequence[Message]
 CHAT_ROLES = ("system", "user", "assistant")
 
 
@@ -79,7 +81,7 @@ class TemplateConfig:
             raise TemplateError("plain_separator must not be empty")
 
 
-def to_messages(prompt: str | Sequence[Message]) -> list[Message]:
+def to_messages(prompt: Prompt) -> list[Message]:
     """Normalise ``x`` (a string or a conversation) into validated chat messages."""
     if isinstance(prompt, str):
         if not prompt.strip():
@@ -106,13 +108,13 @@ def to_messages(prompt: str | Sequence[Message]) -> list[Message]:
     return messages
 
 
-def leader_messages(prompt: str | Sequence[Message]) -> list[Message]:
+def leader_messages(prompt: Prompt) -> list[Message]:
     """``T_L(x)`` as chat messages: the conversation ``x`` itself."""
     return to_messages(prompt)
 
 
 def follower_messages(
-    prompt: str | Sequence[Message], answer: str, instruction: str = DEFAULT_FOLLOWER_INSTRUCTION
+    prompt: Prompt, answer: str, instruction: str = DEFAULT_FOLLOWER_INSTRUCTION
 ) -> list[Message]:
     """``T_F(x, y)`` as chat messages: ``x``, ``[assistant: y]``, ``[user: instruction]``."""
     return [
@@ -153,20 +155,20 @@ class TemplateRenderer:
         self.uses_chat = has_chat and self.config.layout != "plain"
 
     # -- text -------------------------------------------------------------------------------
-    def render_leader(self, prompt: str | Sequence[Message]) -> str:
+    def render_leader(self, prompt: Prompt) -> str:
         messages = leader_messages(prompt)
         if self.uses_chat:
             return self._chat(messages)
         return self._plain([m["content"] for m in messages])
 
-    def render_follower(self, prompt: str | Sequence[Message], answer: str) -> str:
+    def render_follower(self, prompt: Prompt, answer: str) -> str:
         instruction = self.config.follower_instruction
         if self.uses_chat:
             return self._chat(follower_messages(prompt, answer, instruction))
         parts = [m["content"] for m in to_messages(prompt)]
         return self._plain([*parts, answer, instruction])
 
-    def render(self, role: Role, prompt: str | Sequence[Message], answer: str | None) -> str:
+    def render(self, role: Role, prompt: Prompt, answer: str | None) -> str:
         if role == "leader":
             return self.render_leader(prompt)
         if answer is None:
@@ -178,9 +180,7 @@ class TemplateRenderer:
         # A chat template writes BOS/EOS itself; plain text gets the tokenizer's specials.
         return list(self.tokenizer.encode(text, add_special_tokens=not self.uses_chat))
 
-    def encode_role(
-        self, role: Role, prompt: str | Sequence[Message], answer: str | None
-    ) -> list[int]:
+    def encode_role(self, role: Role, prompt: Prompt, answer: str | None) -> list[int]:
         return self.encode(self.render(role, prompt, answer))
 
     def follower_tail(self) -> tuple[list[int] | None, str]:

@@ -17,9 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from slhf.models.serving.templates import Message, TemplateError, to_messages
-
-Prompt = str | list[Message]
+from slhf.models.serving.templates import Prompt, TemplateError, to_messages
 
 
 class DataError(ValueError):

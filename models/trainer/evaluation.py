@@ -15,8 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from slhf.models.preferences import Preference
-from slhf.models.serving.templates import Role, TemplateRenderer
-from slhf.models.trainer.data import Prompt
+from slhf.models.serving.templates import Prompt, Role, TemplateRenderer
 from slhf.models.trainer.rollouts import Rollout
 
 RolloutFn = Callable[[Role, list[str]], Rollout]

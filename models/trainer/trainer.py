@@ -67,12 +67,12 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object
 
 from slhf.models.preferences import Preference, unscored
-from slhf.models.serving.templates import ROLES, Role, TemplateConfig, TemplateRenderer
+from slhf.models.serving.templates import ROLES, Prompt, Role, TemplateConfig, TemplateRenderer
 from slhf.models.trainer import artefact, checkpoint, evaluation, weights
 from slhf.models.trainer.artefact import config_hash, save_artefact
 from slhf.models.trainer.config import StackelbergConfig
 from slhf.models.trainer.console import Console, preference_error_rate
-from slhf.models.trainer.data import Prompt, PromptSampler
+from slhf.models.trainer.data import PromptSampler
 from slhf.models.trainer.losses import (
     RoleRollout,
     advantages,
