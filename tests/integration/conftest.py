@@ -7,26 +7,21 @@ costs no CPU while other tests run.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any, Self
 
-import httpx
 import pytest
 
 from slhf.models.tiny import FACTORY_VERSION, build_tiny_model
+from slhf.server import process
+from slhf.server.process import clean_env, free_port
 from tests.integration.fake_upstream import FakeUpstream
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S = 300
+__all__ = ["REPO", "ServerProcess", "free_port", "server_env"]  # what test modules import
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -35,78 +30,32 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def server_env(**settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLHF_")}
-    env.update(
+    """The tests' server environment: no SLHF_* from the shell, engines in-process, offline."""
+    return clean_env(
         VLLM_ENABLE_V1_MULTIPROCESSING="0",
         VLLM_CPU_KVCACHE_SPACE="1",
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
+        **settings,
     )
-    env.update(settings)
-    return env
 
 
-@dataclass
-class ServerProcess:
-    """A running ``slhf serve`` process on loopback."""
-
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-    startup_s: float = 0.0
+class ServerProcess(process.ServerProcess):
+    """The launcher (``slhf.server.process``) with ``server_env()`` as the base environment and
+    the repository as working directory: ``ServerProcess.start(log, SLHF_MODEL=...)``."""
 
     @classmethod
-    def start(cls, log: Path, **settings: str) -> ServerProcess:
-        port = free_port()
-        env = server_env(SLHF_HOST="127.0.0.1", SLHF_PORT=str(port), **settings)
-        out = log.open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "slhf.cli", "serve"],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        server = cls(proc, f"http://127.0.0.1:{port}", log)
-        server.wait_ready()
-        return server
-
-    def wait_ready(self) -> None:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < START_TIMEOUT_S:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    self.startup_s = time.monotonic() - t0
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"server not ready after {START_TIMEOUT_S}s:\n{self.tail()}")
-
-    def tail(self, n: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return self.proc.returncode
+    def start(
+        cls,
+        log: Path | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | str | None = REPO,
+        **options: Any,
+    ) -> Self:
+        return super().start(log, env=server_env() if env is None else env, cwd=cwd, **options)
 
 
 @pytest.fixture(scope="session")
@@ -135,17 +84,14 @@ def _serve(
 ) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("logs") / f"{name}.log"
     # a roomy admission bound: these servers test behaviour, test_hardening tests the bound
-    server = ServerProcess.start(
-        log,
+    env = server_env(
         SLHF_MAX_ROUNDS="4",
         SLHF_MAX_MODEL_LEN="512",
         SLHF_MAX_INFLIGHT_GENERATIONS="1024",
         **settings,
     )
-    try:
+    with ServerProcess.start(log, env=env) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -238,7 +184,7 @@ def hostile_server(
     """The random tiny llama with small caps (every accepted request is cheap: the fuzz test
     sends hundreds), short body and upstream timeouts, and ``fake_upstream`` as its upstream."""
     log = tmp_path_factory.mktemp("logs") / "hostile.log"
-    server = ServerProcess.start(
+    with ServerProcess.start(
         log,
         SLHF_MODEL=str(random_model),
         SLHF_MAX_ROUNDS="2",
@@ -251,8 +197,5 @@ def hostile_server(
         SLHF_UPSTREAM_MODEL="fake",
         SLHF_UPSTREAM_TIMEOUT_S=str(HOSTILE_UPSTREAM_TIMEOUT_S),
         SLHF_UPSTREAM_MAX_BYTES=str(HOSTILE_UPSTREAM_MAX_BYTES),
-    )
-    try:
+    ) as server:
         yield server
-    finally:
-        server.stop()
