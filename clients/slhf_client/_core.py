@@ -7,7 +7,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,8 @@ DEFAULT_TIMEOUT_S = 600.0
 RETRY_STATUSES = frozenset({408, 409, 429})
 """Retried, with every 5xx. Nothing else is (a 400 will fail the same way again)."""
 
-Messages = Sequence[dict[str, str]]
+Messages = Sequence[Mapping[str, str]]
+"""A chat conversation: ``[{"role": "user", "content": "..."}, ...]``."""
 
 
 def resolve_base_url(base_url: str | None) -> str:
@@ -69,19 +70,19 @@ class RetryPolicy:
         after = retry_after(response) if response is not None else None
         if after is not None and after <= self.max_retry_after_s:
             return after
-        backoff = min(self.initial_backoff_s * 2**attempt, self.max_backoff_s)
+        backoff = min(self.initial_backoff_s * 2.0**attempt, self.max_backoff_s)
         return backoff * (1 - self.jitter * random.random())
 
 
 def retry_after(response: httpx.Response) -> float | None:
     """The ``Retry-After`` header in seconds (``retry-after-ms`` first), if usable."""
-    ms = response.headers.get("retry-after-ms")
+    ms: str | None = response.headers.get("retry-after-ms")
     if ms is not None:
         try:
             return max(0.0, float(ms) / 1000)
         except ValueError:
             pass
-    value = response.headers.get("retry-after")
+    value: str | None = response.headers.get("retry-after")
     if value is None:
         return None
     try:
@@ -95,13 +96,32 @@ def retry_after(response: httpx.Response) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def _decoded(response: httpx.Response) -> object:
+    """The JSON body of a response that has been read; ``None`` when it is not JSON."""
+    try:
+        body: object = response.json()
+    except ValueError:
+        return None
+    return body
+
+
 def error_from_response(response: httpx.Response) -> APIStatusError:
     """The error for a non-2xx response whose body has been read."""
-    try:
-        body: Any = response.json()
-    except ValueError:
-        body = None
+    body = _decoded(response)
     return status_error(response.status_code, body, response.text if body is None else "")
+
+
+def response_object(response: httpx.Response) -> dict[str, Any]:
+    """The body of a successful response: a JSON object, as every route of the wire contract
+    answers. Anything else is raised as an ``APIStatusError`` carrying the response's status."""
+    body = _decoded(response)
+    if not isinstance(body, dict):
+        raise APIStatusError(
+            f"expected a JSON object, got {response.text[:200]!r}",
+            status_code=response.status_code,
+            body=body,
+        )
+    return body
 
 
 def as_messages(prompt: str | Messages) -> list[dict[str, str]]:
@@ -193,7 +213,7 @@ def sse_data(line: str) -> dict[str, Any] | None:
     data = line[len("data:") :].strip()
     if not data or data == "[DONE]":
         return None
-    body = json.loads(data)
+    body: object = json.loads(data)
     if isinstance(body, dict) and "error" in body:
         raise status_error(None, body)
     return body if isinstance(body, dict) else None

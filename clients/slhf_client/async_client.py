@@ -5,7 +5,8 @@ The same surface as ``Client`` (see client.py), with ``async``/``await``."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -13,7 +14,7 @@ import httpx
 from . import _core
 from ._core import Messages, RetryPolicy
 from .errors import APIConnectionError, APITimeoutError
-from .types import ChatChunk, ChatCompletion, Model, Refinement, chunks_from_event
+from .types import ChatChunk, ChatCompletion, Model, Refinement, chunks_from_event, json_objects
 
 
 class AsyncClient:
@@ -38,11 +39,11 @@ class AsyncClient:
         self.api_key = _core.resolve_api_key(api_key)
         self.retry = retry or RetryPolicy()
         if max_retries is not None:
-            self.retry = RetryPolicy(**{**self.retry.__dict__, "max_retries": max_retries})
+            self.retry = dataclasses.replace(self.retry, max_retries=max_retries)
         self._timeout = _core.timeout(timeout)
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient(timeout=self._timeout)
-        self._sleep = asyncio.sleep
+        self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def aclose(self) -> None:
@@ -150,7 +151,8 @@ class AsyncClient:
         return self._stream("/v1/chat/completions", body)
 
     async def models(self) -> list[Model]:
-        return [Model.from_dict(m) for m in (await self._json("GET", "/v1/models"))["data"]]
+        body = await self._json("GET", "/v1/models")
+        return [Model.from_dict(m) for m in json_objects(body.get("data"))]
 
     async def health(self) -> dict[str, Any]:
         return await self._json("GET", "/health")
@@ -159,9 +161,10 @@ class AsyncClient:
         return await self._json("GET", "/ready")
 
     # -- transport ----------------------------------------------------------------------------
-    async def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        r = await self._send(method, path, body, stream=False)
-        return r.json()
+    async def _json(
+        self, method: str, path: str, body: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        return _core.response_object(await self._send(method, path, body, stream=False))
 
     async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[ChatChunk]:
         r = await self._send("POST", path, body, stream=True)

@@ -152,7 +152,7 @@ def _stream(
     for chunk in chunks:
         if chunk.index != 0:
             continue
-        if chunk.round is not None and chunk.round != current and chunk.text:
+        if chunk.round != current and chunk.text:
             end_round()
             current = chunk.round
             texts[current] = ""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -11,7 +12,7 @@ import httpx
 from . import _core
 from ._core import Messages, RetryPolicy
 from .errors import APIConnectionError, APITimeoutError
-from .types import ChatChunk, ChatCompletion, Model, Refinement, chunks_from_event
+from .types import ChatChunk, ChatCompletion, Model, Refinement, chunks_from_event, json_objects
 
 
 class Client:
@@ -36,11 +37,11 @@ class Client:
         self.api_key = _core.resolve_api_key(api_key)
         self.retry = retry or RetryPolicy()
         if max_retries is not None:
-            self.retry = RetryPolicy(**{**self.retry.__dict__, "max_retries": max_retries})
+            self.retry = dataclasses.replace(self.retry, max_retries=max_retries)
         self._timeout = _core.timeout(timeout)
         self._owns_http = http_client is None
         self._http = http_client or httpx.Client(timeout=self._timeout)
-        self._sleep = time.sleep
+        self._sleep: Callable[[float], None] = time.sleep
 
     # -- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -148,7 +149,8 @@ class Client:
         return self._stream("/v1/chat/completions", body)
 
     def models(self) -> list[Model]:
-        return [Model.from_dict(m) for m in self._json("GET", "/v1/models")["data"]]
+        body = self._json("GET", "/v1/models")
+        return [Model.from_dict(m) for m in json_objects(body.get("data"))]
 
     def health(self) -> dict[str, Any]:
         return self._json("GET", "/health")
@@ -157,9 +159,8 @@ class Client:
         return self._json("GET", "/ready")
 
     # -- transport ----------------------------------------------------------------------------
-    def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        r = self._send(method, path, body, stream=False)
-        return r.json()
+    def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        return _core.response_object(self._send(method, path, body, stream=False))
 
     def _stream(self, path: str, body: dict[str, Any]) -> Iterator[ChatChunk]:
         r = self._send("POST", path, body, stream=True)

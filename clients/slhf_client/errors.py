@@ -19,8 +19,6 @@ class its ``type`` names (``status_code`` is then ``None`` unless the envelope's
 
 from __future__ import annotations
 
-from typing import Any
-
 
 class SLHFClientError(Exception):
     """Base of every error this client raises."""
@@ -48,7 +46,7 @@ class APIStatusError(SLHFClientError):
         type: str | None = None,
         param: str | None = None,
         code: str | int | None = None,
-        body: Any = None,
+        body: object = None,
     ) -> None:
         super().__init__(f"{status_code} {message}" if status_code else message)
         self.message = message
@@ -118,7 +116,11 @@ def error_class(status_code: int | None, error_type: str | None) -> type[APIStat
     return _BY_TYPE.get(error_type or "", APIStatusError)
 
 
-def status_error(status_code: int | None, body: Any, fallback: str = "") -> APIStatusError:
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def status_error(status_code: int | None, body: object, fallback: str = "") -> APIStatusError:
     """The error for an HTTP status and a (possibly non-envelope) body."""
     err = body.get("error") if isinstance(body, dict) else None
     if not isinstance(err, dict):
@@ -126,15 +128,16 @@ def status_error(status_code: int | None, body: Any, fallback: str = "") -> APIS
         return error_class(status_code, None)(
             text or f"HTTP {status_code}", status_code=status_code, body=body
         )
-    code = err.get("code")
+    raw_code = err.get("code")
+    code = raw_code if isinstance(raw_code, int | str) else _str_or_none(raw_code)
     if status_code is None and isinstance(code, int):
         status_code = code
-    error_type = err.get("type")
+    error_type = _str_or_none(err.get("type"))
     return error_class(status_code, error_type)(
         str(err.get("message") or f"HTTP {status_code}"),
         status_code=status_code,
         type=error_type,
-        param=err.get("param"),
+        param=_str_or_none(err.get("param")),
         code=code,
         body=body,
     )

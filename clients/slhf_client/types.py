@@ -1,13 +1,25 @@
-"""Typed results mirroring the server's wire contract (DESIGN.md, "Wire contract").
+"""Typed results mirroring the server's wire contract (docs/wire.md).
 
 The server may add fields at any time; parsing keeps the ones named here and ignores the rest,
-so an older client keeps working against a newer server. ``raw`` keeps the whole body.
+so an older client keeps working against a newer server. ``raw`` keeps the whole body. A missing
+field reads as its default (0, "", ``None``); an object or list field that holds another JSON
+type reads as empty.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+
+def json_object(value: object) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else an empty one."""
+    return value if isinstance(value, dict) else {}
+
+
+def json_objects(value: object) -> list[dict[str, Any]]:
+    """The JSON objects of ``value`` if it is a list (anything else in it is skipped)."""
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
 
 
 def _int(d: dict[str, Any], key: str) -> int:
@@ -18,6 +30,21 @@ def _int(d: dict[str, Any], key: str) -> int:
 def _float(d: dict[str, Any], key: str) -> float:
     v = d.get(key)
     return float(v) if v is not None else 0.0
+
+
+def _str_or_none(d: dict[str, Any], key: str) -> str | None:
+    v = d.get(key)
+    return None if v is None else str(v)
+
+
+def _ints(value: object) -> dict[str, int]:
+    """A JSON object of counts, such as one ``by_role`` entry."""
+    d = json_object(value)
+    return {str(k): _int(d, k) for k in d}
+
+
+def _trace(value: object) -> RefinementTrace | None:
+    return RefinementTrace.from_dict(value) if isinstance(value, dict) and value else None
 
 
 @dataclass(frozen=True)
@@ -47,8 +74,8 @@ class LeaderAnswer:
         return cls(
             text=str(d.get("text", "")),
             source=str(d.get("source", "leader")),
-            finish_reason=d.get("finish_reason"),
-            usage=Usage.from_dict(d.get("usage")),
+            finish_reason=_str_or_none(d, "finish_reason"),
+            usage=Usage.from_dict(json_object(d.get("usage"))),
             latency_ms=_float(d, "latency_ms"),
         )
 
@@ -68,8 +95,8 @@ class Round:
         return cls(
             round=_int(d, "round"),
             text=str(d.get("text", "")),
-            finish_reason=d.get("finish_reason"),
-            usage=Usage.from_dict(d.get("usage")),
+            finish_reason=_str_or_none(d, "finish_reason"),
+            usage=Usage.from_dict(json_object(d.get("usage"))),
             latency_ms=_float(d, "latency_ms"),
         )
 
@@ -85,8 +112,8 @@ class RefinementTrace:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RefinementTrace:
         return cls(
-            leader=LeaderAnswer.from_dict(d.get("leader") or {}),
-            rounds=[Round.from_dict(r) for r in d.get("rounds") or []],
+            leader=LeaderAnswer.from_dict(json_object(d.get("leader"))),
+            rounds=[Round.from_dict(r) for r in json_objects(d.get("rounds"))],
             stopped_reason=str(d.get("stopped_reason", "")),
         )
 
@@ -118,7 +145,7 @@ class Refinement(RefinementTrace):
             model=str(d.get("model", "")),
             created=_int(d, "created"),
             final=str(d.get("final", "")),
-            usage=Usage.from_dict(d.get("usage")),
+            usage=Usage.from_dict(json_object(d.get("usage"))),
             raw=d,
         )
 
@@ -138,8 +165,8 @@ class ChatUsage(Usage):
             base.prompt_tokens,
             base.completion_tokens,
             base.total_tokens,
-            by_role=dict(d.get("by_role") or {}),
-            by_round=list(d.get("by_round") or []),
+            by_role={str(k): _ints(v) for k, v in json_object(d.get("by_role")).items()},
+            by_round=[_ints(r) for r in json_objects(d.get("by_round"))],
         )
 
 
@@ -152,13 +179,12 @@ class ChatChoice:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ChatChoice:
-        message = d.get("message") or {}
-        trace = d.get("refinement")
+        message = json_object(d.get("message"))
         return cls(
             index=_int(d, "index"),
             content=str(message.get("content") or ""),
-            finish_reason=d.get("finish_reason"),
-            refinement=RefinementTrace.from_dict(trace) if trace else None,
+            finish_reason=_str_or_none(d, "finish_reason"),
+            refinement=_trace(d.get("refinement")),
         )
 
 
@@ -183,8 +209,8 @@ class ChatCompletion:
             id=str(d.get("id", "")),
             model=str(d.get("model", "")),
             created=_int(d, "created"),
-            choices=[ChatChoice.from_dict(c) for c in d.get("choices") or []],
-            usage=ChatUsage.from_dict(d.get("usage")),
+            choices=[ChatChoice.from_dict(c) for c in json_objects(d.get("choices"))],
+            usage=ChatUsage.from_dict(json_object(d.get("usage"))),
             raw=d,
         )
 
@@ -211,23 +237,24 @@ class ChatChunk:
 def chunks_from_event(body: dict[str, Any]) -> list[ChatChunk]:
     """The chunks of one SSE ``data:`` object of a chat or text completion stream."""
     out: list[ChatChunk] = []
-    for c in body.get("choices") or []:
+    for c in json_objects(body.get("choices")):
         delta = c.get("delta")
-        text = (delta or {}).get("content") if delta is not None else c.get("text")
-        trace = c.get("refinement")
-        if not text and c.get("finish_reason") is None and not trace:
+        text = json_object(delta).get("content") if delta is not None else c.get("text")
+        trace = _trace(c.get("refinement"))
+        finish_reason = _str_or_none(c, "finish_reason")
+        if not text and finish_reason is None and trace is None:
             continue  # the opening role chunk: nothing to show
         out.append(
             ChatChunk(
                 index=_int(c, "index"),
                 text=str(text or ""),
                 round=_int(c, "round"),
-                finish_reason=c.get("finish_reason"),
-                refinement=RefinementTrace.from_dict(trace) if trace else None,
+                finish_reason=finish_reason,
+                refinement=trace,
             )
         )
     if not body.get("choices") and body.get("usage"):
-        usage = ChatUsage.from_dict(body["usage"])
+        usage = ChatUsage.from_dict(json_object(body["usage"]))
         last_round = max(len(usage.by_round) - 1, 0)
         out.append(ChatChunk(index=-1, text="", round=last_round, usage=usage))
     return out
@@ -248,7 +275,7 @@ class Model:
         return cls(
             id=str(d.get("id", "")),
             root=str(d.get("root", "")),
-            parent=d.get("parent"),
+            parent=_str_or_none(d, "parent"),
             max_model_len=_int(d, "max_model_len"),
-            slhf=dict(d.get("slhf") or {}),
+            slhf=dict(json_object(d.get("slhf"))),
         )
