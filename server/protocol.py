@@ -1,4 +1,4 @@
-"""Wire models of the SLHF routes (DESIGN.md "Wire contract").
+"""Wire models of the SLHF routes (the wire contract: docs/wire.md).
 
 Names are fixed; add fields, never rename.
 
