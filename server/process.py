@@ -17,7 +17,6 @@ This module imports nothing heavy (no vLLM, torch or the server's app): the chil
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import signal
@@ -179,18 +178,25 @@ class ServerProcess:
         Raises ``ServerStartError`` when the process exits first or ``timeout_s`` passes; the
         process is left as it is (``spawn`` stops it)."""
         deadline = time.monotonic() + timeout_s
+        last = "no answer"  # the last answer to the ready check, for the timeout's message
         with httpx.Client(trust_env=False) as http:  # loopback: never through a proxy
             while True:
                 if self.proc.poll() is not None:
                     raise self._error(f"exited with {self.proc.returncode} before it was ready")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise self._error(f"was not ready after {timeout_s:g} s")
-                with contextlib.suppress(httpx.HTTPError):
+                    raise self._error(
+                        f"was not ready after {timeout_s:g} s ({self.ready_path}: {last})"
+                    )
+                try:
                     r = http.get(self.url + self.ready_path, timeout=min(2.0, left))
+                except httpx.HTTPError as e:
+                    last = type(e).__name__
+                else:
                     if r.status_code == 200:
                         self.startup_s = time.monotonic() - self._spawned_at
                         return self.startup_s
+                    last = f"HTTP {r.status_code}"
                 time.sleep(max(0.0, min(POLL_S, deadline - time.monotonic())))
 
     def _error(self, what: str) -> ServerStartError:

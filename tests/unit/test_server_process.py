@@ -70,11 +70,20 @@ def test_a_server_that_never_gets_ready_fails_at_the_deadline_with_its_log(
     took = time.monotonic() - t0
     assert 2.0 <= took < 10.0
     message = str(err.value)
-    assert "was not ready after 2 s" in message and str(log) in message
+    assert "was not ready after 2 s (/ready: ConnectError)" in message and str(log) in message
     assert "booting pid" in message  # the log's tail
     assert err.value.returncode is None and err.value.log == log
     pid = int(log.read_text().split()[-1])
     assert gone(pid)  # stopped before the error was raised
+
+
+def test_a_server_that_answers_but_not_200_is_not_ready(tmp_path: Path) -> None:
+    command, url = static_server(tmp_path)
+    with pytest.raises(ServerStartError) as err:  # no file named "health": a 404
+        ServerProcess.spawn(command, url=url, log=tmp_path / "404.log", ready_path="/health",
+                            timeout_s=3.0)  # fmt: skip
+    assert "was not ready after 3 s (/health: HTTP 404)" in str(err.value)
+    assert "GET /health" in str(err.value)  # http.server's log of the checks: the tail
 
 
 def test_a_server_that_exits_early_fails_at_once_with_its_status_and_log(tmp_path: Path) -> None:
@@ -104,6 +113,9 @@ def test_a_server_that_ignores_sigterm_is_killed_with_its_process_group(tmp_path
     t0 = time.monotonic()
     assert server.stop(timeout_s=1.0) == -signal.SIGKILL
     assert 1.0 <= time.monotonic() - t0 < 10.0
+    deadline = time.monotonic() + 5.0  # SIGKILL reached the whole group; its end is not instant
+    while not gone(child) and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert gone(child)
 
 
