@@ -1,14 +1,18 @@
-"""Domain errors and the one place that turns them into the OpenAI error envelope.
+"""Every error the server answers with, and the one function that renders it.
 
-Code below the routes raises ``SLHFError`` subclasses; ``install_error_handlers`` renders them,
-FastAPI's validation errors and anything unexpected as
-``{"error": {"message", "type", "param", "code"}}`` with the right status. A raw FastAPI 422
-body never leaves the server.
+Code below the routes raises ``SLHFError`` subclasses, all defined here. ``domain_error`` turns
+any failure -- a domain error, a template error, an engine failure, FastAPI's validation and HTTP
+errors, anything unexpected -- into the domain error the client sees, and ``error_body`` renders
+that as the OpenAI envelope ``{"error": {"message", "type", "param", "code"}}``. The exception
+handlers (``install_error_handlers``) answer with it and the right status; a stream that already
+started sends it as its error event (``slhf.server.openai_stream``). A raw FastAPI 422 body never
+leaves the server.
 
 ``request_rejected`` is the one place where the engine's or a tokenizer's rejection of a request
-(the ``REQUEST_REJECTIONS`` exception types) becomes a 400: ``slhf.server.engine`` calls it for
-vLLM's errors, ``slhf.server.refine`` for the tokenizers'. Texts in an envelope are made encodable
-first, so an error about a lone surrogate can itself be sent (docs/reliability.md).
+(the ``REQUEST_REJECTIONS`` exception types) becomes a 400: ``slhf.server.refine`` calls it for
+what the engine raises (``slhf.server.engine`` maps vLLM's errors to those types),
+``slhf.server.prompts`` for the tokenizers'. Texts in an envelope are made encodable first, so
+an error about a lone surrogate can itself be sent (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -109,6 +113,51 @@ class DeadlineExceededError(SLHFError):
     error_type = "timeout_error"
 
 
+class ClientDisconnectedError(SLHFError):
+    """The client went away before the response (logged and counted as 499)."""
+
+    status_code = 499
+    error_type = "client_disconnected"
+
+
+class UpstreamError(SLHFError):
+    """The upstream server failed or answered something unusable."""
+
+    status_code = 502
+    error_type = "upstream_error"
+
+
+class UpstreamTimeoutError(SLHFError):
+    """The upstream server did not answer within ``SLHF_UPSTREAM_TIMEOUT_S``."""
+
+    status_code = 504
+    error_type = "upstream_timeout"
+
+
+_STATUS_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+"""An HTTP error's ``type`` by status (``HTTPStatusError``)."""
+
+
+class HTTPStatusError(SLHFError):
+    """An HTTP error raised by the framework itself (an unknown route's 404, a 405)."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message, headers=headers)
+        self.status_code = status
+        self.error_type = _STATUS_TYPES.get(status, "invalid_request_error")
+
+
+# -- rejections by the engine or a tokenizer ----------------------------------------------------
 REQUEST_REJECTIONS: tuple[type[Exception], ...] = (ValueError, TypeError, OverflowError)
 """What an engine or a tokenizer raises when a request's values are unusable (``UnicodeError``
 is a ``ValueError``): a lone surrogate the tokenizer cannot encode, a number the serializer
@@ -130,6 +179,7 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+# -- the envelope -------------------------------------------------------------------------------
 _STATUS_CODES = {
     400: "invalid_request",
     401: "invalid_api_key",
@@ -149,49 +199,6 @@ _STATUS_CODES = {
 
 def default_code(status: int) -> str:
     return _STATUS_CODES.get(status, f"http_{status}")
-
-
-def error_body(
-    status: int,
-    message: str,
-    error_type: str,
-    param: str | None = None,
-    code: str | None = None,
-) -> dict[str, Any]:
-    return {
-        "error": {
-            "message": printable(message),
-            "type": error_type,
-            "param": None if param is None else printable(param),
-            "code": code if code is not None else default_code(status),
-        }
-    }
-
-
-def error_response(
-    status: int,
-    message: str,
-    error_type: str,
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    return JSONResponse(
-        error_body(status, message, error_type, param, code), status_code=status, headers=headers
-    )
-
-
-_STATUS_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    408: "invalid_request_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "service_unavailable",
-}
 
 
 _UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|[\w-]+\[.*\])$")
@@ -241,41 +248,63 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts) or "Invalid request", first_param
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(SLHFError)
-    async def _domain(request: Request, exc: SLHFError) -> JSONResponse:
-        if exc.error_type.startswith("upstream"):
-            request.app.state.metrics.upstream_errors.labels(exc.error_type).inc()
-        return error_response(
-            exc.status_code, exc.message, exc.error_type, exc.param, exc.code, exc.headers
-        )
+def unexpected_error(exc: BaseException) -> SLHFError:
+    """The 500 for a failure nothing expected (its type named, never its message)."""
+    return SLHFError(f"Internal server error ({type(exc).__name__})")
 
-    @app.exception_handler(TemplateError)
-    async def _template(_: Request, exc: TemplateError) -> JSONResponse:
-        return error_response(400, str(exc), "invalid_request_error", "messages")
 
-    @app.exception_handler(EngineError)
-    async def _engine(_: Request, exc: EngineError) -> JSONResponse:
+def domain_error(exc: Exception) -> SLHFError:
+    """The domain error a failure is answered with. An engine failure and an unexpected error are
+    logged here."""
+    if isinstance(exc, SLHFError):
+        return exc
+    if isinstance(exc, TemplateError):
+        return InvalidRequestError(str(exc), param="messages")
+    if isinstance(exc, EngineError):
         logger.error("engine error: %s", exc)
-        return error_response(503, str(exc), "service_unavailable", code="engine_error")
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return ServiceUnavailableError(str(exc), code="engine_error")
+    if isinstance(exc, RequestValidationError):
         message, param = _describe_validation(exc)
-        return error_response(400, message, "invalid_request_error", param)
+        return InvalidRequestError(message, param=param)
+    if isinstance(exc, StarletteHTTPException):
+        headers = dict(exc.headers) if exc.headers else None
+        return HTTPStatusError(exc.status_code, str(exc.detail), headers)
+    logger.exception("unhandled error: %s", exc)
+    return unexpected_error(exc)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(
-            exc.status_code,
-            str(exc.detail),
-            _STATUS_TYPES.get(exc.status_code, "invalid_request_error"),
-            headers=dict(exc.headers) if exc.headers else None,
-        )
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error: %s", exc)
-        return error_response(
-            500, f"Internal server error ({type(exc).__name__})", "internal_server_error"
-        )
+def error_body(error: SLHFError) -> dict[str, Any]:
+    """The OpenAI error envelope of ``error``: every error answer, and a stream's error event."""
+    return {
+        "error": {
+            "message": printable(error.message),
+            "type": error.error_type,
+            "param": None if error.param is None else printable(error.param),
+            "code": error.code if error.code is not None else default_code(error.status_code),
+        }
+    }
+
+
+def error_response(error: SLHFError) -> JSONResponse:
+    return JSONResponse(error_body(error), status_code=error.status_code, headers=error.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every failure of a route with its envelope (``domain_error``), counting the
+    upstream's failures."""
+
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        error = domain_error(exc)
+        if error.error_type.startswith("upstream"):
+            request.app.state.metrics.upstream_errors.labels(error.error_type).inc()
+        return error_response(error)
+
+    for kind in (
+        SLHFError,
+        TemplateError,
+        EngineError,
+        RequestValidationError,
+        StarletteHTTPException,
+        Exception,
+    ):
+        app.add_exception_handler(kind, handle)

@@ -33,18 +33,11 @@ from starlette.requests import Request
 
 from slhf.server import log_pipe
 from slhf.server.admission import Admission, Ticket
-from slhf.server.errors import ServiceUnavailableError, SLHFError
+from slhf.server.errors import ClientDisconnectedError, ServiceUnavailableError
 
 logger = logging.getLogger("slhf.server")
 
 T = TypeVar("T")
-
-
-class ClientDisconnectedError(SLHFError):
-    """The client went away before the response (logged and counted as 499)."""
-
-    status_code = 499
-    error_type = "client_disconnected"
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -24,7 +24,13 @@ from collections.abc import Sequence
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from slhf.server.errors import error_response
+from slhf.server.errors import (
+    AuthenticationError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    error_response,
+    unexpected_error,
+)
 from slhf.server.logs import request_id_var
 from slhf.server.metrics import ServiceMetrics
 
@@ -80,9 +86,7 @@ class RequestContextMiddleware:
             logger.exception("unhandled error: %s", exc)
             if status == 499:
                 status = 500
-                response = error_response(
-                    500, f"Internal server error ({type(exc).__name__})", "internal_server_error"
-                )
+                response = error_response(unexpected_error(exc))
                 await response(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
@@ -162,21 +166,22 @@ class BodyLimitMiddleware:
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send, size: str) -> None:
         response = error_response(
-            413,
-            f"request body has {size} bytes; the limit is {self.max_bytes:,} (SLHF_MAX_BODY_BYTES)",
-            "invalid_request_error",
-            code="body_too_large",
+            PayloadTooLargeError(
+                f"request body has {size} bytes; the limit is {self.max_bytes:,} "
+                "(SLHF_MAX_BODY_BYTES)",
+                code="body_too_large",
+            )
         )
         await response(scope, receive, send)
 
     async def _timed_out(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(
-            408,
-            f"the request body was not complete within {self.timeout_s:g} s "
-            "(SLHF_BODY_TIMEOUT_S); the connection is closed",
-            "invalid_request_error",
-            code="body_timeout",
-            headers={"Connection": "close"},
+            RequestTimeoutError(
+                f"the request body was not complete within {self.timeout_s:g} s "
+                "(SLHF_BODY_TIMEOUT_S); the connection is closed",
+                code="body_timeout",
+                headers={"Connection": "close"},
+            )
         )
         await response(scope, receive, send)
 
@@ -231,10 +236,10 @@ class AuthMiddleware:
             return
         challenge = 'Basic realm="SLHF playground"' if self._browser_page(scope) else "Bearer"
         response = error_response(
-            401,
-            "missing or invalid API key; send `Authorization: Bearer <key>`",
-            "authentication_error",
-            code="invalid_api_key",
-            headers={"WWW-Authenticate": challenge},
+            AuthenticationError(
+                "missing or invalid API key; send `Authorization: Bearer <key>`",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": challenge},
+            )
         )
         await response(scope, receive, send)

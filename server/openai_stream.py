@@ -6,26 +6,21 @@ a choice stops before its last scheduled round ("unchanged", "context_length"), 
 answer was not generated here (a given or upstream answer with 0 rounds), the final answer is
 sent as one chunk once known: the concatenated content of a choice is always its final answer
 (with ``stream_rounds``: the content of its last round). A failure after the stream started
-sends one ``{"error": {...}}`` event, then ``data: [DONE]``.
+sends one ``{"error": {...}}`` event (``slhf.server.errors.error_body``), then ``data: [DONE]``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from slhf.models.serving.templates import TemplateError
-from slhf.server.errors import SLHFError, error_body
-from slhf.server.generation import EngineError
+from slhf.server.errors import domain_error, error_body
 from slhf.server.openai_service import OpenAIPlan, finish_reason, trace, usage_breakdown
 from slhf.server.refine import RefineJob, RefineOutcome, Refiner
-
-logger = logging.getLogger("slhf.server")
 
 
 @dataclass(frozen=True)
@@ -75,18 +70,6 @@ async def refinement_events(
     finally:
         for t in tasks:
             t.cancel()
-
-
-def error_event(exc: Exception) -> dict[str, Any]:
-    """The error envelope for a failure after the response started."""
-    if isinstance(exc, SLHFError):
-        return error_body(exc.status_code, exc.message, exc.error_type, exc.param, exc.code)
-    if isinstance(exc, TemplateError):
-        return error_body(400, str(exc), "invalid_request_error", "messages")
-    if isinstance(exc, EngineError):
-        return error_body(503, str(exc), "service_unavailable", code="engine_error")
-    logger.exception("unhandled error while streaming: %s", exc)
-    return error_body(500, f"Internal server error ({type(exc).__name__})", "internal_server_error")
 
 
 class ChunkWriter:
@@ -192,7 +175,7 @@ async def _sse_stream(
         for line in writer.closing([outcomes[i] for i in sorted(outcomes)]):
             yield line
     except Exception as e:
-        yield sse(error_event(e))
+        yield sse(error_body(domain_error(e)))
     finally:
         await events.aclose()
     yield sse("[DONE]")

@@ -34,12 +34,12 @@ from slhf.server.errors import (
     REQUEST_REJECTIONS,
     DeadlineExceededError,
     InvalidRequestError,
+    UpstreamError,
     request_rejected,
 )
 from slhf.server.generation import DraftCounts, Engine, FinishReason, Generation, GenerationParams
 from slhf.server.prompts import Prompts
 from slhf.server.protocol import LeaderAnswer, RoundResult, StoppedReason, Usage
-from slhf.server.upstream import UpstreamError
 
 MAX_CHARS_PER_TOKEN = 32
 """An upstream answer longer than ``max_model_len`` x this many characters cannot fit the

@@ -25,7 +25,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from slhf.models.serving.templates import Message, to_messages
-from slhf.server.errors import SLHFError, printable
+from slhf.server.errors import UpstreamError, UpstreamTimeoutError, printable
 from slhf.server.generation import FinishReason, Generation, GenerationParams
 from slhf.server.protocol import Text
 from slhf.server.settings import ServerSettings
@@ -33,18 +33,6 @@ from slhf.server.settings import ServerSettings
 ERROR_BODY_BYTES = 64 * 1024
 """How much of a failed upstream answer is read for its error message."""
 MAX_USAGE_TOKENS = 2**31 - 1
-
-
-class UpstreamError(SLHFError):
-    """The upstream server failed or answered something unusable."""
-
-    status_code = 502
-    error_type = "upstream_error"
-
-
-class UpstreamTimeoutError(SLHFError):
-    status_code = 504
-    error_type = "upstream_timeout"
 
 
 # -- what an upstream answer must look like (extra fields are ignored) ---------------------------
