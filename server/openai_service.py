@@ -179,7 +179,7 @@ def plan_request(
                 deadline_s=deadline_s,
             )
             if j == 0:  # every prompt checked against the context before any work starts
-                service.refiner.first_prompt_ids(job)
+                service.refiner.opening_prompts(job)
             jobs.append(job)
     return OpenAIPlan(
         kind=kind,

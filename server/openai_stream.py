@@ -1,12 +1,13 @@
 """Streaming OpenAI responses: refinement events as Server-Sent Events in OpenAI chunk format.
 
-Earlier rounds are computed first; the final round's tokens stream as they are generated (every
-round with ``refinement.stream_rounds``; each content chunk carries ``choices[i].round``). When
-a choice stops before its last scheduled round ("unchanged", "context_length"), or its final
-answer was not generated here (a given or upstream answer with 0 rounds), the final answer is
-sent as one chunk once known: the concatenated content of a choice is always its final answer
-(with ``stream_rounds``: the content of its last round). A failure after the stream started
-sends one ``{"error": {...}}`` event (``slhf.server.errors.error_body``), then ``data: [DONE]``.
+The streaming policy (``stream_choice``) lives here, not in the loop: earlier rounds are computed
+first; the final round's tokens stream as they are generated (every round with
+``refinement.stream_rounds``; each content chunk carries ``choices[i].round``). When a choice
+stops before its last scheduled round ("unchanged", "context_length"), or its final answer was
+not generated here (a given or upstream answer with 0 rounds), the final answer is sent as one
+chunk once known: the concatenated content of a choice is always its final answer (with
+``stream_rounds``: the content of its last round). A failure after the stream started sends one
+``{"error": {...}}`` event (``slhf.server.errors.error_body``), then ``data: [DONE]``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any
 
 from slhf.server.errors import domain_error, error_body
 from slhf.server.openai_service import OpenAIPlan, finish_reason, trace, usage_breakdown
-from slhf.server.refine import RefineJob, RefineOutcome, Refiner
+from slhf.server.protocol import LeaderAnswer
+from slhf.server.refine import DeltaSink, RefineJob, RefineOutcome, Refiner, Step
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,39 @@ class ChoiceDone:
 Event = RoundDelta | ChoiceDone
 
 
+async def stream_choice(
+    refiner: Refiner, job: RefineJob, sink: DeltaSink, stream_rounds: bool
+) -> RefineOutcome:
+    """Run one choice, sending its text to ``sink`` so that the streamed text of its final
+    round is its final answer.
+
+    The last scheduled round streams as it is generated (every round with ``stream_rounds``,
+    which also sends a first answer not generated here -- given, upstream -- in one piece).
+    When the loop stops before its last scheduled round, or the final answer was not generated
+    here, the final answer is sent in one piece once known; a deadline that cut a streamed round
+    leaves its partial text sent, without a resend."""
+
+    def live(i: int) -> DeltaSink | None:
+        return sink if stream_rounds or i == job.rounds else None
+
+    steps: list[Step] = []
+    async for step in refiner.rounds(job, live):
+        steps.append(step)
+        if isinstance(step, LeaderAnswer) and stream_rounds and step.source != "leader":
+            sink(0, step.text)
+    outcome = RefineOutcome.of(steps)
+    final_index = outcome.rounds[-1].round if outcome.rounds else 0
+    cut_streamed = outcome.stopped_reason == "deadline" and live(final_index + 1) is not None
+    was_streamed = (
+        stream_rounds
+        or cut_streamed
+        or (final_index == job.rounds and (final_index > 0 or outcome.leader.source == "leader"))
+    )
+    if not was_streamed and outcome.final:
+        sink(final_index, outcome.final)
+    return outcome
+
+
 async def refinement_events(
     refiner: Refiner, jobs: Sequence[RefineJob], stream_rounds: bool
 ) -> AsyncGenerator[Event, None]:
@@ -54,7 +89,8 @@ async def refinement_events(
             queue.put_nowait(RoundDelta(index, round_index, text))
 
         try:
-            queue.put_nowait(ChoiceDone(index, await refiner.refine(job, sink, stream_rounds)))
+            outcome = await stream_choice(refiner, job, sink, stream_rounds)
+            queue.put_nowait(ChoiceDone(index, outcome))
         except Exception as e:
             queue.put_nowait(e)
 

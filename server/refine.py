@@ -1,6 +1,7 @@
-"""The refinement loop (PAPER.md, "Inference-time refinement").
+"""The refinement loop (docs/algorithm.md, "Inference-time refinement").
 
-round 0:  the Leader answers ``T_L(x)`` -- or the answer is supplied by the caller ("given");
+round 0:  the Leader answers ``T_L(x)`` -- or the answer is supplied by the caller ("given"), or by
+          the upstream server ("upstream");
 round i:  the Follower answers ``T_F(x, answer of round i-1)``: it sees the prompt and **only the
           previous answer**, never the history.
 
@@ -12,8 +13,13 @@ that passes before the first answer is complete is a ``DeadlineExceededError``, 
 Each round's seed is derived from the request's seed, so a seeded request is reproducible and
 rounds do not share a random stream.
 
+``Refiner.rounds`` yields the rounds as they complete -- the first answer, each Follower round,
+then why it stopped (``Stopped``); ``Refiner.refine`` collects them into a ``RefineOutcome``. A
+round may stream its text as it is generated (``LiveRounds``); which rounds do, and what else a
+stream sends, is the streaming module's policy (``slhf.server.openai_stream``).
+
 What a tokenizer or the engine rejects in a request (``slhf.server.errors.REQUEST_REJECTIONS``) is
-turned into a 400 here, in ``prompt_ids`` and ``_run``, whatever the engine.
+turned into a 400 (in ``slhf.server.prompts`` and ``_generate``), whatever the engine.
 
 Written against the ``Engine`` protocol; many requests run this loop concurrently and batch in the
 engine. Cancelling the task (client gone) cancels the in-flight engine request, which aborts it,
@@ -25,9 +31,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 from slhf.models.serving.templates import Message, Role, TemplateRenderer
 from slhf.server.errors import (
@@ -96,6 +102,9 @@ async def within(expires: float | None, work: Awaitable[T]) -> T:
 
 DeltaSink = Callable[[int, str], None]
 """Receives streamed text: ``sink(round_index, text_delta)`` (round 0 = the first answer)."""
+LiveRounds = Callable[[int], DeltaSink | None]
+"""Which rounds stream their text as it is generated: ``live(i)`` is where round ``i``'s text
+goes, None = round ``i`` is generated whole."""
 
 
 class UpstreamLeader(Protocol):
@@ -126,6 +135,17 @@ class RefineJob:
 
 
 @dataclass(frozen=True)
+class Stopped:
+    """The loop's last step: why it stopped."""
+
+    reason: StoppedReason
+
+
+Step = LeaderAnswer | RoundResult | Stopped
+"""What the loop yields: the first answer (round 0), each Follower round, then ``Stopped``."""
+
+
+@dataclass(frozen=True)
 class RefineOutcome:
     leader: LeaderAnswer
     rounds: list[RoundResult]
@@ -135,6 +155,32 @@ class RefineOutcome:
     @property
     def final(self) -> str:
         return self.rounds[-1].text if self.rounds else self.leader.text
+
+    @classmethod
+    def of(cls, steps: Sequence[Step]) -> RefineOutcome:
+        """The outcome of a finished loop from the steps it yielded."""
+        leader, stop = steps[0], steps[-1]
+        assert isinstance(leader, LeaderAnswer) and isinstance(stop, Stopped)
+        rounds = [step for step in steps if isinstance(step, RoundResult)]
+        return cls(leader, rounds, stop.reason, sum((r.usage for r in rounds), leader.usage))
+
+
+@dataclass(frozen=True)
+class OpeningPrompts:
+    """The engine prompts known before the first answer, each checked against its context."""
+
+    leader: list[int] | None
+    """The Leader's prompt ``T_L(x)``; None when the first answer is given or from upstream."""
+    follower: list[int] | None
+    """Round 1's prompt ``T_F(x, y)`` when the first answer ``y`` is given; None otherwise (it
+    is built once the first answer is known)."""
+
+
+class _FirstAnswer(NamedTuple):
+    answer: LeaderAnswer
+    answer_ids: tuple[int, ...] | None
+    """The Leader's generated ids (``Generation.token_ids``); None for a given or upstream one."""
+    prompts: OpeningPrompts
 
 
 def same_answer(a: str, b: str) -> bool:
@@ -155,8 +201,116 @@ class Refiner:
         self.renderers = renderers
         self.upstream = upstream
         self.prompts = Prompts(engine, renderers)
-        self.prompt_ids = self.prompts.ids
-        self.check_fits = self.prompts.check_fits
+
+    def opening_prompts(self, job: RefineJob) -> OpeningPrompts:
+        """The prompts known before the first answer, checked against the context: a prompt
+        that leaves no room to generate is a 400 (``PromptTooLongError``), and so is an upstream
+        first answer when no upstream is configured. Called before admission, so a request that
+        cannot run costs nothing, and again when the loop starts."""
+        if job.given_answer is not None:
+            ids = self.prompts.ids("follower", job.prompt, job.given_answer)
+            self.prompts.check_fits("follower", ids, param="response")
+            return OpeningPrompts(leader=None, follower=ids)
+        if job.from_upstream:
+            if self.upstream is None:
+                raise InvalidRequestError(
+                    "the first answer was asked from the upstream server, but none is "
+                    "configured; set SLHF_UPSTREAM_BASE_URL and SLHF_UPSTREAM_MODEL",
+                    param="model",
+                    code="upstream_not_configured",
+                )
+            # the upstream answer is not known yet: the prompt must fit with an empty one
+            self.prompts.check_fits("follower", self.prompts.ids("follower", job.prompt, ""))
+            return OpeningPrompts(leader=None, follower=None)
+        ids = self.prompts.ids("leader", job.prompt, None)
+        self.prompts.check_fits("leader", ids)
+        return OpeningPrompts(leader=ids, follower=None)
+
+    async def refine(self, job: RefineJob, live: LiveRounds | None = None) -> RefineOutcome:
+        """Run ``job`` to its end: the first answer, the Follower rounds and why they stopped."""
+        return RefineOutcome.of([step async for step in self.rounds(job, live)])
+
+    async def rounds(self, job: RefineJob, live: LiveRounds | None = None) -> AsyncIterator[Step]:
+        """The loop: yields the first answer, each Follower round as it completes, then
+        ``Stopped``. With ``live``, a round's text streams as it is generated."""
+        expires = None if job.deadline_s is None else time.monotonic() + job.deadline_s
+        first = await self._first_answer(job, live, expires)
+        yield first.answer
+        previous, previous_ids = first.answer.text, first.answer_ids
+        for i in range(1, job.rounds + 1):
+            if i == 1 and first.prompts.follower is not None:
+                ids = first.prompts.follower
+            else:  # spliced from the Leader's sequence where it can be (slhf.server.prompts)
+                ids = self.prompts.follower_ids(
+                    job.prompt, previous, first.prompts.leader, previous_ids
+                )
+            if len(ids) >= self.engine.max_model_len("follower"):
+                yield Stopped("context_length")
+                return
+            try:
+                gen, ms = await within(
+                    expires, self._generate("follower", ids, job.follower, i, job, live)
+                )
+            except _Expired:
+                yield Stopped("deadline")
+                return
+            yield RoundResult(
+                round=i,
+                text=gen.text,
+                finish_reason=gen.finish_reason,
+                usage=Usage.of(gen),
+                latency_ms=round(ms, 3),
+            )
+            if job.stop_when_unchanged and same_answer(gen.text, previous):
+                yield Stopped("unchanged")
+                return
+            previous, previous_ids = gen.text, gen.token_ids
+        yield Stopped("max_rounds")
+
+    async def _first_answer(
+        self, job: RefineJob, live: LiveRounds | None, expires: float | None
+    ) -> _FirstAnswer:
+        """Round 0 within the deadline; a deadline that passes first is a 504."""
+        try:
+            return await within(expires, self._first_answer_now(job, live))
+        except _Expired:
+            raise DeadlineExceededError(
+                f"the deadline of {job.deadline_s:g} s passed before the first answer was "
+                "complete; ask for a longer deadline_s or fewer max_tokens",
+                param="deadline_s",
+                code="deadline_exceeded",
+            ) from None
+
+    async def _first_answer_now(self, job: RefineJob, live: LiveRounds | None) -> _FirstAnswer:
+        prompts = self.opening_prompts(job)
+        if job.given_answer is not None:
+            given = LeaderAnswer(
+                text=job.given_answer,
+                source="given",
+                finish_reason=None,
+                usage=Usage(),
+                latency_ms=0.0,
+            )
+            return _FirstAnswer(given, None, prompts)
+        if prompts.leader is None:
+            assert self.upstream is not None  # checked by opening_prompts
+            start = time.perf_counter()
+            gen = await self.upstream.answer(
+                job.prompt, replace(job.leader, seed=derive_seed(job.leader.seed, 0))
+            )
+            self._check_upstream_length(gen.text)
+            ms, source, answer_ids = (time.perf_counter() - start) * 1000.0, "upstream", None
+        else:
+            gen, ms = await self._generate("leader", prompts.leader, job.leader, 0, job, live)
+            source, answer_ids = "leader", gen.token_ids
+        answer = LeaderAnswer(
+            text=gen.text,
+            source=source,  # type: ignore[arg-type]
+            finish_reason=gen.finish_reason,
+            usage=Usage.of(gen),
+            latency_ms=round(ms, 3),
+        )
+        return _FirstAnswer(answer, answer_ids, prompts)
 
     def _check_upstream_length(self, text: str) -> None:
         limit = self.engine.max_model_len("follower") * MAX_CHARS_PER_TOKEN
@@ -168,39 +322,17 @@ class Refiner:
                 code="upstream_answer_too_long",
             )
 
-    def first_prompt_ids(self, job: RefineJob) -> list[int] | None:
-        """Validate the request's first prompt against the context before any work starts.
-
-        Returns the first engine prompt, or None when the first answer comes from upstream (the
-        Follower prompt is only known once it has answered).
-        """
-        if job.given_answer is not None:
-            ids = self.prompt_ids("follower", job.prompt, job.given_answer)
-            self.check_fits("follower", ids, param="response")
-            return ids
-        if job.from_upstream:
-            if self.upstream is None:
-                raise InvalidRequestError(
-                    "the first answer was asked from the upstream server, but none is "
-                    "configured; set SLHF_UPSTREAM_BASE_URL and SLHF_UPSTREAM_MODEL",
-                    param="model",
-                    code="upstream_not_configured",
-                )
-            self.check_fits("follower", self.prompt_ids("follower", job.prompt, ""))
-            return None
-        ids = self.prompt_ids("leader", job.prompt, None)
-        self.check_fits("leader", ids)
-        return ids
-
-    async def _run(
+    async def _generate(
         self,
         role: Role,
         ids: list[int],
         params: GenerationParams,
         round_index: int,
         job: RefineJob,
-        sink: DeltaSink | None,
+        live: LiveRounds | None,
     ) -> tuple[Generation, float]:
+        """One generation of round ``round_index`` (its seed derived, ``max_tokens`` capped by
+        the room the context leaves), and its latency in ms; streamed when ``live`` says so."""
         room = self.engine.max_model_len(role) - len(ids)
         params = replace(
             params,
@@ -208,6 +340,7 @@ class Refiner:
             seed=derive_seed(params.seed, round_index),
         )
         request_id = f"{job.request_id}-{round_index}"
+        sink = live(round_index) if live is not None else None
         start = time.perf_counter()
         try:
             if sink is None:
@@ -245,132 +378,3 @@ class Refiner:
             drafts = delta.drafts or drafts
         answer_ids = None if token_ids is None else tuple(token_ids)
         return Generation("".join(parts), len(ids), tokens, finish, answer_ids, cached, drafts)
-
-    async def _first_answer(
-        self, job: RefineJob, sink: DeltaSink | None, expires: float | None
-    ) -> tuple[LeaderAnswer, list[int] | None, list[int] | None]:
-        """Round 0, the first Follower prompt when already known, and the Leader's prompt ids
-        (None when the Leader did not answer)."""
-        try:
-            return await within(expires, self._first_answer_now(job, sink))
-        except _Expired:
-            raise DeadlineExceededError(
-                f"the deadline of {job.deadline_s:g} s passed before the first answer was "
-                "complete; ask for a longer deadline_s or fewer max_tokens",
-                param="deadline_s",
-                code="deadline_exceeded",
-            ) from None
-
-    async def _first_answer_now(
-        self, job: RefineJob, sink: DeltaSink | None
-    ) -> tuple[LeaderAnswer, list[int] | None, list[int] | None]:
-        first_ids = self.first_prompt_ids(job)
-        if job.given_answer is not None:
-            given = LeaderAnswer(
-                text=job.given_answer,
-                source="given",
-                finish_reason=None,
-                usage=Usage(),
-                latency_ms=0.0,
-            )
-            return given, first_ids, None
-        if first_ids is None:
-            assert self.upstream is not None  # checked by first_prompt_ids
-            start = time.perf_counter()
-            gen = await self.upstream.answer(
-                job.prompt, replace(job.leader, seed=derive_seed(job.leader.seed, 0))
-            )
-            self._check_upstream_length(gen.text)
-            ms, source, next_ids = (time.perf_counter() - start) * 1000.0, "upstream", None
-        else:
-            gen, ms = await self._run("leader", first_ids, job.leader, 0, job, sink)
-            source = "leader"
-            next_ids = self.prompts.follower_ids(job.prompt, gen.text, first_ids, gen.token_ids)
-        answer = LeaderAnswer(
-            text=gen.text,
-            source=source,  # type: ignore[arg-type]
-            finish_reason=gen.finish_reason,
-            usage=Usage.of(gen),
-            latency_ms=round(ms, 3),
-        )
-        return answer, next_ids, first_ids if source == "leader" else None
-
-    async def refine(
-        self, job: RefineJob, sink: DeltaSink | None = None, stream_rounds: bool = False
-    ) -> RefineOutcome:
-        """Run ``job``. With a ``sink``, stream the last scheduled round (every round with
-        ``stream_rounds``); when the loop stops before its last scheduled round, or the final
-        answer was not generated here (given, upstream), the final answer is sent in one piece
-        once known -- so the streamed text of the final round is always the final answer."""
-
-        def streamed(i: int) -> DeltaSink | None:
-            return sink if stream_rounds or i == job.rounds else None
-
-        expires = None if job.deadline_s is None else time.monotonic() + job.deadline_s
-        leader, next_ids, leader_ids = await self._first_answer(job, streamed(0), expires)
-        if sink is not None and stream_rounds and leader.source != "leader":
-            sink(0, leader.text)
-        rounds, stopped = await self._follow(
-            job, leader.text, next_ids, leader_ids, expires, streamed
-        )
-        outcome = RefineOutcome(
-            leader=leader,
-            rounds=rounds,
-            stopped_reason=stopped,
-            usage=sum((r.usage for r in rounds), leader.usage),
-        )
-        if sink is not None:
-            final_index = rounds[-1].round if rounds else 0
-            # A deadline that cut a streamed round leaves its partial text sent: no resend.
-            cut_streamed = stopped == "deadline" and streamed(final_index + 1) is not None
-            was_streamed = (
-                stream_rounds
-                or cut_streamed
-                or (final_index == job.rounds and (final_index > 0 or leader.source == "leader"))
-            )
-            if not was_streamed and outcome.final:
-                sink(final_index, outcome.final)
-        return outcome
-
-    async def _follow(
-        self,
-        job: RefineJob,
-        previous: str,
-        next_ids: list[int] | None,
-        leader_ids: list[int] | None,
-        expires: float | None,
-        streamed: Callable[[int], DeltaSink | None],
-    ) -> tuple[list[RoundResult], StoppedReason]:
-        """The Follower rounds after the first answer ``previous``, and why they stopped.
-
-        ``next_ids`` is round 1's prompt when already built; later prompts are spliced from
-        ``leader_ids`` and the previous round's ids where they can be (``slhf.server.prompts``)."""
-        rounds: list[RoundResult] = []
-        previous_ids: tuple[int, ...] | None = None
-        for i in range(1, job.rounds + 1):
-            if next_ids is not None:
-                ids = next_ids
-            else:
-                ids = self.prompts.follower_ids(job.prompt, previous, leader_ids, previous_ids)
-            next_ids = None
-            if len(ids) >= self.engine.max_model_len("follower"):
-                return rounds, "context_length"
-            try:
-                gen, ms = await within(
-                    expires, self._run("follower", ids, job.follower, i, job, streamed(i))
-                )
-            except _Expired:
-                return rounds, "deadline"
-            rounds.append(
-                RoundResult(
-                    round=i,
-                    text=gen.text,
-                    finish_reason=gen.finish_reason,
-                    usage=Usage.of(gen),
-                    latency_ms=round(ms, 3),
-                )
-            )
-            if job.stop_when_unchanged and same_answer(gen.text, previous):
-                return rounds, "unchanged"
-            previous, previous_ids = gen.text, gen.token_ids
-        return rounds, "max_rounds"

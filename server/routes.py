@@ -122,7 +122,7 @@ async def refine(body: RefineRequest, request: Request, service: ServiceDep) -> 
         from_upstream=body.leader is not None and body.leader.source == "upstream",
         deadline_s=service.settings.deadline_s(body.deadline_s),
     )
-    service.refiner.first_prompt_ids(job)  # a prompt too long is a 400 before admission
+    service.refiner.opening_prompts(job)  # a prompt too long is a 400 before admission
     ticket = await service.admit(1, rounds)
     try:
         outcome = await run_guarded(request, ticket, service.refiner.refine(job))

@@ -64,7 +64,7 @@ def test_round_one_is_served_the_whole_leader_sequence_from_the_cache(stream: bo
     engine = ScriptedEngine(numbered_script, prefix_cache=True)
     ref = refiner(engine)
     sink = (lambda i, t: None) if stream else None
-    out = asyncio.run(ref.refine(job(2), sink, stream_rounds=stream))
+    out = asyncio.run(ref.refine(job(2), lambda i: sink))
     leader_prompt = engine.calls[0].prompt
     render = ref.renderers["follower"].render_follower
     # the spliced prompts are the rendered ones
