@@ -21,29 +21,34 @@ import argparse
 import contextlib
 import os
 import shlex
-import socket
-import subprocess
 import sys
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from slhf.models.preferences import Prompt
+from slhf.models.serving.templates import Prompt
 from slhf.models.tasks import TASKS, task_module
-
-START_TIMEOUT_S = 300
+from slhf.server.process import ServerProcess, ServerStartError, clean_env, free_port
+from slhf_client import Client, SLHFClientError
 
 
 class EvalError(RuntimeError):
     """A model that cannot be served or answers badly; the message names which."""
 
 
+def _parallel(fn: Callable[[int], str], n: int, workers: int, where: str) -> list[str]:
+    """``[fn(0), ..., fn(n - 1)]``, up to ``workers`` requests in flight (one shared client); a
+    failed request is an ``EvalError`` naming ``where`` it went."""
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(fn, range(n)))
+    except SLHFClientError as e:
+        raise EvalError(f"{where}: {e}") from e
+
+
 class ServedGenerator:
-    """Leader answers and Follower rounds from an SLHF server's ``/v1/refine``."""
+    """Leader answers and Follower rounds from an SLHF server's ``/v1/refine`` (``slhf_client``)."""
 
     def __init__(
         self,
@@ -54,122 +59,77 @@ class ServedGenerator:
         concurrency: int = 16,
         timeout_s: float = 120.0,
     ) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.url = base_url.rstrip("/").removesuffix("/v1")
-        self.client = httpx.Client(timeout=timeout_s, headers=headers)
+        self.client = Client(base_url, api_key, timeout=timeout_s)
+        self.url = self.client.base_url
         self.sampling = sampling
         self.concurrency = concurrency
 
-    def _refine(self, body: dict[str, Any]) -> dict[str, Any]:
-        response = self.client.post(self.url + "/v1/refine", json=body)
-        if response.status_code != 200:
-            raise EvalError(
-                f"{self.url}/v1/refine answered {response.status_code}: {response.text}"
-            )
-        return dict(response.json())
-
-    def _batch(self, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(self._refine, bodies))
-
-    @staticmethod
-    def _prompt(prompt: Prompt) -> dict[str, Any]:
-        return {"prompt": prompt} if isinstance(prompt, str) else {"messages": list(prompt)}
-
     def leader(self, prompts: Sequence[Prompt], seed: int) -> list[str]:
-        bodies = [
-            {**self._prompt(x), "rounds": 0, "seed": seed * 100_000 + i, "leader": self.sampling}
-            for i, x in enumerate(prompts)
-        ]
-        return [r["leader"]["text"] for r in self._batch(bodies)]
+        def answer(i: int) -> str:
+            r = self.client.refine(
+                prompts[i], rounds=0, seed=seed * 100_000 + i, leader=self.sampling
+            )
+            return r.leader.text
+
+        return _parallel(answer, len(prompts), self.concurrency, self.url + "/v1/refine")
 
     def follow(self, prompts: Sequence[Prompt], answers: Sequence[str], seed: int) -> list[str]:
-        bodies = [
-            {
-                **self._prompt(x),
-                "response": y if y.strip() else "…",  # the server refuses an empty response
-                "rounds": 1,
-                "stop_when_unchanged": False,
-                "seed": seed * 100_000 + i,
-                "follower": self.sampling,
-            }
-            for i, (x, y) in enumerate(zip(prompts, answers, strict=True))
-        ]
-        return [r["rounds"][0]["text"] if r["rounds"] else r["final"] for r in self._batch(bodies)]
+        if len(prompts) != len(answers):
+            raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+
+        def refine(i: int) -> str:
+            r = self.client.refine(
+                prompts[i],
+                response=answers[i] if answers[i].strip() else "…",  # "" is refused
+                rounds=1,
+                stop_when_unchanged=False,
+                seed=seed * 100_000 + i,
+                follower=self.sampling,
+            )
+            return r.rounds[0].text if r.rounds else r.final
+
+        return _parallel(refine, len(prompts), self.concurrency, self.url + "/v1/refine")
 
 
 class ChatGenerator:
     """Leader-only answers from any OpenAI-compatible ``/v1/chat/completions`` (``--other``)."""
 
     def __init__(self, base_url: str, model: str, *, sampling: dict[str, Any]) -> None:
-        self.url = base_url.rstrip("/").removesuffix("/v1") + "/v1/chat/completions"
+        self.client = Client(base_url, timeout=120.0)
+        self.client.api_key = None  # not SLHF_API_KEY: this server is not necessarily ours
+        self.url = self.client.base_url + "/v1/chat/completions"
         self.model = model
-        self.sampling = {k: v for k, v in sampling.items() if k != "top_k"}
-        self.client = httpx.Client(timeout=120.0)
-
-    def _answer(self, job: tuple[int, Prompt]) -> str:
-        i, x = job
-        messages = [{"role": "user", "content": x}] if isinstance(x, str) else list(x)
-        body = {"model": self.model, "messages": messages, "seed": i, **self.sampling}
-        response = self.client.post(self.url, json=body)
-        if response.status_code != 200:
-            raise EvalError(f"{self.url} answered {response.status_code}: {response.text}")
-        return str(response.json()["choices"][0]["message"]["content"] or "")
+        self.max_tokens = int(sampling["max_tokens"])
+        self.temperature = float(sampling["temperature"])  # top_k is not an OpenAI parameter
 
     def leader(self, prompts: Sequence[Prompt], seed: int) -> list[str]:
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            return list(
-                pool.map(self._answer, [(seed * 100_000 + i, x) for i, x in enumerate(prompts)])
-            )
+        def answer(i: int) -> str:
+            return self.client.chat(
+                prompts[i],
+                model=self.model,
+                max_tokens=self.max_tokens,
+                temperature=self.temperature,
+                seed=seed * 100_000 + i,
+            ).content
+
+        return _parallel(answer, len(prompts), 16, self.url)
 
     def follow(self, prompts: Sequence[Prompt], answers: Sequence[str], seed: int) -> list[str]:
         raise EvalError("an OpenAI-compatible --other model gives answers only; it has no Follower")
 
 
 # -- serving a weights folder ------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def serve_folder(folder: str, log_dir: Path) -> Iterator[str]:
-    """Run ``slhf serve --model folder`` on loopback; yield its base URL; stop it on exit."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLHF_")}
-    env |= {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    log_dir.mkdir(parents=True, exist_ok=True)
+def serve_folder(folder: str, log_dir: Path) -> ServerProcess:
+    """``slhf serve --model folder`` on loopback, ready (``slhf.server.process``); a context
+    manager that stops it. Its log is ``log_dir/serve-PORT.log``."""
+    env = clean_env(
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        TOKENIZERS_PARALLELISM="false",
+        VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+    )
+    port = free_port()
     log = log_dir / f"serve-{port}.log"
-    cmd = [sys.executable, "-m", "slhf.cli", "serve", "--model", folder]
-    cmd += ["--host", "127.0.0.1", "--port", str(port)]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(proc, url, log)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < START_TIMEOUT_S:
-        if proc.poll() is not None:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
-            raise EvalError(f"slhf serve exited with {proc.returncode} (log {log}):\n{tail}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return
-        time.sleep(0.5)
-    raise EvalError(f"slhf serve not ready after {START_TIMEOUT_S}s (log {log})")
+    return ServerProcess.start(log, args=["--model", folder], env=env, port=port)
 
 
 # -- CLI ---------------------------------------------------------------------------------------
@@ -215,7 +175,7 @@ def _generators(
         if spec and spec not in urls and not (args.other_model and spec == args.other):
             served = spec.startswith(("http://", "https://"))
             logs = args.out / "logs"  # one server log per served folder
-            urls[spec] = spec if served else stack.enter_context(serve_folder(spec, logs))
+            urls[spec] = spec if served else stack.enter_context(serve_folder(spec, logs)).url
     gens: dict[str, Any] = {
         role: ServedGenerator(urls[spec], sampling=sampling, api_key=args.api_key)
         for role, spec in specs.items()
@@ -282,7 +242,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 base=gens.get("base"), other=gens.get("other"), keep_answers=True,
             )  # fmt: skip
             twin = _twin(args, prompts, report, gens)
-        except (EvalError, httpx.HTTPError, ValueError) as e:
+        except (EvalError, ServerStartError, ValueError) as e:
             print(f"slhf eval: {e}", file=sys.stderr)
             return 1
     del report["answers"]
