@@ -1,4 +1,7 @@
-"""A request's life around its work: client disconnects, and the SIGTERM drain.
+"""The server's and a request's life around the work: health, client disconnects, the drain.
+
+``check_health`` and ``check_ready`` answer ``/health`` and ``/ready`` and gate admission: a dead
+engine is a 503 (``engine_dead``), a draining server is not ready (``draining``).
 
 Starlette does not cancel a non-streaming endpoint when its client goes away, and vLLM keeps
 generating for a request nobody awaits. ``run_guarded`` runs the work in a task and watches the
@@ -34,10 +37,26 @@ from starlette.requests import Request
 from slhf.server import log_pipe
 from slhf.server.admission import Admission, Ticket
 from slhf.server.errors import ClientDisconnectedError, ServiceUnavailableError
+from slhf.server.generation import Engine, EngineError
 
 logger = logging.getLogger("slhf.server")
 
 T = TypeVar("T")
+
+
+async def check_health(engine: Engine) -> None:
+    """Liveness: raise 503 (``engine_dead``) when the engine is dead."""
+    try:
+        await engine.check_health()
+    except EngineError as e:
+        raise ServiceUnavailableError(str(e), code="engine_dead") from e
+
+
+async def check_ready(engine: Engine, admission: Admission) -> None:
+    """Readiness: alive and not draining."""
+    await check_health(engine)
+    if admission.draining:
+        raise ServiceUnavailableError("the server is shutting down", code="draining")
 
 
 async def _wait_disconnect(request: Request) -> None:

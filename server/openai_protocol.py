@@ -114,7 +114,7 @@ class TextPart(BaseModel):
 
 
 class OpenAIMessage(BaseModel):
-    # extra fields (e.g. "name") are harmless; tool calls are checked in slhf.server.openai_service
+    # extra fields (e.g. "name") are harmless; tool calls are checked in slhf.server.openai_plan
     model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None

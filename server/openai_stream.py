@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from slhf.server.errors import domain_error, error_body
-from slhf.server.openai_service import OpenAIPlan, finish_reason, trace, usage_breakdown
+from slhf.server.openai_plan import OpenAIPlan
+from slhf.server.openai_response import finish_reason, trace, usage_breakdown
+from slhf.server.pipeline import Observer
 from slhf.server.protocol import LeaderAnswer
 from slhf.server.refine import DeltaSink, RefineJob, RefineOutcome, Refiner, Step
 
@@ -170,9 +172,6 @@ class ChunkWriter:
 def sse(body: dict[str, Any] | str) -> str:
     data = body if isinstance(body, str) else json.dumps(body, separators=(",", ":"))
     return f"data: {data}\n\n"
-
-
-Observer = Callable[[RefineOutcome], None]
 
 
 async def open_stream(

@@ -1,19 +1,23 @@
-"""Thin routers: validate, resolve, call the refiner, shape the response."""
+"""The SLHF routes: health, readiness, metrics, the model list and ``/v1/refine``.
+
+Thin: FastAPI parses and validates the body; ``/v1/refine`` is a one-choice plan on the request
+pipeline (``slhf.server.pipeline``); the route shapes the answer. The OpenAI routes are
+``slhf.server.routes_openai``.
+"""
 
 from __future__ import annotations
 
 import time
-import uuid
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from slhf.server.lifecycle import run_guarded
+from slhf.server import pipeline
+from slhf.server.lifecycle import check_health, check_ready
 from slhf.server.openapi import ERROR_RESPONSES
 from slhf.server.protocol import ModelCard, ModelList, RefineRequest, RefineResponse
-from slhf.server.refine import RefineJob
 from slhf.server.service import Service, ServiceDep
 
 router = APIRouter()
@@ -22,14 +26,14 @@ router = APIRouter()
 @router.get("/health")
 async def health(service: ServiceDep) -> dict[str, str]:
     """Liveness: the process answers and its engine is alive."""
-    await service.check_health()
+    await check_health(service.engine)
     return {"status": "ok"}
 
 
 @router.get("/ready")
 async def ready(service: ServiceDep) -> dict[str, str]:
     """Readiness: the engines are loaded and healthy, and the server is not draining."""
-    await service.check_ready()
+    await check_ready(service.engine, service.admission)
     return {"status": "ready", "model": service.name, "topology": service.weights.topology}
 
 
@@ -103,36 +107,12 @@ async def list_models(
 
 @router.post("/v1/refine", responses=ERROR_RESPONSES)
 async def refine(body: RefineRequest, request: Request, service: ServiceDep) -> RefineResponse:
-    leader_only = service.resolve_model(body.model)
-    rounds = (
-        body.rounds if body.rounds is not None else (0 if leader_only else service.default_rounds)
-    )
-    service.check_rounds(rounds)
-    prompt = (
-        body.prompt if body.prompt is not None else [m.model_dump() for m in body.messages or []]
-    )
-    job = RefineJob(
-        request_id=f"refine-{uuid.uuid4().hex}",
-        prompt=prompt,
-        rounds=rounds,
-        leader=service.generation_params("leader", body.leader, body.seed),
-        follower=service.generation_params("follower", body.follower, body.seed),
-        given_answer=body.response,
-        stop_when_unchanged=body.stop_when_unchanged,
-        from_upstream=body.leader is not None and body.leader.source == "upstream",
-        deadline_s=service.settings.deadline_s(body.deadline_s),
-    )
-    service.refiner.opening_prompts(job)  # a prompt too long is a 400 before admission
-    ticket = await service.admit(1, rounds)
-    try:
-        outcome = await run_guarded(request, ticket, service.refiner.refine(job))
-    finally:
-        ticket.release()
-    service.metrics.observe_outcome(outcome)
+    plan = pipeline.plan_refine(service, body)
+    [outcome] = await pipeline.run(service, request, plan)
     return RefineResponse(
-        id=job.request_id,
+        id=plan.request_id,
         created=int(time.time()),
-        model=body.model or service.name,
+        model=plan.model,
         leader=outcome.leader,
         rounds=outcome.rounds,
         final=outcome.final,

@@ -16,8 +16,8 @@ from slhf import cli
 from slhf.server.app import create_app
 from slhf.server.log_pipe import as_json_line, split_lines
 from slhf.server.logs import JsonFormatter
+from slhf.server.openai_plan import EXTRA_SAMPLING
 from slhf.server.openai_protocol import UNSUPPORTED
-from slhf.server.openai_service import EXTRA_SAMPLING
 from slhf.server.settings import ServerSettings
 from tests.fakes import ScriptedEngine, numbered_script
 from tests.unit.test_routes import WEIGHTS

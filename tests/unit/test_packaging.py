@@ -62,7 +62,7 @@ def test_the_wheel_installs_one_namespace_and_the_client(wheel: zipfile.ZipFile)
 
 def test_serving_imports_nothing_that_trains() -> None:
     code = (
-        "import sys, slhf.server.app, slhf.server.refine, slhf.server.openai_service; "
+        "import sys, slhf.server.app, slhf.server.refine, slhf.server.openai_plan; "
         "bad = sorted(m for m in sys.modules if m.startswith('slhf.models.') "
         "and not m.startswith('slhf.models.serving')); "
         "bad += [m for m in ('peft', 'accelerate', 'datasets') if m in sys.modules]; "

@@ -1,65 +1,58 @@
-"""OpenAI chat/completions requests as refinement jobs, and their results as OpenAI responses.
+"""OpenAI chat/completions requests as plans (``slhf.server.pipeline``'s first step).
 
-A request becomes one ``RefineJob`` per choice (``n`` per prompt), run concurrently so they
-batch in the engine. The answer of a choice is its final round. Choice ``j`` uses the base seed
-``choice_seed(seed, j)`` (choice 0 = the request's seed), and each round derives its own seed
-from that, so choices differ and a seeded request is reproducible.
+A request becomes one ``RefineJob`` per choice (``n`` per prompt, index = prompt x n + j), run
+concurrently so they batch in the engine; the answer of a choice is its final round
+(``slhf.server.openai_response``). The OpenAI fields apply to every generation; the ``refinement``
+extension sets the rounds, a given answer, the first answer's source and each role's own
+sampling over them. Choice ``j`` uses the base seed ``choice_seed(seed, j)`` (choice 0 = the
+request's seed), and each round derives its own seed from that, so choices differ and a seeded
+request is reproducible.
+
+What this server does not support is a 400 naming the field (``check_supported``); the model id,
+the rounds, the roles' sampling and the context are checked by the pipeline's shared steps.
 """
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from slhf.models.serving.templates import Message, Role, to_messages
 from slhf.server.errors import InvalidRequestError
+from slhf.server.generation import GenerationParams
 from slhf.server.openai_protocol import (
     UNSUPPORTED,
     ChatCompletionRequest,
     CompletionRequest,
     OpenAIMessage,
     RefinementOptions,
-    RefinementTrace,
-    UsageBreakdown,
 )
-from slhf.server.protocol import SamplingParams, Usage
-from slhf.server.refine import RefineJob, RefineOutcome, Refiner, choice_seed
+from slhf.server.pipeline import VLLM_EXTRAS, Plan, plan_rounds, resolve_model, role_params
+from slhf.server.protocol import SamplingParams
+from slhf.server.refine import RefineJob, choice_seed
 from slhf.server.service import Service
 
 Kind = Literal["chat", "completion"]
 
-EXTRA_SAMPLING = (
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "min_tokens",
-    "ignore_eos",
-)
+EXTRA_SAMPLING = ("top_k", *VLLM_EXTRAS)
 """Sampling fields beyond OpenAI's basic ones (vLLM's extras and the penalties), applied to
 every generation like ``temperature``; ``refinement.leader``/``follower`` override them per
 role."""
 
 
 @dataclass(frozen=True)
-class OpenAIPlan:
-    """A validated OpenAI request: one job per choice (index = choice index)."""
+class OpenAIPlan(Plan):
+    """A validated OpenAI request, and how to answer it."""
 
     kind: Kind
-    request_id: str
-    model: str
-    jobs: list[RefineJob]
     return_trace: bool
+    """Each choice carries its rounds (``refinement.return_trace``)."""
     stream_rounds: bool
+    """A stream sends every round, not only the final one (``refinement.stream_rounds``)."""
     include_usage: bool
-
-    @property
-    def rounds(self) -> int:
-        return self.jobs[0].rounds if self.jobs else 0
+    """A stream ends with a usage chunk (``stream_options.include_usage``)."""
 
 
 def check_supported(req: ChatCompletionRequest | CompletionRequest) -> None:
@@ -117,13 +110,15 @@ def _role_params(
     own: SamplingParams | None,
     seed: int | None,
     choice: int,
-) -> Any:
+) -> GenerationParams:
+    """The request's sampling for every generation, the role's own over it, with choice
+    ``choice``'s seed."""
     merged = base.model_copy(
         update=own.model_dump(exclude_none=True, exclude={"source"}) if own else {}
     )
     role_seed = merged.seed if merged.seed is not None else seed
     merged = merged.model_copy(update={"seed": choice_seed(role_seed, choice)})
-    return service.generation_params(role, merged, None)
+    return role_params(service, role, merged, None)
 
 
 def plan_request(
@@ -134,7 +129,7 @@ def plan_request(
     max_tokens: int | None,
 ) -> OpenAIPlan:
     check_supported(req)
-    leader_only, from_upstream = service.resolve_openai_model(req.model)
+    leader_only, from_upstream = resolve_model(service, req.model, upstream_id=True)
     opts = req.refinement or RefinementOptions()
     if opts.leader is not None and opts.leader.source == "upstream":
         from_upstream = True
@@ -143,10 +138,7 @@ def plan_request(
             "give either `refinement.response` or an upstream first answer, not both",
             param="refinement.response",
         )
-    default = 0 if leader_only else service.default_rounds
-    rounds = service.check_rounds(
-        opts.rounds if opts.rounds is not None else default, "refinement.rounds"
-    )
+    rounds = plan_rounds(service, opts.rounds, leader_only, "refinement.rounds")
     base = SamplingParams(
         max_tokens=max_tokens,
         temperature=req.temperature,
@@ -182,10 +174,10 @@ def plan_request(
                 service.refiner.opening_prompts(job)
             jobs.append(job)
     return OpenAIPlan(
-        kind=kind,
         request_id=request_id,
         model=req.model or service.name,
         jobs=jobs,
+        kind=kind,
         return_trace=opts.return_trace,
         stream_rounds=opts.stream_rounds,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
@@ -202,52 +194,3 @@ def plan_completion(service: Service, req: CompletionRequest) -> OpenAIPlan:
     if not prompts or any(not p.strip() for p in prompts):
         raise InvalidRequestError("`prompt` must be a non-empty string", param="prompt")
     return plan_request(service, req, "completion", prompts, req.max_tokens)
-
-
-async def run_jobs(refiner: Refiner, jobs: Sequence[RefineJob]) -> list[RefineOutcome]:
-    """All jobs concurrently (they batch in the engine); the first failure cancels the rest."""
-    tasks = [asyncio.ensure_future(refiner.refine(job)) for job in jobs]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-# -- results ------------------------------------------------------------------------------------
-def _add(total: dict[str, int], u: Usage) -> None:
-    for k, v in u.counts().items():
-        total[k] = total.get(k, 0) + v
-
-
-def usage_breakdown(outcomes: Sequence[RefineOutcome]) -> UsageBreakdown:
-    zero = Usage().counts()
-    by_role = {"leader": dict(zero), "follower": dict(zero)}
-    by_round: list[dict[str, int]] = []
-    total = Usage()
-    for o in outcomes:
-        total = total + o.usage
-        _add(by_role["leader"], o.leader.usage)
-        steps = [(0, o.leader.usage), *((r.round, r.usage) for r in o.rounds)]
-        for index, usage in steps:
-            while len(by_round) <= index:
-                by_round.append({"round": len(by_round), **zero})
-            _add(by_round[index], usage)
-        for r in o.rounds:
-            _add(by_role["follower"], r.usage)
-    return UsageBreakdown(**total.model_dump(), by_role=by_role, by_round=by_round)
-
-
-def finish_reason(outcome: RefineOutcome) -> str:
-    """The final round's finish reason; "deadline" when the deadline cut the refinement."""
-    if outcome.stopped_reason == "deadline":
-        return "deadline"
-    if outcome.rounds:
-        return outcome.rounds[-1].finish_reason
-    return outcome.leader.finish_reason or "stop"
-
-
-def trace(outcome: RefineOutcome) -> RefinementTrace:
-    return RefinementTrace(
-        leader=outcome.leader, rounds=outcome.rounds, stopped_reason=outcome.stopped_reason
-    )
