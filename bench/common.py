@@ -1,4 +1,5 @@
-"""What the serving benchmarks share: the prompts, a percentile, and starting ``slhf serve``.
+"""What the serving benchmarks share: the prompts, a percentile, and starting ``slhf serve``
+(with the launcher every real-server run uses, ``slhf.server.process``).
 
 Scripts run as ``python bench/NAME.py``, so this folder is on ``sys.path`` and they import it as
 ``common``; it puts the repository on ``sys.path`` for their ``server`` / ``models`` imports.
@@ -7,18 +8,15 @@ Scripts run as ``python bench/NAME.py``, so this folder is on ``sys.path`` and t
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from slhf.server.process import ServerProcess  # noqa: E402  (after the sys.path line)
 
 PROMPTS = [
     "Explain gravity",
@@ -40,21 +38,13 @@ def bench_model_dir() -> Path:
     return random_model_dir()
 
 
-def in_process_job(service: Any, body: dict[str, Any], i: int, k: int) -> Any:
-    """The ``RefineJob`` our server would run for ``body`` (k rounds, early stop off), for the
-    in-process chain on ``service`` (a ``slhf.server.service.Service``)."""
+def in_process_job(service: Any, body: dict[str, Any]) -> Any:
+    """The ``RefineJob`` our server would run for the ``/v1/refine`` ``body`` (its pipeline's
+    plan), for the in-process chain on ``service`` (a ``slhf.server.service.Service``)."""
+    from slhf.server.pipeline import plan_refine
     from slhf.server.protocol import RefineRequest
-    from slhf.server.refine import RefineJob
 
-    request = RefineRequest(**body)
-    return RefineJob(
-        request_id=f"b{k}-{i}-{time.monotonic_ns()}",
-        prompt=request.prompt or "",
-        rounds=k,
-        leader=service.generation_params("leader", request.leader, request.seed),
-        follower=service.generation_params("follower", request.follower, request.seed),
-        stop_when_unchanged=False,
-    )
+    return plan_refine(service, RefineRequest(**body)).jobs[0]
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -63,37 +53,13 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(proc: subprocess.Popen[bytes], url: str) -> float:
-    """Seconds until ``url`` answers 200; exits if the server process dies first."""
-    t0 = time.perf_counter()
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"{url}: server exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return time.perf_counter() - t0
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-
-
-def start_slhf(port: int, **settings: str) -> tuple[subprocess.Popen[bytes], str]:
-    """``slhf serve`` on loopback with quiet logs and ``settings`` (SLHF_* names) on top.
-
-    The model defaults to ``bench_model_dir()``."""
+def start_slhf(**settings: str) -> ServerProcess:
+    """``slhf serve`` on a free loopback port, ready: this process's environment (``SLHF_*``
+    included), quiet logs, then ``settings`` (SLHF_* names). The model defaults to
+    ``bench_model_dir()``. Its output goes to a log file in the temporary directory (printed);
+    leaving a ``with`` block on the result stops it."""
     settings.setdefault("SLHF_MODEL", str(bench_model_dir()))
-    env = {
-        **os.environ,
-        "SLHF_HOST": "127.0.0.1",
-        "SLHF_PORT": str(port),
-        "SLHF_LOG_LEVEL": "warning",
-        **settings,
-    }
-    proc = subprocess.Popen([sys.executable, "-m", "slhf.cli", "serve"], cwd=REPO, env=env)
-    return proc, f"http://127.0.0.1:{port}"
+    env = {**os.environ, "SLHF_LOG_LEVEL": "warning"}
+    server = ServerProcess.start(env=env, cwd=REPO, **settings)
+    print(f"slhf serve at {server.url}, log {server.log}", file=sys.stderr, flush=True)
+    return server

@@ -19,13 +19,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 
 import httpx
 from common import PROMPTS as ALL_PROMPTS
-from common import REPO, start_slhf, wait_ready
+from common import REPO, start_slhf
 
 PROMPTS = ALL_PROMPTS[:4]
 
@@ -116,12 +115,6 @@ def measure(client: httpx.Client, args: argparse.Namespace, name: str) -> dict:
     return out
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
-    proc, url = start_slhf(19000 + os.getpid() % 1000, SLHF_MAX_MODEL_LEN=str(args.max_model_len))
-    wait_ready(proc, url + "/ready")
-    return proc, url
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=21, help="requests per k (sequential)")
@@ -131,14 +124,12 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=1024)
     args = ap.parse_args()
 
-    proc, url = start_server(args)
-    try:
-        with httpx.Client(base_url=url, timeout=300) as client:
-            name = client.get("/v1/models").json()["data"][0]["id"]
-            result = measure(client, args, name)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    with (
+        start_slhf(SLHF_MAX_MODEL_LEN=str(args.max_model_len)) as server,
+        httpx.Client(base_url=server.url, timeout=300) as client,
+    ):
+        name = client.get("/v1/models").json()["data"][0]["id"]
+        result = measure(client, args, name)
 
     print(f"model {name}; {args.requests} requests per k; medians; max_tokens {args.max_tokens}")
     print(" k | non-streamed ms | stream TTFT(final) ms | TTFT/total | ~k/(k+1) | chat/refine")

@@ -23,12 +23,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import PROMPTS, REPO, bench_model_dir, in_process_job, pct, start_slhf, wait_ready
+from common import PROMPTS, REPO, bench_model_dir, in_process_job, pct, start_slhf
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -43,11 +42,6 @@ def request_body(i: int, rounds: int, max_tokens: int) -> dict:
         "leader": sp,
         "follower": sp,
     }
-
-
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str, float]:
-    proc, url = start_slhf(18000 + os.getpid() % 1000, SLHF_MAX_MODEL_LEN=str(args.max_model_len))
-    return proc, url, wait_ready(proc, url + "/ready")
 
 
 async def measure(args: argparse.Namespace, url: str) -> dict:
@@ -65,7 +59,7 @@ async def measure(args: argparse.Namespace, url: str) -> dict:
     service = Service.build(settings, weights, engine)
 
     async def direct(i: int, k: int) -> float:
-        job = in_process_job(service, request_body(i, k, args.max_tokens), i, k)
+        job = in_process_job(service, request_body(i, k, args.max_tokens))
         t0 = time.perf_counter()
         await service.refiner.refine(job)
         return (time.perf_counter() - t0) * 1000
@@ -105,12 +99,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve_overhead.json")
     args = ap.parse_args()
 
-    proc, url, ready_s = start_server(args)
-    try:
-        res = asyncio.run(measure(args, url))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    with start_slhf(SLHF_MAX_MODEL_LEN=str(args.max_model_len)) as server:
+        res = asyncio.run(measure(args, server.url))
+    ready_s = server.startup_s
     rows = []
     print(
         f"server process to /ready: {ready_s:.1f} s; "

@@ -38,7 +38,6 @@ import platform
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -46,16 +45,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import (
-    PROMPTS,
-    REPO,
-    bench_model_dir,
-    free_port,
-    in_process_job,
-    pct,
-    start_slhf,
-    wait_ready,
-)
+from common import PROMPTS, REPO, bench_model_dir, in_process_job, pct, start_slhf
+
+from slhf.server.process import LOOPBACK, ServerProcess, free_port
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 SYSTEMS = ("ours", "peer", "in_process")
@@ -95,19 +87,19 @@ def inflight_bound(args: argparse.Namespace) -> int:
     return max(args.concurrency) * (max(args.rounds) + 1) * 2
 
 
-def start_ours(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
-    proc, _ = start_slhf(
-        port,
+def start_ours(args: argparse.Namespace) -> ServerProcess:
+    return start_slhf(
         SLHF_MODEL=str(args.model),
         SLHF_MAX_MODEL_LEN=str(args.max_model_len),
         SLHF_MAX_INFLIGHT_GENERATIONS=str(inflight_bound(args)),
         SLHF_LOG_FORMAT="text",
         **({"SLHF_KV_BLOCK_SIZE": str(args.block_size)} if args.block_size else {}),
     )
-    return proc
 
 
-def start_peer(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
+def start_peer(args: argparse.Namespace) -> ServerProcess:
+    """vLLM's own server on a free loopback port, ready (its check is ``/health``)."""
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",
@@ -115,7 +107,7 @@ def start_peer(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
         "--model",
         str(args.model),
         "--host",
-        "127.0.0.1",
+        LOOPBACK,
         "--port",
         str(port),
         "--max-model-len",
@@ -125,7 +117,9 @@ def start_peer(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
         *(["--block-size", str(args.block_size)] if args.block_size else []),
         *shlex.split(args.peer_flags),
     ]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
+    peer = ServerProcess.spawn(cmd, url=f"http://{LOOPBACK}:{port}", cwd=REPO, ready_path="/health")
+    print(f"vLLM server at {peer.url}, log {peer.log}", file=sys.stderr, flush=True)
+    return peer
 
 
 class Bench:
@@ -217,11 +211,8 @@ class Bench:
             return await self.grid(one_for(client), counters)
 
     # ours ------------------------------------------------------------------------------------
-    def run_ours(self, port: int) -> tuple[list[dict[str, Any]], float]:
-        proc = start_ours(self.args, port)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            ready = wait_ready(proc, url + "/ready")
+    def run_ours(self) -> tuple[list[dict[str, Any]], float]:
+        with start_ours(self.args) as server:
 
             def one_for(client: httpx.AsyncClient) -> OneRequest:
                 async def one(i: int, k: int) -> int:
@@ -232,13 +223,10 @@ class Bench:
 
                 return one
 
-            return asyncio.run(self.http_grid(url, one_for)), ready
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            return asyncio.run(self.http_grid(server.url, one_for)), server.startup_s
 
     # peer ------------------------------------------------------------------------------------
-    def run_peer(self, port: int) -> tuple[list[dict[str, Any]], float]:
+    def run_peer(self) -> tuple[list[dict[str, Any]], float]:
         from transformers import AutoTokenizer
 
         from slhf.models.serving.templates import TemplateRenderer
@@ -246,11 +234,8 @@ class Bench:
 
         tok = AutoTokenizer.from_pretrained(str(self.args.model))
         renderer = TemplateRenderer(tok)
-        proc = start_peer(self.args, port)
-        url = f"http://127.0.0.1:{port}"
         model = str(self.args.model)
-        try:
-            ready = wait_ready(proc, url + "/health")
+        with start_peer(self.args) as peer:
 
             def one_for(client: httpx.AsyncClient) -> OneRequest:
                 async def complete(ids: list[int], sp: dict[str, Any], seed: int | None) -> dict:
@@ -274,10 +259,7 @@ class Bench:
 
                 return one
 
-            return asyncio.run(self.http_grid(url, one_for)), ready
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            return asyncio.run(self.http_grid(peer.url, one_for)), peer.startup_s
 
     # in-process ------------------------------------------------------------------------------
     def run_in_process(self) -> tuple[list[dict[str, Any]], float]:
@@ -295,7 +277,7 @@ class Bench:
         service = Service.build(self.settings, weights, engine)
 
         async def one(i: int, k: int) -> int:
-            out = await service.refiner.refine(in_process_job(service, self.body(i, k), i, k))
+            out = await service.refiner.refine(in_process_job(service, self.body(i, k)))
             return out.usage.completion_tokens
 
         async def counters() -> dict[str, float]:
@@ -433,8 +415,8 @@ def main() -> None:
     ready: dict[str, float] = {}
     load: dict[str, list[float]] = {"start": load_average()}
     runners = {
-        "ours": lambda: bench.run_ours(free_port()),
-        "peer": lambda: bench.run_peer(free_port()),
+        "ours": bench.run_ours,
+        "peer": bench.run_peer,
         "in_process": bench.run_in_process,
     }
     t_all = time.perf_counter()
