@@ -1,4 +1,4 @@
-"""Losses of StackelbergGDA for LLMs (PAPER.md, Algorithm 2), as pure functions.
+"""Losses of StackelbergGDA for LLMs (docs/algorithm.md, Algorithm 2), as pure functions.
 
 Per prompt ``x_b``: a Leader answer ``y_b``, a Follower answer ``y'_b`` (conditioned on ``x_b``
 and ``y_b``) and one preference ``p_b = p(y_b ≻ y'_b | x_b)``. With ``r_t = π_θ / π_ref`` per
@@ -179,6 +179,50 @@ def reinforce_loss(
     return loss, stats
 
 
+@dataclass(frozen=True)
+class LossSettings:
+    """The loss hyper-parameters of both roles (a run's ``StackelbergConfig`` holds them)."""
+
+    tau_leader: float
+    tau_follower: float
+    estimator: KLEstimator = "k1"
+    baseline: Baseline = "constant"
+    leader_objective: LeaderObjective = "full"
+    missing_eos_penalty: float = 0.0
+
+
+def role_loss(
+    role: Role,
+    rollout: RoleRollout,
+    preferences: torch.Tensor,
+    settings: LossSettings,
+    follower_kl: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Stats]:
+    """``L_role`` of one role: its scores (``s_L`` or ``s_F``), their advantages under the
+    baseline, and ``reinforce_loss`` with the role's τ; the stats are ``reinforce_loss``'s.
+
+    ``follower_kl`` (``sequence_kl`` of the Follower's answers) is read for the Leader only, and
+    needed only with ``leader_objective="full"``.
+    """
+    s = settings
+    if role == "follower":
+        scores = role_scores(preferences, rollout.missing_eos, "follower", s.missing_eos_penalty)
+        return reinforce_loss(rollout, advantages(scores, s.baseline), s.tau_follower, s.estimator)
+    if follower_kl is None:
+        if s.leader_objective == "full":
+            raise ValueError("the Leader's loss with leader_objective 'full' needs follower_kl")
+        follower_kl = torch.zeros_like(preferences)
+    scores = leader_scores(
+        preferences,
+        rollout.missing_eos,
+        follower_kl,
+        tau_follower=s.tau_follower,
+        objective=s.leader_objective,
+        missing_eos_penalty=s.missing_eos_penalty,
+    )
+    return reinforce_loss(rollout, advantages(scores, s.baseline), s.tau_leader, s.estimator)
+
+
 def stackelberg_loss(
     leader: RoleRollout,
     follower: RoleRollout,
@@ -197,21 +241,15 @@ def stackelberg_loss(
 
     ``preferences`` is ``(B,)`` with ``p_b = p(y_b ≻ y'_b)`` in [0, 1]. The stats carry both
     roles' terms (``leader/…``, ``follower/…``) and ``preference`` (the Leader's mean win rate).
-    With separate Leader/Follower weights call ``reinforce_loss`` per role instead.
+    The trainer calls ``role_loss`` per role (models/trainer/role_losses.py), for shared weights
+    and separate ones alike.
     """
-    scores_l = leader_scores(
-        preferences,
-        leader.missing_eos,
-        sequence_kl(follower, estimator),
-        tau_follower=tau_follower,
-        objective=leader_objective,
-        missing_eos_penalty=missing_eos_penalty,
+    settings = LossSettings(
+        tau_leader, tau_follower, estimator, baseline, leader_objective, missing_eos_penalty
     )
-    scores_f = role_scores(preferences, follower.missing_eos, "follower", missing_eos_penalty)
-    loss_l, stats_l = reinforce_loss(leader, advantages(scores_l, baseline), tau_leader, estimator)
-    loss_f, stats_f = reinforce_loss(
-        follower, advantages(scores_f, baseline), tau_follower, estimator
-    )
+    follower_kl = sequence_kl(follower, estimator)
+    loss_l, stats_l = role_loss("leader", leader, preferences, settings, follower_kl)
+    loss_f, stats_f = role_loss("follower", follower, preferences, settings)
     total = kappa * loss_f + (loss_l if update_leader else 0.0)
     stats = {f"leader/{k}": v for k, v in stats_l.items()}
     stats |= {f"follower/{k}": v for k, v in stats_f.items()}

@@ -1,4 +1,4 @@
-"""``StackelbergTrainer``: StackelbergGDA for LLMs (PAPER.md, Algorithm 2).
+"""``StackelbergTrainer``: StackelbergGDA for LLMs (docs/algorithm.md, Algorithm 2).
 
 One set of weights plays both roles through the server's templates (models/serving/templates.py)::
 
@@ -12,8 +12,11 @@ One set of weights plays both roles through the server's templates (models/servi
 ``G_t`` is the KL estimate of token t and every later one (the exact gradient of the answer's KL;
 k3 adds its own gradient), ``KL̂_F`` the Follower's KL on its answer, which eq. 5 credits to the
 Leader (``leader_objective: paper`` drops it, as Algorithm 2 does). See models/trainer/losses.py
-and docs/algorithm.md. Per step the log has each role's mean per-token entropy
-(``entropy/leader``, ``entropy/follower``) and the learning rate (``lr``, after the schedule).
+and docs/algorithm.md. This module samples a step's rollouts and preferences and steps the
+optimiser; scoring, the role losses and the backward passes are models/trainer/role_losses.py.
+Per step the log has each role's loss terms, metric first (``loss/leader``, ``kl/follower``, ...,
+with each role's mean per-token entropy ``entropy/leader``, ``entropy/follower``), ``preference``,
+``loss`` and the learning rate (``lr``, after the schedule).
 
 With ``follower_weights: separate_adapter`` the roles have their own LoRA adapters on one base
 (``leader`` and ``follower``); each adapter gets its own role loss and the Follower's learning
@@ -23,7 +26,6 @@ the loss on the other steps but the shared weights still move with κ·L_F.
 
 The reference π_ref scores the same tokens on the same templates: with LoRA it is the base model
 with the adapters disabled (no second copy); in a full fine-tune, the ``ref_model`` passed in.
-With shared weights both roles are scored in one forward pass per model (rows stacked).
 
 Departures from the paper's code (docs/algorithm.md): the KL penalty weights each token by the
 KL still to come (k1 by default; the paper's small runs used k3 as a reward, whose expected
@@ -56,8 +58,8 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -67,29 +69,15 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object
 
 from slhf.models.preferences import Preference, unscored
-from slhf.models.serving.templates import ROLES, Prompt, Role, TemplateConfig, TemplateRenderer
+from slhf.models.serving.templates import Prompt, Role, TemplateConfig, TemplateRenderer
 from slhf.models.trainer import artefact, checkpoint, evaluation, weights
 from slhf.models.trainer.artefact import config_hash, save_artefact
 from slhf.models.trainer.config import StackelbergConfig
 from slhf.models.trainer.console import Console, preference_error_rate
 from slhf.models.trainer.data import PromptSampler
-from slhf.models.trainer.losses import (
-    RoleRollout,
-    advantages,
-    leader_scores,
-    reinforce_loss,
-    role_scores,
-    sequence_kl,
-    stackelberg_loss,
-)
 from slhf.models.trainer.reporting import METRICS_FILE, MetricsReporter
-from slhf.models.trainer.rollouts import (
-    Rollout,
-    answer_logprobs,
-    answer_logprobs_and_entropy,
-    generate,
-    stack_rollouts,
-)
+from slhf.models.trainer.role_losses import RoleLosses, as_role
+from slhf.models.trainer.rollouts import Rollout, generate
 
 __all__ = ["METRICS_FILE", "TIMING_KEYS", "StackelbergTrainer", "config_hash"]
 TIMING_KEYS = ("steps_per_s", "prompts_per_s", "time_s")
@@ -142,6 +130,14 @@ class StackelbergTrainer:
         self.ref_model = None
         if ref_model is not None:
             self.ref_model = ref_model.to(self.accelerator.device).eval().requires_grad_(False)
+        self.losses = RoleLosses(
+            self.model,
+            self.ref_model,
+            self.accelerator,
+            config,
+            self.adapters,
+            tokenizer.pad_token_id,
+        )
         self.vllm: Any = None  # rollout_backend vllm: models/trainer/vllm_rollouts.py
         if config.rollout_backend == "vllm":
             from slhf.models.trainer.vllm_rollouts import VllmRollouts
@@ -155,15 +151,9 @@ class StackelbergTrainer:
         """The model without its DDP/FSDP wrapper: for generate, adapters and saving."""
         return self.accelerator.unwrap_model(self.model)
 
-    @contextmanager
-    def _as_role(self, role: Role) -> Iterator[None]:
-        if self.adapters[role] is not None:
-            self.policy.set_adapter(self.adapters[role])
-        yield
-
-    def _sync(self, last: bool) -> AbstractContextManager[Any]:
-        """Average gradients across processes only on a step's last backward pass."""
-        return nullcontext() if last else self.accelerator.no_sync(self.model)
+    def _as_role(self, role: Role) -> AbstractContextManager[None]:
+        """The policy plays ``role``: its adapter is active (separate adapters)."""
+        return as_role(self.policy, self.adapters[role])
 
     # -- one step --------------------------------------------------------------------------------
     def _step(self, step: int) -> dict[str, Any]:
@@ -243,115 +233,11 @@ class StackelbergTrainer:
                 top_k=cfg.top_k,
             )
 
-    def _ref_logprobs(self, rollout: Rollout) -> torch.Tensor:
-        t = self.config.temperature
-        with torch.no_grad():
-            if self.ref_model is not None:
-                return answer_logprobs(self.ref_model, rollout, t)
-            with self.policy.disable_adapter():
-                return answer_logprobs(self.policy, rollout, t)
-
-    def _scored(self, role: Role, rollout: Rollout, grad: bool = True) -> RoleRollout:
-        with self._as_role(role), nullcontext() if grad else torch.no_grad():
-            logprobs, entropy = answer_logprobs_and_entropy(
-                self.model, rollout, self.config.temperature
-            )
-        ref = self._ref_logprobs(rollout)
-        return RoleRollout(logprobs, ref, rollout.answer_mask, rollout.missing_eos, entropy)
-
-    def _scored_together(self, leader: Rollout, follower: Rollout) -> tuple[RoleRollout, ...]:
-        """Both roles of the shared weights in one policy and one reference forward pass."""
-        both = stack_rollouts(leader, follower, self.tokenizer.pad_token_id)
-        logprobs, entropy = answer_logprobs_and_entropy(
-            self.model, both, self.config.temperature
-        )  # (2B, T) each
-        ref = self._ref_logprobs(both)
-        b, out = leader.answer_mask.shape[0], []
-        for rows, r in ((slice(0, b), leader), (slice(b, 2 * b), follower)):
-            t = r.answer_mask.shape[1]
-            lp, rf, ent = logprobs[rows, :t], ref[rows, :t], entropy[rows, :t]
-            out.append(RoleRollout(lp, rf, r.answer_mask, r.missing_eos, ent))
-        return tuple(out)
-
     def _accumulate(
         self, leader: Rollout, follower: Rollout, prefs: torch.Tensor, update_leader: bool
     ) -> dict[str, float]:
-        cfg = self.config
-        n = cfg.gradient_accumulation_steps
-        size = cfg.batch_size // n
-        totals: dict[str, float] = {}
-        for i in range(n):
-            rows, last = slice(i * size, (i + 1) * size), i == n - 1
-            if cfg.follower_weights == "shared":
-                with self._sync(last):
-                    lead, foll = self._scored_together(leader.micro(rows), follower.micro(rows))
-                    loss, stats = stackelberg_loss(
-                        lead,
-                        foll,
-                        prefs[rows],
-                        tau_leader=cfg.tau_leader,
-                        tau_follower=cfg.tau_follower,
-                        kappa=cfg.kappa,
-                        estimator=cfg.kl_estimator,
-                        baseline=cfg.baseline,
-                        leader_objective=cfg.leader_objective,
-                        missing_eos_penalty=cfg.missing_eos_penalty,
-                        update_leader=update_leader,
-                    )
-                    self.accelerator.backward(loss / n)
-            else:
-                stats = self._separate_backward(
-                    leader.micro(rows), follower.micro(rows), prefs[rows], n, update_leader, last
-                )
-            for key, value in stats.items():
-                totals[key] = totals.get(key, 0.0) + float(value) / n
-        return _rename(totals)
-
-    def _separate_backward(
-        self,
-        leader: Rollout,
-        follower: Rollout,
-        prefs: torch.Tensor,
-        n: int,
-        update_leader: bool,
-        last: bool,
-    ) -> dict[str, Any]:
-        """Role losses on their own adapters; the Follower's κ is in its learning rate.
-
-        The Leader goes first (the Follower's backward is the step's last one), so the Follower's
-        KL in the Leader's reward (``leader_objective: full``) comes from a pass without grad.
-        """
-        cfg = self.config
-        stats: dict[str, Any] = {"preference": prefs.mean()}
-        follower_kl = torch.zeros_like(prefs)
-        if cfg.leader_objective == "full":
-            follower_kl = sequence_kl(self._scored("follower", follower, False), cfg.kl_estimator)
-        scores = {
-            "leader": leader_scores(
-                prefs,
-                leader.missing_eos,
-                follower_kl,
-                tau_follower=cfg.tau_follower,
-                objective=cfg.leader_objective,
-                missing_eos_penalty=cfg.missing_eos_penalty,
-            ),
-            "follower": role_scores(
-                prefs, follower.missing_eos, "follower", cfg.missing_eos_penalty
-            ),
-        }
-        for role in ROLES:
-            trained = role == "follower" or update_leader
-            with self._sync(last and role == "follower"):
-                rollout = self._scored(role, leader if role == "leader" else follower, trained)
-                tau = cfg.tau_leader if role == "leader" else cfg.tau_follower
-                loss, role_stats = reinforce_loss(
-                    rollout, advantages(scores[role], cfg.baseline), tau, cfg.kl_estimator
-                )
-                if trained:
-                    self.accelerator.backward(loss / n)
-                    stats["loss"] = stats.get("loss", 0.0) + loss.detach()
-            stats |= {f"{role}/{k}": v for k, v in role_stats.items()}
-        return stats
+        """The step's backward passes and stats, per micro-batch (``RoleLosses``)."""
+        return self.losses.accumulate(leader, follower, prefs, update_leader)
 
     def _mean_over_processes(self, stats: dict[str, float]) -> dict[str, float]:
         if self.world == 1:
@@ -483,12 +369,3 @@ class StackelbergTrainer:
 # -- helpers ---------------------------------------------------------------------------------------
 def _compact(values: dict[str, float]) -> str:
     return " | ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in values.items())
-
-
-def _rename(stats: dict[str, float]) -> dict[str, float]:
-    """``leader/kl`` → ``kl/leader`` (metric first, role second), the rest unchanged."""
-    out = {}
-    for key, value in stats.items():
-        role, sep, metric = key.partition("/")
-        out[f"{metric}/{role}" if sep and role in ROLES else key] = value
-    return out
