@@ -23,7 +23,7 @@ reach. It prints, per role, the probabilities of the three answers and of "other
 
 ``P.json`` is a JSON list of lists, ``P[y][y'] = p(y ≻ y')``. Bad input exits with status 2 and
 one line on stderr naming the problem and the numbers. ``gda`` and ``softmax-pg`` print their own
-answer. ``gda`` (Algorithm 1, step sizes adapted to τ; see models/game.py) runs until its
+answer. ``gda`` (Algorithm 1, step sizes adapted to τ; see models/game_solvers.py) runs until its
 fixed-point residual is below ``--tol``; when ``--max-steps`` run out first it still prints its
 answer but exits with status 1 and says so on stderr. ``softmax-pg`` runs ``--steps``; when its
 answer is more than 1e-3 (total variation) from the closed form a warning goes to stderr. The parser
@@ -41,13 +41,11 @@ from slhf.models.game import (
     GameError,
     closed_form,
     condorcet_preferences,
-    nash_equilibrium,
     reach_probabilities,
     resampling_kernel,
-    softmax_policy_gradient,
-    stackelberg_gda,
     total_variation,
 )
+from slhf.models.game_solvers import nash_equilibrium, softmax_policy_gradient, stackelberg_gda
 from slhf.models.serving.templates import DEFAULT_FOLLOWER_INSTRUCTION
 from slhf.models.token_game import (
     DEFAULT_ANSWERS,

@@ -32,11 +32,11 @@ import numpy as np
 from slhf.models.game import (
     closed_form,
     condorcet_preferences,
-    nash_equilibrium,
     reach_probabilities,
     resampling_kernel,
     total_variation,
 )
+from slhf.models.game_solvers import nash_equilibrium
 from slhf.models.preferences import Prompt
 from slhf.models.tasks.condorcet import (
     SHARES,

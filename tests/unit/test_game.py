@@ -13,15 +13,17 @@ from slhf.models.game import (
     GameError,
     closed_form,
     condorcet_preferences,
-    nash_equilibrium,
-    project_simplex,
     reach_probabilities,
     resampling_kernel,
-    softmax_policy_gradient,
-    stackelberg_gda,
     stackelberg_objective,
     total_variation,
     validate_preferences,
+)
+from slhf.models.game_solvers import (
+    nash_equilibrium,
+    project_simplex,
+    softmax_policy_gradient,
+    stackelberg_gda,
 )
 
 UNIFORM3 = np.full(3, 1 / 3)
