@@ -1,4 +1,6 @@
-"""Preference functions ``p(y ≻ y' | x) ∈ [0, 1]`` behind one batched protocol (PAPER.md).
+"""Preference functions ``p(y ≻ y' | x) ∈ [0, 1]`` behind one batched protocol.
+
+docs/algorithm.md ("Preference functions") says which the paper used and where these depart.
 
 SLHF needs no Bradley–Terry model and no transitivity: anything that compares two answers to the
 same prompt will do. Every preference here is called on a batch::
@@ -264,7 +266,7 @@ class LLMJudgePreference:
     with ``T = softmax_temperature`` (0.9 in the paper); a token missing from the top list has
     logprob −∞. With ``logprobs=False`` (endpoints without logprobs) the reply text decides
     (1 or 0). Any error (HTTP, timeout, a reply without A or B) gives ``Unscored``, which is
-    ½ (PAPER.md) and which the trainer counts. Requests run on
+    ½ (the paper's rule, docs/algorithm.md) and which the trainer counts. Requests run on
     ``max_concurrency`` threads with a ``timeout_s`` bound each.
     """
 
@@ -327,7 +329,7 @@ class LLMJudgePreference:
             response = self.client.post(self.url, json=body, timeout=self.timeout_s)
             response.raise_for_status()
             return self._parse(response.json()["choices"][0])
-        except Exception as e:  # any judge failure is a draw (PAPER.md), and is counted
+        except Exception as e:  # any judge failure is a draw (the paper's rule), and is counted
             return Unscored(f"judge {self.url}: {type(e).__name__}: {e}"[:500])
 
     def _parse(self, choice: dict[str, Any]) -> float:

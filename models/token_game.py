@@ -3,10 +3,10 @@
 One prompt ``x``; answers are single tokens (``max_new_tokens: 1``), so the Leader's policy is
 the model's next-token distribution on ``T_L(x)`` and the Follower's row ``y`` is its
 next-token distribution on ``T_F(x, y)``. The preference is the paper's Condorcet mixture
-(PAPER.md, "Condorcet example") over three answer tokens A, B, C with shares ``α``; any other
-token loses to A, B and C (p = 0) and ties with every other token (p = ½). With the model's own
-distributions as references, ``slhf.models.game.closed_form`` gives the equilibrium the trainer
-should reach over the whole vocabulary:
+(docs/algorithm.md, "The Condorcet example") over three answer tokens A, B, C with shares ``α``;
+any other token loses to A, B and C (p = 0) and ties with every other token (p = ½). With the
+model's own distributions as references, ``slhf.models.game.closed_form`` gives the equilibrium
+the trainer should reach over the whole vocabulary:
 
     ω*(y'|y) ∝ ω_ref(y'|y)·exp(−P[y, y']/τF)        π*(y) ∝ π_ref(y)·Z_F(y)^(−τF/τL)
 

@@ -5,8 +5,9 @@ reads the ``slhf.json`` manifest when there is one, downloads HF repos into the 
 (never in tests: they serve local folders), and returns a ``ServedWeights``: the manifest, the
 topology and, for each role, the model folder and the LoRA adapter folder (if any).
 
-Topologies (DESIGN.md): "shared" = one model plays both roles through two templates; "lora" = one
-base with Leader/Follower adapters in one engine; "separate" = two models, two engines.
+Topologies (docs/architecture.md, "Engines and topologies"): "shared" = one model plays both
+roles through two templates; "lora" = one base with Leader/Follower adapters in one engine;
+"separate" = two models, two engines.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Prompt templates for the two SLHF roles (PAPER.md, "Templates").
+"""Prompt templates for the two SLHF roles (docs/algorithm.md, "Templates: one model, two roles").
 
 One chat model plays both roles through two prompts:
 

@@ -21,13 +21,13 @@ ending (A: a final ".", B: "That is all.", C: "The end."). Clean answers are 28-
 the project tokenizer. Which things an answer names is free: a Follower may keep the previous
 answer's things (an edit) or name others.
 
-The preference is the paper's Condorcet mixture (PAPER.md, "Condorcet example"): three groups
-with shares ``SHARES`` = (0.36, 0.33, 0.31) ranking the styles A≻B≻C, B≻C≻A and C≻A≻B. Every
-group first prefers the answer with fewer defects; among equally clean answers it follows its
-ranking (an answer in no style is last for everyone). ``p(y ≻ y' | x)`` = the share of groups
-preferring ``y``, ties ½, so ``p + p' = 1``. Against a clean Leader answer in style A, B or C
-the best clean Follower answer (C, A, B) wins 0.64, 0.67, 0.69; the Leader's best style is A,
-which keeps 0.36.
+The preference is the paper's Condorcet mixture (docs/algorithm.md, "The Condorcet example"):
+three groups with shares ``SHARES`` = (0.36, 0.33, 0.31) ranking the styles A≻B≻C, B≻C≻A and
+C≻A≻B. Every group first prefers the answer with fewer defects; among equally clean answers it
+follows its ranking (an answer in no style is last for everyone). ``p(y ≻ y' | x)`` = the share
+of groups preferring ``y``, ties ½, so ``p + p' = 1``. Against a clean Leader answer in style A,
+B or C the best clean Follower answer (C, A, B) wins 0.64, 0.67, 0.69; the Leader's best style
+is A, which keeps 0.36.
 
 Demonstrations for the warm start: equal style shares, half of them with one or two defects;
 Follower-template rows rewrite the given answer with the same things (defects included),

@@ -1,1 +1,1 @@
-"""The SLHF trainer (PAPER.md, Algorithm 2): config, losses, data, rollouts, checkpoints, loop."""
+"""The SLHF trainer (Algorithm 2, docs/algorithm.md): config, losses, data, rollouts, loop."""

@@ -1,4 +1,4 @@
-"""``StackelbergConfig``: every knob of an SLHF training run (PAPER.md, Algorithm 2).
+"""``StackelbergConfig``: every knob of an SLHF training run (Algorithm 2, docs/algorithm.md).
 
 Defaults are the paper's small-run settings (Qwen2.5-0.5B + LoRA r=64, α=128): η = 1e-5,
 τL = τF = 0.001, κ = 5, batch 32, 1000 steps, temperature 0.9, the constant ½ baseline. Two
