@@ -171,7 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = SFTConfig(**{k: getattr(args, k) for k in asdict(defaults)})
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    # typed as the torch module it is: transformers' ``to`` (a functools.wraps of torch's) has no
+    # usable signature for mypy, torch's has
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     if torch.cuda.is_available():
         model.to("cuda")
     rows = read_rows(args.demos)
