@@ -103,7 +103,7 @@ typecheck: install-dev
 	@ln -s $(CURDIR)/server $(CURDIR)/models $(CURDIR)/slhf/*.py $(TYPECHECK)/slhf/
 	@ln -s $(CURDIR)/clients/slhf_client $(TYPECHECK)/slhf_client
 	cd $(TYPECHECK) && MYPYPATH=. $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml \
-		-p slhf.cli -p slhf.server -p slhf_client
+		-p slhf.cli -p slhf.server -p slhf_client -p slhf.models
 
 # Benchmarks print ratios against peers measured in the same run (bench/results/*).
 # The shipped default model (models/weights/slhf-condorcet-tiny, docs/demo.md): warm starts of two

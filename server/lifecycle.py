@@ -67,7 +67,7 @@ async def _wait_disconnect(request: Request) -> None:
 async def run_guarded(request: Request, ticket: Ticket, work: Awaitable[T]) -> T:
     """``await work``, cancelled when the client disconnects or a drain aborts the request."""
     task: asyncio.Task[T] = asyncio.ensure_future(work)
-    ticket.tasks.add(task)  # type: ignore[arg-type]
+    ticket.tasks.add(task)
     watcher = asyncio.create_task(_wait_disconnect(request))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -83,7 +83,7 @@ async def run_guarded(request: Request, ticket: Ticket, work: Awaitable[T]) -> T
     finally:
         watcher.cancel()
         task.cancel()
-        ticket.tasks.discard(task)  # type: ignore[arg-type]
+        ticket.tasks.discard(task)
 
 
 async def guarded_stream(

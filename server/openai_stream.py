@@ -131,7 +131,9 @@ class ChunkWriter:
         body.update(extra)
         return sse(body)
 
-    def choice(self, index: int, text: str | None, finish: str | None, **extra: Any) -> dict:
+    def choice(
+        self, index: int, text: str | None, finish: str | None, **extra: Any
+    ) -> dict[str, Any]:
         c: dict[str, Any] = {"index": index}
         if self.chat:
             c["delta"] = {} if text is None else {"content": text}

@@ -305,7 +305,7 @@ class Refiner:
             source, answer_ids = "leader", gen.token_ids
         answer = LeaderAnswer(
             text=gen.text,
-            source=source,  # type: ignore[arg-type]
+            source=source,
             finish_reason=gen.finish_reason,
             usage=Usage.of(gen),
             latency_ms=round(ms, 3),
