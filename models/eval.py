@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from slhf.models.preferences import Preference, Prompt
+from slhf.models.preferences import Preference
+from slhf.models.serving.templates import Prompt
 
 Z95 = 1.959964  # two-sided 95% normal quantile
 

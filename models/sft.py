@@ -21,10 +21,13 @@ import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slhf.models.serving.manifest import Manifest, ManifestError
 from slhf.models.serving.templates import TemplateRenderer
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE = -100
 
@@ -56,7 +59,9 @@ class SFTConfig:
             raise ValueError(f"learning_rate must be positive; got {self.learning_rate}")
 
 
-def encode_row(renderer: TemplateRenderer, tokenizer: Any, row: dict[str, Any], max_length: int):
+def encode_row(
+    renderer: TemplateRenderer, tokenizer: Any, row: dict[str, Any], max_length: int
+) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` of one demonstration: prompt masked, answer + EOS supervised.
 
     A row with a ``response`` is rendered in the Follower template ``T_F(prompt, response)``.
@@ -73,7 +78,9 @@ def encode_row(renderer: TemplateRenderer, tokenizer: Any, row: dict[str, Any], 
     return ids, labels
 
 
-def _collate(batch: Sequence[tuple[list[int], list[int]]], pad_id: int):
+def _collate(
+    batch: Sequence[tuple[list[int], list[int]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     import torch
 
     width = max(len(ids) for ids, _ in batch)
@@ -133,7 +140,12 @@ def train_sft(
 
 
 def save_sft(
-    model: Any, tokenizer: Any, source: str | Path, out_dir: str | Path, config: SFTConfig, **info
+    model: Any,
+    tokenizer: Any,
+    source: str | Path,
+    out_dir: str | Path,
+    config: SFTConfig,
+    **info: Any,
 ) -> Path:
     """Write the HF folder and an ``slhf.json`` recording the run."""
     out = Path(out_dir)

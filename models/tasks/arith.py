@@ -45,7 +45,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from slhf.models.preferences import CallablePreference, Preference, PreferenceError, Prompt
+from slhf.models.preferences import CallablePreference, Preference, PreferenceError
+from slhf.models.serving.templates import Prompt
 from slhf.models.tasks.graphs import cycle_share
 
 OPS = ("add", "sub")

@@ -50,7 +50,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from slhf.models.preferences import CallablePreference, PreferenceError, Prompt
+from slhf.models.preferences import CallablePreference, PreferenceError
+from slhf.models.serving.templates import Prompt
 from slhf.models.tasks.arith import TaskError, write_jsonl
 
 STYLES = ("A", "B", "C")

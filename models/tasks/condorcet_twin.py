@@ -37,7 +37,7 @@ from slhf.models.game import (
     total_variation,
 )
 from slhf.models.game_solvers import nash_equilibrium
-from slhf.models.preferences import Prompt
+from slhf.models.serving.templates import Prompt
 from slhf.models.tasks.condorcet import (
     SHARES,
     STYLES,

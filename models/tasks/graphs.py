@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import combinations
 
-from slhf.models.preferences import Preference, Prompt
+from slhf.models.preferences import Preference
+from slhf.models.serving.templates import Prompt
 
 
 def preference_edges(

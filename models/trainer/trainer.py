@@ -61,7 +61,7 @@ import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -78,6 +78,9 @@ from slhf.models.trainer.data import PromptSampler
 from slhf.models.trainer.reporting import METRICS_FILE, MetricsReporter
 from slhf.models.trainer.role_losses import RoleLosses, as_role
 from slhf.models.trainer.rollouts import Rollout, generate
+
+if TYPE_CHECKING:  # imported at run time only for rollout_backend: vllm (in __init__)
+    from slhf.models.trainer.vllm_rollouts import VllmRollouts
 
 __all__ = ["METRICS_FILE", "TIMING_KEYS", "StackelbergTrainer", "config_hash"]
 TIMING_KEYS = ("steps_per_s", "prompts_per_s", "time_s")
@@ -138,7 +141,7 @@ class StackelbergTrainer:
             self.adapters,
             tokenizer.pad_token_id,
         )
-        self.vllm: Any = None  # rollout_backend vllm: models/trainer/vllm_rollouts.py
+        self.vllm: VllmRollouts | None = None  # rollout_backend vllm
         if config.rollout_backend == "vllm":
             from slhf.models.trainer.vllm_rollouts import VllmRollouts
 
