@@ -18,43 +18,50 @@ from slhf.server.settings import ServerSettings
 
 
 @pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[bytes]]]:
+def family() -> Iterator[list[psutil.Process]]:
     # a child that starts a grandchild: both are "engine processes" to the helper
     sleeper = "import time; time.sleep(60)"
     code = (
         f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {sleeper!r}]); {sleeper}"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", code])]
-    parent = psutil.Process(procs[0].pid)
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    parent = psutil.Process(proc.pid)
     for _ in range(200):
         if parent.children():
             break
         time.sleep(0.05)
     family = [parent, *parent.children(recursive=True)]
-    yield procs
+    assert len(family) == 2
+    yield family
     for member in family:
         with contextlib.suppress(psutil.Error):
             member.kill()
-    for p in procs:
-        p.wait(timeout=10)
+    proc.wait(timeout=10)
 
 
-def _nices() -> dict[int, int]:
-    return {c.pid: c.nice() for c in psutil.Process().children(recursive=True)}
+# This process may have other children (engines left by earlier tests in the same run): the
+# assertions are about the fixture's two processes only.
+def _nices(family: list[psutil.Process]) -> set[int]:
+    return {p.nice() for p in family}
 
 
-def test_children_and_grandchildren_get_the_niceness(children: list) -> None:
-    assert len(_nices()) == 2 and set(_nices().values()) == {os.nice(0)}
-    changed = lower_child_priority(7)
-    assert sorted(changed) == sorted(_nices()) and set(_nices().values()) == {max(7, os.nice(0))}
-    assert os.nice(0) == psutil.Process().nice()  # this process itself is unchanged
+def test_children_and_grandchildren_get_the_niceness(family: list[psutil.Process]) -> None:
+    own = os.nice(0)
+    target = min(own + 7, 19)
+    assert _nices(family) == {own} and own < 19
+    changed = lower_child_priority(target)
+    assert {p.pid for p in family} <= set(changed)
+    assert _nices(family) == {target}
+    assert os.nice(0) == own  # this process itself is unchanged
 
 
-def test_zero_changes_nothing_and_priority_is_never_raised(children: list) -> None:
-    assert lower_child_priority(0) == []
+def test_zero_changes_nothing_and_priority_is_never_raised(family: list[psutil.Process]) -> None:
+    before = _nices(family)
+    assert lower_child_priority(0) == [] and _nices(family) == before
     lower_child_priority(9)
-    assert lower_child_priority(4) == []  # already lower than asked: left as it is
-    assert set(_nices().values()) == {max(9, os.nice(0))}
+    changed = lower_child_priority(4)  # already lower than asked: left as it is
+    assert not {p.pid for p in family} & set(changed)
+    assert _nices(family) == {max(9, os.nice(0))}
 
 
 def test_the_setting_is_bounded_like_nice() -> None:
