@@ -179,6 +179,7 @@ class VllmEngine:
     def start(cls, weights: ServedWeights, settings: ServerSettings) -> VllmEngine:
         """Create the engine(s) for ``weights``; blocks until they are loaded."""
         vllm_cpu.set_kv_cache_space(settings.kv_cache_gb)
+        older_children = vllm_cpu.child_pids()
         t0 = time.perf_counter()
         max_len = settings.max_model_len or weights.manifest.max_model_len
         bindings: dict[Role, _RoleBinding] = {}
@@ -220,7 +221,9 @@ class VllmEngine:
                 req = LoRARequest(f"{weights.name}-{role}", i, adapter) if adapter else None
                 bindings[role] = _RoleBinding(llm, tok, req, llm.model_config.max_model_len)
         engine = cls(bindings)
-        if reniced := vllm_cpu.lower_child_priority(settings.engine_niceness):
+        if reniced := vllm_cpu.lower_child_priority(
+            settings.engine_niceness, exclude=older_children
+        ):
             logger.info(
                 "engine processes %s run at niceness %s (SLHF_ENGINE_NICENESS)",
                 reniced,

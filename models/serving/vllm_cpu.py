@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
@@ -42,10 +43,20 @@ def set_kv_cache_space(gib: float) -> None:
         os.environ.setdefault(KV_CACHE_ENV, str(math.ceil(gib)))
 
 
-def lower_child_priority(niceness: int | None) -> list[int]:
-    """Give this process's child processes (vLLM's engine core and workers) at least
-    ``niceness``; ``None`` means 10 on a CPU and nothing on a GPU. Children they start later
-    inherit it. Returns the PIDs changed. A process may always lower its children's priority."""
+def child_pids() -> set[int]:
+    """This process's descendants now (to tell an engine's processes from older children)."""
+    import psutil
+
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
+def lower_child_priority(
+    niceness: int | None, *, exclude: AbstractSet[int] = frozenset()
+) -> list[int]:
+    """Give this process's child processes (vLLM's engine core and workers), except the PIDs in
+    ``exclude``, at least ``niceness``; ``None`` means 10 on a CPU and nothing on a GPU. Children
+    they start later inherit it. Returns the PIDs changed. A process may always lower its
+    children's priority."""
     if niceness is None:
         niceness = 10 if on_cpu() else 0
     if niceness <= 0:
@@ -54,6 +65,8 @@ def lower_child_priority(niceness: int | None) -> list[int]:
 
     changed = []
     for child in psutil.Process().children(recursive=True):
+        if child.pid in exclude:
+            continue
         try:
             if child.nice() < niceness:
                 child.nice(niceness)

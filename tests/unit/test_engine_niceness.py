@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from slhf.models.serving.vllm_cpu import lower_child_priority
+from slhf.models.serving.vllm_cpu import child_pids, lower_child_priority
 from slhf.server.settings import ServerSettings
 
 
@@ -62,6 +62,14 @@ def test_zero_changes_nothing_and_priority_is_never_raised(family: list[psutil.P
     changed = lower_child_priority(4)  # already lower than asked: left as it is
     assert not {p.pid for p in family} & set(changed)
     assert _nices(family) == {max(9, os.nice(0))}
+
+
+def test_children_older_than_the_engine_are_left_alone(family: list[psutil.Process]) -> None:
+    own = os.nice(0)
+    older = child_pids()
+    assert {p.pid for p in family} <= older
+    assert not {p.pid for p in family} & set(lower_child_priority(min(own + 7, 19), exclude=older))
+    assert _nices(family) == {own}
 
 
 def test_the_setting_is_bounded_like_nice() -> None:
