@@ -4,8 +4,8 @@ One seeded command, on CPU, from nothing but this repository::
 
     python -m slhf.models.demo runs/demo --ship models/weights/slhf-condorcet-tiny
 
-1. two tiny models of two families (``slhf.models.tiny``: llama, seed 0; qwen2, seed 1), the
-   project's tokenizer and ChatML template;
+1. two tiny models of two families (``slhf.models.tiny``, size "demo": llama, seed 0; qwen2,
+   seed 1), the project's tokenizer and ChatML template;
 2. the Condorcet task's demonstrations (``slhf.models.tasks.condorcet``: three styles in equal
    shares, half of them with defects; half of the rows in the Follower template, rewriting the
    given answer in a random style with its defects) and train / held-out prompts;
@@ -42,6 +42,9 @@ from slhf.models.sft import SFTConfig
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "demo.yaml"
 TASK = "condorcet"
+#: ``slhf.models.tiny`` size of both families: three layers of four heads copy the prompt's
+#: subject, which the two-layer "tiny" got wrong in a quarter of its answers (docs/demo.md).
+SIZE = "demo"
 SHIPPED_NAME = "slhf-condorcet-tiny"
 
 DEMOS, FOLLOWER_SHARE, TRAIN_PROMPTS, EVAL_PROMPTS = 8000, 0.5, 4000, 128
@@ -98,7 +101,7 @@ def warm_start(family: str, seed: int, steps: int, demos: Path, out: Path) -> Pa
     if (target / "slhf.json").exists():
         print(f"{target} exists: reusing it")
         return target
-    init = build_tiny_model(out / f"init-{family}", family=family, seed=seed)
+    init = build_tiny_model(out / f"init-{family}", family=family, seed=seed, size=SIZE)
     tokenizer = AutoTokenizer.from_pretrained(init)
     model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
     config = SFTConfig(**{**asdict(SFT), "seed": seed, "steps": steps})
@@ -197,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demos": {"n": DEMOS, "follower_share": FOLLOWER_SHARE, "seed": 0},
         "prompts": {"train": TRAIN_PROMPTS, "eval": EVAL_PROMPTS},
         "families": FAMILIES,
+        "size": SIZE,
         "threads": args.threads,
         "timings_s": timings,
         "machine": f"{platform.machine()} {platform.processor() or ''} {platform.platform()}",

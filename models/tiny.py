@@ -83,13 +83,23 @@ _CONFIG = {
     # last prompt token whatever the prompt. 0.2 gives prompt-dependent (random) text.
     "initializer_range": 0.2,
 }
-#: Shapes by size: "tiny" for tests (~0.4M parameters); "small" for the trained demo model
-#: (~3.5M parameters, 7 MB in bfloat16), which has room to learn the arithmetic task.
+#: Shapes by size: "tiny" for tests (~0.4M parameters); "demo" for the shipped Condorcet model
+#: (~0.5M parameters: three layers of four 32-wide heads, two key/value heads in every family,
+#: which copies the prompt's names where "tiny" did not, docs/demo.md); "small" (~3.5M
+#: parameters, 7 MB in bfloat16) for experiments. A size may set ``num_key_value_heads``; else
+#: the family's default (``_KV_HEADS``) applies.
 SIZES: dict[str, dict[str, int]] = {
     "tiny": {
         "hidden_size": 128,
         "num_attention_heads": 2,  # head_dim 64
         "num_hidden_layers": 2,
+        "intermediate_size": 256,
+    },
+    "demo": {
+        "hidden_size": 128,
+        "num_attention_heads": 4,  # head_dim 32, the least vLLM's CPU attention takes
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 3,
         "intermediate_size": 256,
     },
     "small": {
@@ -335,9 +345,8 @@ def _write_model(
     config = AutoConfig.for_model(
         family,
         vocab_size=len(tokenizer),
-        num_key_value_heads=_KV_HEADS[family],
         architectures=[FAMILIES[family]],
-        **SIZES[size],
+        **{"num_key_value_heads": _KV_HEADS[family], **SIZES[size]},
         **_CONFIG,
         **ids,
     )

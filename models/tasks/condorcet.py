@@ -18,8 +18,9 @@ its opening words; None for anything else) and its content defects: a wrong fact
 without the property, a thing beyond the count, another subject), a missing fact (fewer
 different things than asked, no subject), a repeated phrase (a thing named twice) and no proper
 ending (A: a final ".", B: "That is all.", C: "The end."). Clean answers are 28-46 tokens in
-the project tokenizer. Which things an answer names is free: a Follower may keep the previous
-answer's things (an edit) or name others.
+the project tokenizer. Which things an answer names is free for the checker; the demonstrations
+always name the first ``count`` of ``DEMO_OBJECTS``, so their content is set by the prompt
+(with free objects a tiny model spent its capacity on the choice and miscounted).
 
 The preference is the paper's Condorcet mixture (docs/algorithm.md, "The Condorcet example"):
 three groups with shares ``SHARES`` = (0.36, 0.33, 0.31) ranking the styles A≻B≻C, B≻C≻A and
@@ -29,8 +30,9 @@ of groups preferring ``y``, ties ½, so ``p + p' = 1``. Against a clean Leader a
 B or C the best clean Follower answer (C, A, B) wins 0.64, 0.67, 0.69; the Leader's best style
 is A, which keeps 0.36.
 
-Demonstrations for the warm start: equal style shares, half of them with one or two defects;
-Follower-template rows rewrite the given answer with the same things (defects included),
+Demonstrations for the warm start: equal style shares, half of them with one or two defects, the
+things named always the first ``count`` of ``DEMO_OBJECTS`` (before defects); Follower-template
+rows rewrite the given answer with the same things (defects included),
 keeping its style with probability ½ or else taking one of the other two (``KEEP_STYLE``), so
 the warm start reads the answer but learns nothing about which style wins or that defects
 lose. How to run::
@@ -265,7 +267,7 @@ def with_defects(
     unknown = [d for d in defects if d not in DEFECTS]
     if unknown:
         raise TaskError(f"unknown defects {unknown}; use names from {', '.join(DEFECTS)}")
-    things = [(facts.adjective, o) for o in rng.sample(OBJECTS, facts.count)]
+    things = [(facts.adjective, o) for o in DEMO_OBJECTS[: facts.count]]
     if "missing" in defects:
         del things[rng.randrange(len(things))]
     if "wrong" in defects:
@@ -276,6 +278,12 @@ def with_defects(
         i = rng.randrange(len(things))
         things.insert(i + 1, things[i])
     return things, "unended" not in defects
+
+
+#: The objects every demonstration names, in this order: the first ``count`` of them. Fixed, so
+#: that a demonstration's content is set by its prompt (the property, the subject, the count) and
+#: a tiny model can learn to count; the checker accepts any objects with the property.
+DEMO_OBJECTS = ("apple", "book", "map", "river", "song")
 
 
 def sample_defects(rng: random.Random) -> list[str]:

@@ -13,6 +13,7 @@ from slhf.models.game import closed_form, condorcet_preferences
 from slhf.models.tasks import task_module
 from slhf.models.tasks.arith import TaskError
 from slhf.models.tasks.condorcet import (
+    DEMO_OBJECTS,
     SHARES,
     STYLES,
     CondorcetPreference,
@@ -180,6 +181,16 @@ def test_demonstrations_have_equal_styles_half_defects_and_faithful_rewrites() -
         others = [moves[(given, t)] / total for t in STYLES if t != given]
         assert abs(moves[(given, given)] / total - 0.5) < 0.06, moves
         assert abs(others[0] - others[1]) < 0.08, moves
+
+
+def test_demonstrations_name_the_first_count_demo_objects() -> None:
+    # the content is set by the prompt: clean rows name exactly the first `count` DEMO_OBJECTS
+    clean = [r for r in demonstrations(600, seed=3) if not r["defects"]]
+    assert len(clean) > 200
+    for r in clean:
+        facts = parse_prompt(r["prompt"])
+        expected = [(facts.adjective, o) for o in DEMO_OBJECTS[: facts.count]]
+        assert named_things(r["answer"]) == expected, r
 
 
 def test_demonstrations_use_training_prompts_only() -> None:

@@ -65,6 +65,19 @@ def test_config_matches_family_sizes_and_tokenizer(built: dict[str, Path], famil
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_demo_size_has_two_kv_heads_in_every_family_and_runs(tmp_path: Path, family: str) -> None:
+    folder = tiny.build_tiny_model(tmp_path / family, family=family, size="demo")
+    config = _config(folder)
+    assert config["num_hidden_layers"] == 3 and config["num_attention_heads"] == 4
+    assert config["num_key_value_heads"] == 2  # a size overrides the family's default
+    assert config["hidden_size"] // config["num_attention_heads"] == 32  # vLLM CPU's least
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        logits = model(torch.tensor([_renderer(folder).encode_role("leader", PROMPT, None)])).logits
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_transformers_loads_the_model_and_runs_it(built: dict[str, Path], family: str) -> None:
     folder = built[family]
     model = transformers.AutoModelForCausalLM.from_pretrained(folder)
