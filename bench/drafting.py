@@ -3,8 +3,8 @@
 One Follower round per request: ``/v1/refine`` with ``response`` (a clean answer of the Condorcet
 task in one of its three styles, cycling) and ``rounds: 1`` on the shipped demo model, whose
 Follower copies the answer's content and changes its frame (docs/demo.md): the case drafting
-from the prompt is for. Every request samples at the model's temperature without ``top_k``
-(which drafting on a CPU cannot apply, docs/performance.md), so all settings sample alike.
+from the prompt is for. Every request samples as the model's manifest says (temperature 0.9,
+``top_k`` 50), or greedily with ``--temperature 0``.
 Each setting is a fresh ``slhf serve`` measured alone (the script checks
 that no other engine or server runs), warmed up, then ``--requests`` requests at each
 concurrency, the same prompts, answers and seeds for every setting::
@@ -45,7 +45,7 @@ from slhf.models.tasks.condorcet import (
 
 def workload(n: int, seed: int, temperature: float | None = None) -> list[dict[str, Any]]:
     """``n`` refine bodies: held-out prompts, a clean given answer in a cycling style."""
-    follower: dict[str, Any] = {"top_k": -1}
+    follower: dict[str, Any] = {}  # the model's sampling (temperature 0.9, top_k 50)
     if temperature is not None:
         follower["temperature"] = temperature
     bodies = []
@@ -58,7 +58,6 @@ def workload(n: int, seed: int, temperature: float | None = None) -> list[dict[s
                 "prompt": prompt,
                 "response": answer,
                 "rounds": 1,
-                # the same sampling in every setting: drafting on a CPU cannot apply top_k
                 "follower": follower,
                 "stop_when_unchanged": False,
                 "seed": seed + i,

