@@ -30,7 +30,6 @@ UPSTREAM_SUFFIX = "@upstream"
 """``<name>@upstream`` (OpenAI routes): the upstream server's first answer, refined."""
 
 
-
 @dataclass
 class Service:
     settings: ServerSettings

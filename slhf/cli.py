@@ -92,8 +92,9 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     try:
         check_weights(weights)
-        check_block_size(settings.kv_block_size, cpu=vllm_cpu_build())
-        check_drafting(settings.speculative, cpu=vllm_cpu_build())
+        cpu = vllm_cpu_build()
+        check_block_size(settings.kv_block_size, cpu=cpu)
+        check_drafting(settings.speculative, cpu=cpu)
         sock = bind_socket(settings.host, settings.port)
     except StartupError as e:
         print(f"slhf serve: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from importlib.metadata import entry_points
+from types import ModuleType
 
 import pytest
 import torch
@@ -40,7 +41,7 @@ def test_the_plugin_is_registered_with_vllm() -> None:
 
 
 @pytest.fixture
-def sampler_module(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+def sampler_module(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
     from vllm.v1.sample import rejection_sampler
 
     monkeypatch.setattr(vllm_cpu, "on_cpu", lambda: True)
@@ -52,37 +53,37 @@ def sampler_module(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
     yield rejection_sampler
 
 
-def test_the_plugin_changes_nothing_unless_asked(sampler_module: object) -> None:
-    before = sampler_module.expand_batch_to_tokens  # type: ignore[attr-defined]
+def test_the_plugin_changes_nothing_unless_asked(sampler_module: ModuleType) -> None:
+    before = sampler_module.expand_batch_to_tokens
     vllm_cpu.vllm_plugin()
-    assert sampler_module.expand_batch_to_tokens is before  # type: ignore[attr-defined]
+    assert sampler_module.expand_batch_to_tokens is before
 
 
 def test_the_plugin_fixes_the_sampler_when_asked(
-    sampler_module: object, monkeypatch: pytest.MonkeyPatch
+    sampler_module: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(vllm_cpu.ENGINE_FIXES_ENV, "1")
     vllm_cpu.vllm_plugin()
-    assert sampler_module.expand_batch_to_tokens is vllm_cpu.expand_batch_to_tokens  # type: ignore[attr-defined]
+    assert sampler_module.expand_batch_to_tokens is vllm_cpu.expand_batch_to_tokens
 
 
 def test_fix_engines_asks_the_engine_processes(
-    sampler_module: object, monkeypatch: pytest.MonkeyPatch
+    sampler_module: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     vllm_cpu.fix_engines()
     assert os.environ[vllm_cpu.ENGINE_FIXES_ENV] == "1"
-    assert sampler_module.expand_batch_to_tokens is vllm_cpu.expand_batch_to_tokens  # type: ignore[attr-defined]
+    assert sampler_module.expand_batch_to_tokens is vllm_cpu.expand_batch_to_tokens
 
 
-def test_no_fix_on_a_gpu(sampler_module: object, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_fix_on_a_gpu(sampler_module: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(vllm_cpu, "on_cpu", lambda: False)
-    before = sampler_module.expand_batch_to_tokens  # type: ignore[attr-defined]
+    before = sampler_module.expand_batch_to_tokens
     assert vllm_cpu.fix_draft_sampler() is False
-    assert sampler_module.expand_batch_to_tokens is before  # type: ignore[attr-defined]
+    assert sampler_module.expand_batch_to_tokens is before
 
 
 def test_no_sampling_constraints_on_a_step_without_draft_tokens(
-    sampler_module: object, monkeypatch: pytest.MonkeyPatch
+    sampler_module: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """vllm-cpu's top-k raises on the empty per-token top_k of such a step (and the engine
     dies); with the fix the empty logits pass through, and other steps are constrained."""
@@ -95,7 +96,7 @@ def test_no_sampling_constraints_on_a_step_without_draft_tokens(
     monkeypatch.setattr(sampler_module, "apply_sampling_constraints", constraints)
     assert vllm_cpu.fix_draft_sampler() is True
     assert vllm_cpu.fix_draft_sampler() is True  # twice: wrapped once
-    fixed = sampler_module.apply_sampling_constraints  # type: ignore[attr-defined]
+    fixed = sampler_module.apply_sampling_constraints
     empty = torch.empty(0, 11)
     assert fixed(empty, torch.tensor([0]), None) is empty
     assert fixed(torch.ones(2, 11), torch.tensor([2]), None).sum().item() == 44
