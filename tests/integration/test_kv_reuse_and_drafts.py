@@ -126,7 +126,9 @@ def test_drafting_serves_sampled_requests_with_top_k_and_accepts_their_drafts(
     prompt = "Name 4 red things the baker has."
     accepted = drafted = 0
     try:
-        for seed, follower in [(1, {}), (2, {}), (3, {"top_k": 20}), (4, {"top_k": 5})]:
+        # the model's top_k, two requested ones, and the largest the API takes (above the vocab)
+        cases = [(1, {}), (2, {}), (3, {"top_k": 20}), (4, {"top_k": 5}), (6, {"top_k": 2**31 - 1})]
+        for seed, follower in cases:
             r = httpx.post(
                 server.url + "/v1/refine",
                 json={"prompt": prompt, "rounds": 2, "seed": seed, "follower": follower},
