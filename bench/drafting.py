@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 from common import pct, start_slhf
-from procs import others_running
+from procs import others_running, set_autogroup_nice
 
 from slhf.models.serving.loading import SHIPPED_MODEL_DIR
 from slhf.models.tasks.condorcet import (
@@ -69,18 +69,20 @@ def workload(n: int, seed: int, temperature: float | None = None) -> list[dict[s
 async def run_cell(url: str, bodies: list[dict[str, Any]], concurrency: int) -> dict[str, Any]:
     """Send ``bodies`` with at most ``concurrency`` in flight; latency and token figures."""
     latencies: list[float] = []
-    tokens = accepted = rejected = 0
+    tokens = accepted = rejected = copies = 0
     queue = list(bodies)
 
     async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal tokens, accepted, rejected
+        nonlocal tokens, accepted, rejected, copies
         while queue:
             body = queue.pop()
             t0 = time.perf_counter()
             r = await client.post(url + "/v1/refine", json=body)
             latencies.append(time.perf_counter() - t0)
             r.raise_for_status()
-            usage = r.json()["rounds"][0]["usage"]
+            follower = r.json()["rounds"][0]
+            copies += follower["text"].strip() == body["response"].strip()
+            usage = follower["usage"]
             tokens += usage["completion_tokens"]
             details = usage.get("completion_tokens_details") or {}
             accepted += details.get("accepted_prediction_tokens", 0)
@@ -102,6 +104,7 @@ async def run_cell(url: str, bodies: list[dict[str, Any]], concurrency: int) -> 
         "completion_tokens": tokens,
         "draft_tokens": drafted,
         "accepted_share": round(accepted / drafted, 3) if drafted else None,
+        "verbatim_copies": round(copies / len(bodies), 3),
     }
 
 
@@ -116,6 +119,8 @@ def measure(setting: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     }
     rows = []
     with start_slhf(**env) as server:
+        if args.server_autogroup_nice is not None:
+            print("server session:", set_autogroup_nice(server.pid, args.server_autogroup_nice))
         asyncio.run(
             run_cell(server.url, workload(16, args.seed + 1000, args.temperature), 4)
         )  # warm-up
@@ -132,9 +137,9 @@ def measure(setting: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 def table(rows: list[dict[str, Any]]) -> str:
     base = {r["concurrency"]: r for r in rows if r["setting"] == "off"}
     out = [
-        "| setting | c | req/s | p50 ms | p90 ms | tokens/request | drafts accepted | "
+        "| setting | c | req/s | p50 ms | p90 ms | tokens/request | copies | drafts accepted | "
         "p50 vs off | req/s vs off |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         b = base.get(r["concurrency"])
@@ -143,7 +148,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         share = "–" if r["accepted_share"] is None else f"{r['accepted_share']:.0%}"
         out.append(
             f"| {r['setting']} | {r['concurrency']} | {r['req_per_s']} | {r['p50_ms']} | "
-            f"{r['p90_ms']} | {r['completion_tokens'] / r['requests']:.1f} | {share} | "
+            f"{r['p90_ms']} | {r['completion_tokens'] / r['requests']:.1f} | "
+            f"{r['verbatim_copies']:.0%} | {share} | "
             f"{p50} | {rps} |"
         )
     return "\n".join(out)
@@ -159,6 +165,12 @@ def main() -> None:
         "--temperature", type=float, help="Follower temperature (default: the model's)"
     )
     parser.add_argument("--model", help="weights folder (default: the shipped demo model)")
+    parser.add_argument(
+        "--server-autogroup-nice",
+        type=int,
+        help="autogroup niceness of the server's session, so that this load generator is not "
+        "starved of CPU (bench/serving.py's option; docs/performance.md)",
+    )
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
     args = parser.parse_args()
     if "off" not in args.settings:
@@ -172,6 +184,7 @@ def main() -> None:
             "machine": f"{platform.machine()} {platform.platform()}, {os.cpu_count()} CPUs",
             "model": args.model or "models/weights/slhf-condorcet-tiny (shipped default)",
             "temperature": args.temperature,
+            "server_autogroup_nice": args.server_autogroup_nice,
             "rows": rows,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,61 @@
+"""Logic of two benchmark tools (issue 15): the py-spy profile's parser (``bench/
+profile_serving.py``) and the copy-heavy Follower's training rows (``bench/copy_model.py``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+import copy_model  # noqa: E402  (bench/ on sys.path first, as ``python bench/X.py`` has it)
+import profile_serving  # noqa: E402
+
+API = 'process 10:"python -m slhf.cli serve"'
+CORE = 'process 11:"VLLM::EngineCore"'
+WORKER = 'process 12:"VLLM::Worker"'
+RAW = "\n".join(
+    [
+        f"{API};Runner.run (asyncio/runners.py:118) 7",
+        f"{API};{CORE};run_busy_loop (vllm/v1/engine/core.py:1555);"
+        "SpinCondition.wait (shm_broadcast.py:208);sched_yield (vllm/distributed/utils.py:46) 30",
+        f"{API};{CORE};{WORKER};execute_model (vllm/v1/worker/cpu_model_runner.py:1);"
+        "LlamaForCausalLM.forward (llama.py:1);OpOverload.__call__ (torch/_ops.py:875) 50",
+        f"{API};{CORE};{WORKER};acquire_read (shm_broadcast.py:843);"
+        "sched_yield (vllm/distributed/utils.py:46) 20",
+        f"{API};{CORE};{WORKER};Connection._recv (multiprocessing/connection.py:395) 5",
+        "not a sample line",
+    ]
+)
+
+
+def test_samples_go_to_the_innermost_process_of_their_ancestry() -> None:
+    out = profile_serving.parse_raw(RAW)
+    assert {pid: e["samples"] for pid, e in out.items()} == {10: 7, 11: 30, 12: 75}
+    assert out[12]["cmdline"] == "VLLM::Worker"
+
+
+def test_samples_are_split_by_what_the_process_was_doing() -> None:
+    out = profile_serving.parse_raw(RAW)
+    assert out[11]["by_category"] == {"spin": 30}
+    assert out[12]["by_category"] == {"model": 50, "spin": 20, "blocked": 5}
+    assert out[10]["by_category"] == {"other": 7}
+    assert out[12]["top_leaves"][0] == ("OpOverload.__call__ (torch/_ops.py:875)", 50)
+
+
+def test_stacks_without_a_process_belong_to_the_given_pid() -> None:
+    line = "main (client.py:1);EpollSelector.select (selectors.py:1) 4"
+    out = profile_serving.parse_raw(line, 99)
+    assert out[99]["samples"] == 4 and out[99]["by_category"] == {"blocked": 4}
+
+
+def test_copy_rows_teach_the_follower_to_return_the_given_answer() -> None:
+    rows = copy_model.copy_rows(400, seed=0)
+    follower = [r for r in rows if "response" in r]
+    leader = [r for r in rows if "response" not in r]
+    assert len(rows) == 400 and all(r["answer"] == r["response"] for r in follower)
+    assert 0.15 < len(leader) / len(rows) < 0.35  # LEADER_SHARE = 0.25
+    assert all(r["answer"] and r["prompt"] for r in rows)
+    assert copy_model.copy_rows(400, seed=0) == rows  # seeded
