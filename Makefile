@@ -130,6 +130,11 @@ bench-quick: bench-install
 	$(PY) bench/serving.py --quick
 	$(PY) bench/train_throughput.py --steps 3 --warmup 1
 
+# Drafted Follower rounds (docs/performance.md), each setting alone with the load generator not
+# starved: the shipped demo model, and a copy-heavy Follower built from it (about a minute).
+COPY_MODEL ?= runs/bench/condorcet-copy
+DRAFTING := --server-autogroup-nice 10 --settings off ngram --concurrency 1 8 32 --requests 192
+
 # Serving twice, each system alone: as measured (servers and this load generator in separate
 # scheduling groups), then with every server's session at autogroup niceness 10 so the load
 # generator on the same small machine is not starved (docs/performance.md, "Measured alone").
@@ -137,6 +142,16 @@ bench: bench-install
 	$(PY) bench/serving.py --require-alone 900
 	$(PY) bench/serving.py --require-alone 900 --server-autogroup-nice 10 \
 		--out bench/results/serving_autogroup.json
+	$(PY) bench/profile_serving.py --k 2 --c 32 --seconds 30 --out bench/results/profile_k2_c32
+	$(PY) bench/profile_serving.py --k 2 --c 32 --seconds 30 --server-autogroup-nice 10 \
+		--out bench/results/profile_k2_c32_autogroup
+	$(PY) bench/copy_model.py $(COPY_MODEL)
+	$(PY) bench/drafting.py $(DRAFTING) --out bench/results/drafting_demo_sampled_ag10
+	$(PY) bench/drafting.py $(DRAFTING) --temperature 0 --out bench/results/drafting_demo_greedy_ag10
+	$(PY) bench/drafting.py $(DRAFTING) --model $(COPY_MODEL) \
+		--out bench/results/drafting_copy_sampled_ag10
+	$(PY) bench/drafting.py $(DRAFTING) --model $(COPY_MODEL) --temperature 0 \
+		--out bench/results/drafting_copy_greedy_ag10
 	$(PY) bench/train_throughput.py --repeats 2
 	$(PY) bench/serve_overhead.py --requests 20
 	$(PY) bench/openai_stream.py

@@ -5,7 +5,7 @@ n-gram drafts from its prompt are right only part of the time. This builds the c
 for: the shipped model fine-tuned (``slhf.models.sft``) until its Follower returns the given
 answer verbatim. Rows are Condorcet demonstrations on train prompts (``slhf.models.tasks.
 condorcet``, defects included) in the Follower template, each with ``answer`` = ``response``;
-a quarter stay Leader rows so the Leader still answers. Seeded, on CPU, about 3 minutes on the
+a quarter stay Leader rows so the Leader still answers. Seeded, on CPU, about a minute on the
 2-core machine (one torch thread: two wait on each other there)::
 
     python bench/copy_model.py runs/bench/condorcet-copy

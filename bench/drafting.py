@@ -12,6 +12,9 @@ concurrency, the same prompts, answers and seeds for every setting::
     python bench/drafting.py --settings off ngram --concurrency 1 8 32 --requests 96 \
         --out bench/results/drafting
 
+``--model`` serves another folder, e.g. the copy-heavy Follower of ``bench/copy_model.py``
+(``make bench`` runs both, with ``--server-autogroup-nice 10``).
+
 Reports per setting and concurrency: requests per second, the per-request latency (p50, p90),
 completion tokens, and the share of draft tokens accepted (``usage.completion_tokens_details``);
 then each drafted setting's ratio to ``off`` (p50 latency at c = 1, throughput at every c).
