@@ -57,25 +57,17 @@ def check_copies(folder: Path, n: int, seed: int) -> dict[str, Any]:
     """Greedy Follower outputs on ``n`` held-out prompts with clean given answers (the drafting
     benchmark's workload): how many equal the given answer."""
     import torch
+    from drafting import workload
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from slhf.models.serving.templates import TemplateRenderer
-    from slhf.models.tasks.condorcet import (
-        DEMO_OBJECTS,
-        STYLES,
-        parse_prompt,
-        render_answer,
-        sample_prompts,
-    )
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     renderer = TemplateRenderer(tokenizer)
     same = 0
-    for i, prompt in enumerate(sample_prompts(n, "test", seed=seed)):
-        facts = parse_prompt(prompt)
-        things = [(facts.adjective, o) for o in DEMO_OBJECTS[: facts.count]]
-        given = render_answer(STYLES[i % len(STYLES)], facts, things)
+    for body in workload(n, seed):
+        prompt, given = body["prompt"], body["response"]
         ids = torch.tensor([renderer.encode_role("follower", prompt, given)])
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=64, do_sample=False)

@@ -38,7 +38,7 @@ from typing import Any
 
 import httpx
 import procs
-from common import PROMPTS, bench_model_dir, start_slhf
+from common import PROMPTS, start_slhf
 
 #: A sample's category, from its frames (leaf last): the first rule that matches wins.
 CATEGORIES: list[tuple[str, re.Pattern[str]]] = [
@@ -171,9 +171,7 @@ def main() -> None:
             "follower": sampling,
         }
 
-    model = bench_model_dir()
-    with start_slhf(
-        SLHF_MODEL=str(model),
+    with start_slhf(  # the model: common.bench_model_dir(), the random tiny llama
         SLHF_MAX_MODEL_LEN="1024",
         SLHF_MAX_INFLIGHT_GENERATIONS=str(4 * c * (args.k + 1)),
         SLHF_LOG_FORMAT="text",
