@@ -1,8 +1,8 @@
 """What the serving benchmarks share: the prompts, a percentile, and starting ``slhf serve``
-(with the launcher every real-server run uses, ``slhf.server.process``).
+(with the launcher every real-server run uses, ``slhf.launcher``).
 
-Scripts run as ``python bench/NAME.py``, so this folder is on ``sys.path`` and they import it as
-``common``; it puts the repository on ``sys.path`` for their ``server`` / ``models`` imports.
+Scripts run as ``python bench/NAME.py`` and import it as ``bench.common`` (the dev install puts the
+repository root on the path).
 """
 
 from __future__ import annotations
@@ -12,11 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from slhf.launcher import ServerProcess
 
-from slhf.server.process import ServerProcess  # noqa: E402  (after the sys.path line)
+REPO = Path(__file__).resolve().parents[1]
 
 PROMPTS = [
     "Explain gravity",
@@ -33,16 +31,16 @@ def bench_model_dir() -> Path:
     """The benchmarks' model: the random tiny llama (``random_model_dir``). It rarely stops, so
     every request generates its full ``max_tokens`` (the shipped demo model answers in a dozen
     tokens); the server and the in-process chain must both use it."""
-    from slhf.models.tiny import random_model_dir
+    from slhf_models.tiny import random_model_dir
 
     return random_model_dir()
 
 
 def in_process_job(service: Any, body: dict[str, Any]) -> Any:
     """The ``RefineJob`` our server would run for the ``/v1/refine`` ``body`` (its pipeline's
-    plan), for the in-process chain on ``service`` (a ``slhf.server.service.Service``)."""
-    from slhf.server.pipeline import plan_refine
-    from slhf.server.protocol import RefineRequest
+    plan), for the in-process chain on ``service`` (a ``slhf_server.service.Service``)."""
+    from slhf_server.pipeline import plan_refine
+    from slhf_server.protocol import RefineRequest
 
     return plan_refine(service, RefineRequest(**body)).jobs[0]
 

@@ -2,8 +2,8 @@
 
 The shipped demo model's Follower keeps the given answer's content and may change its frame, so
 n-gram drafts from its prompt are right only part of the time. This builds the case drafting is
-for: the shipped model fine-tuned (``slhf.models.sft``) until its Follower returns the given
-answer verbatim. Rows are Condorcet demonstrations on train prompts (``slhf.models.tasks.
+for: the shipped model fine-tuned (``slhf_models.sft``) until its Follower returns the given
+answer verbatim. Rows are Condorcet demonstrations on train prompts (``slhf_models.tasks.
 condorcet``, defects included) in the Follower template, each with ``answer`` = ``response``;
 a quarter stay Leader rows so the Leader still answers. Seeded, on CPU, about a minute on the
 2-core machine (one torch thread: two wait on each other there)::
@@ -21,17 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from slhf_models.sft import SFTConfig
 
-from slhf.models.sft import SFTConfig  # noqa: E402  (after the sys.path line)
+REPO = Path(__file__).resolve().parents[1]
 
 ROWS, LEADER_SHARE, CHECK_PROMPTS = 4000, 0.25, 48
 CONFIG = SFTConfig(steps=150, batch_size=32, learning_rate=1e-3, warmup_steps=10, max_length=192)
@@ -39,7 +36,7 @@ CONFIG = SFTConfig(steps=150, batch_size=32, learning_rate=1e-3, warmup_steps=10
 
 def copy_rows(n: int, seed: int) -> list[dict[str, str]]:
     """``n`` SFT rows: Follower rows whose answer is the given response, and Leader rows."""
-    from slhf.models.tasks.condorcet import demonstrations
+    from slhf_models.tasks.condorcet import demonstrations
 
     rng = random.Random(f"copy-rows:{seed}")
     rows = []
@@ -57,10 +54,10 @@ def check_copies(folder: Path, n: int, seed: int) -> dict[str, Any]:
     """Greedy Follower outputs on ``n`` held-out prompts with clean given answers (the drafting
     benchmark's workload): how many equal the given answer."""
     import torch
-    from drafting import workload
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slhf.models.serving.templates import TemplateRenderer
+    from bench.drafting import workload
+    from slhf_models.serving.templates import TemplateRenderer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -86,8 +83,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slhf.models.serving.loading import SHIPPED_MODEL_DIR
-    from slhf.models.sft import save_sft, train_sft
+    from slhf_models.serving.loading import SHIPPED_MODEL_DIR
+    from slhf_models.sft import save_sft, train_sft
 
     torch.set_num_threads(1)
     if (args.out_dir / "slhf.json").exists():

@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import pct, start_slhf
-from procs import others_running, set_autogroup_nice
 
-from slhf.models.serving.loading import SHIPPED_MODEL_DIR
-from slhf.models.tasks.condorcet import (
+from bench.common import pct, start_slhf
+from bench.procs import others_running, set_autogroup_nice
+from slhf_models.serving.loading import SHIPPED_MODEL_DIR
+from slhf_models.tasks.condorcet import (
     DEMO_OBJECTS,
     STYLES,
     parse_prompt,
@@ -185,7 +185,8 @@ def main() -> None:
         record = {
             "command": "python bench/drafting.py " + " ".join(sys.argv[1:]),
             "machine": f"{platform.machine()} {platform.platform()}, {os.cpu_count()} CPUs",
-            "model": args.model or "models/weights/slhf-condorcet-tiny (shipped default)",
+            "model": args.model
+            or "models/slhf_models/weights/slhf-condorcet-tiny (shipped default)",
             "temperature": args.temperature,
             "server_autogroup_nice": args.server_autogroup_nice,
             "rows": rows,

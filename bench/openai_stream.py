@@ -23,8 +23,9 @@ import time
 from collections.abc import Callable
 
 import httpx
-from common import PROMPTS as ALL_PROMPTS
-from common import REPO, start_slhf
+
+from bench.common import PROMPTS as ALL_PROMPTS
+from bench.common import REPO, start_slhf
 
 PROMPTS = ALL_PROMPTS[:4]
 

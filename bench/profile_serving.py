@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import procs
-from common import PROMPTS, start_slhf
+
+from bench import procs
+from bench.common import PROMPTS, start_slhf
 
 #: A sample's category, from its frames (leaf last): the first rule that matches wins.
 CATEGORIES: list[tuple[str, re.Pattern[str]]] = [

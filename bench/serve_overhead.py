@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import PROMPTS, REPO, bench_model_dir, in_process_job, pct, start_slhf
+from bench.common import PROMPTS, REPO, bench_model_dir, in_process_job, pct, start_slhf
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -48,10 +48,10 @@ async def measure(args: argparse.Namespace, url: str) -> dict:
     """Paired measurement: request i goes to both sides, alternating which goes first."""
     import httpx
 
-    from slhf.server.app import resolve_served_weights
-    from slhf.server.engine import VllmEngine
-    from slhf.server.service import Service
-    from slhf.server.settings import ServerSettings
+    from slhf_server.app import resolve_served_weights
+    from slhf_server.service import Service
+    from slhf_server.settings import ServerSettings
+    from slhf_server.vllm_engine import VllmEngine
 
     settings = ServerSettings(model=str(bench_model_dir()), max_model_len=args.max_model_len)
     weights = resolve_served_weights(settings)

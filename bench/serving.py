@@ -13,7 +13,7 @@ sampling (32 new tokens per generation, early stop off):
    (``python -m vllm.entrypoints.openai.api_server``); the expert client renders the Leader
    template with our ``TemplateRenderer`` and the model's tokenizer, sends the token ids to
    ``/v1/completions``, then k times the Follower template with the previous answer. Per-round
-   seeds are ``slhf.server.refine.derive_seed`` -- the very seeds our server uses -- so both
+   seeds are ``slhf_server.refine.derive_seed`` -- the very seeds our server uses -- so both
    generate the same tokens. Flags: ``--peer-flags`` (default: the best honest setting found,
    see docs/performance.md).
 3. ``peer_chat``: the same vLLM server driven as most users would: ``/v1/chat/completions`` with
@@ -69,10 +69,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import procs
-from common import PROMPTS, REPO, bench_model_dir, in_process_job, pct, start_slhf
 
-from slhf.server.process import LOOPBACK, ServerProcess, free_port
+from bench import procs
+from bench.common import PROMPTS, REPO, bench_model_dir, in_process_job, pct, start_slhf
+from slhf.launcher import LOOPBACK, ServerProcess, free_port
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 BASES = ("ours", "peer", "peer_chat", "peer_text", "in_process")
@@ -197,8 +197,8 @@ def start_peer(args: argparse.Namespace) -> ServerProcess:
 
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
-        from slhf.server.app import resolve_served_weights
-        from slhf.server.settings import ServerSettings
+        from slhf_server.app import resolve_served_weights
+        from slhf_server.settings import ServerSettings
 
         self.args = args
         self.settings = ServerSettings(
@@ -331,12 +331,12 @@ class Bench:
     def run_peer(self, base: str) -> tuple[list[dict[str, Any]], float]:
         from transformers import AutoTokenizer
 
-        from slhf.models.serving.templates import (
+        from slhf_models.serving.templates import (
             TemplateRenderer,
             follower_messages,
             leader_messages,
         )
-        from slhf.server.refine import derive_seed
+        from slhf_server.refine import derive_seed
 
         tok = AutoTokenizer.from_pretrained(str(self.args.model))
         renderer = TemplateRenderer(tok, self.template)
@@ -415,9 +415,9 @@ class Bench:
     async def _in_process(self, nice: int | None) -> tuple[list[dict[str, Any]], float]:
         import prometheus_client
 
-        from slhf.server.app import resolve_served_weights
-        from slhf.server.engine import VllmEngine
-        from slhf.server.service import Service
+        from slhf_server.app import resolve_served_weights
+        from slhf_server.engine import VllmEngine
+        from slhf_server.service import Service
 
         settings = self.settings
         if nice is not None:
@@ -760,7 +760,7 @@ def main() -> None:
             "quick": args.quick,
             "systems": [s.name for s in systems],
             "cells": [{"rounds": k, "concurrency": c, "requests": n} for k, c, n in args.cells],
-            "model": "tiny-llama (slhf.models.tiny.random_model_dir)",
+            "model": "tiny-llama (slhf_models.tiny.random_model_dir)",
             "max_tokens": args.max_tokens,
             "stop_when_unchanged": False,
             "seeded": args.seeded,

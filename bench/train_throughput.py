@@ -1,7 +1,7 @@
 """Training throughput (prompts/s): our StackelbergTrainer vs TRL's RLOOTrainer, in one run.
 
 Both trainers get, on the same machine and in the same process:
-- the same tiny Llama-family model (``slhf.models.tiny.build_tiny_model``, float32) with the same
+- the same tiny Llama-family model (``slhf_models.tiny.build_tiny_model``, float32) with the same
   LoRA (rank, α, all linear layers, no dropout) and the same learning rate;
 - the same prompts (chat messages, rendered with the model's chat template), the same batch in
   *prompts* per step, the same ``max_new_tokens``, temperature and step count;
@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -58,9 +57,9 @@ def run_ours(model_dir: Path, out: Path, args: argparse.Namespace) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slhf.models.preferences import CallablePreference
-    from slhf.models.trainer.config import StackelbergConfig
-    from slhf.models.trainer.trainer import StackelbergTrainer
+    from slhf_models.preferences import CallablePreference
+    from slhf_models.trainer.config import StackelbergConfig
+    from slhf_models.trainer.trainer import StackelbergTrainer
 
     cfg = StackelbergConfig(
         model=str(model_dir),
@@ -174,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     import trl
 
-    from slhf.models.tiny import build_tiny_model
+    from slhf_models.tiny import build_tiny_model
 
     torch.set_num_threads(args.threads)
     runs: dict[str, list[float]] = {"slhf StackelbergTrainer": [], "TRL RLOOTrainer": []}
@@ -206,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             "trl": trl.__version__,
         },
         "settings": {
-            "model": "slhf.models.tiny llama (2 layers, hidden 128), float32",
+            "model": "slhf_models.tiny llama (2 layers, hidden 128), float32",
             "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "targets": "all-linear"},
             "batch_prompts": args.batch,
             "generations_per_prompt": 2,

@@ -1,7 +1,7 @@
 """SLHF: serve and train Stackelberg Learning from Human Feedback Leader/Follower models.
 
-One import namespace for the folders of the repository: ``slhf.server`` (``server/``, the FastAPI
-service on vLLM), ``slhf.models`` (``models/``: ``slhf.models.serving`` is what the server loads,
+One import namespace for the folders of the repository: ``slhf_server`` (``server/``, the FastAPI
+service on vLLM), ``slhf_models`` (``models/``: ``slhf_models.serving`` is what the server loads,
 the rest trains and evaluates) and ``slhf.cli`` (the ``slhf`` command). The client is the separate
 top-level package ``slhf_client``. The layout is described in ``docs/architecture.md``.
 """

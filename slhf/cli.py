@@ -65,12 +65,12 @@ def serve(args: argparse.Namespace) -> int:
     the engine and serve; uvicorn listens on the socket bound here once the model is loaded."""
     import uvicorn
 
-    from slhf.models.serving.manifest import ManifestError
-    from slhf.server import log_pipe
-    from slhf.server.app import create_app, resolve_served_weights
-    from slhf.server.lifecycle import exit_process
-    from slhf.server.logs import configure_logging
-    from slhf.server.preflight import (
+    from slhf_models.serving.manifest import ManifestError
+    from slhf_server import log_pipe
+    from slhf_server.app import create_app, resolve_served_weights
+    from slhf_server.lifecycle import exit_process
+    from slhf_server.logs import configure_logging
+    from slhf_server.preflight import (
         StartupError,
         bind_socket,
         check_block_size,
@@ -78,7 +78,7 @@ def serve(args: argparse.Namespace) -> int:
         check_weights,
         vllm_cpu_build,
     )
-    from slhf.server.settings import ServerSettings
+    from slhf_server.settings import ServerSettings
 
     try:
         settings = ServerSettings(**serve_overrides(args))
@@ -100,7 +100,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"slhf serve: {e}", file=sys.stderr)
         return 2
     if settings.log_format == "json":
-        # From here every line is JSON, whoever writes it (server/log_pipe.py); the one-line
+        # From here every line is JSON, whoever writes it (server/slhf_server/log_pipe.py); the
+        # one-line
         # startup errors above stay plain for the person who typed the command.
         log_pipe.install()
     log_config = configure_logging(settings.log_format, settings.log_level)
@@ -124,7 +125,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _game_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from slhf.models.game_cli import add_game_subcommands
+    from slhf_models.game_cli import add_game_subcommands
 
     p = sub.add_parser(
         "game",
@@ -135,13 +136,13 @@ def _game_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 
 def game(args: argparse.Namespace) -> int:
-    from slhf.models.game_cli import run_game
+    from slhf_models.game_cli import run_game
 
     return run_game(args)
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from slhf.models.trainer.cli import add_train_arguments
+    from slhf_models.trainer.cli import add_train_arguments
 
     p = sub.add_parser(
         "train",
@@ -152,13 +153,13 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
 
 
 def train(args: argparse.Namespace) -> int:
-    from slhf.models.trainer.cli import run_train
+    from slhf_models.trainer.cli import run_train
 
     return run_train(args)
 
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from slhf.models.eval_cli import add_eval_arguments
+    from slhf.eval_cli import add_eval_arguments
 
     p = sub.add_parser(
         "eval",
@@ -169,7 +170,7 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from slhf.models.eval_cli import run_eval
+    from slhf.eval_cli import run_eval
 
     return run_eval(args)
 

@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from slhf.models.serving.templates import Role
-from slhf.server.generation import (
+from slhf_models.serving.templates import Role
+from slhf_server.engine import (
     DraftCounts,
     EngineError,
     FinishReason,
@@ -185,7 +185,7 @@ class StrictCharTokenizer(CharTokenizer):
 
 @dataclass
 class VllmLikeEngine(ScriptedEngine):
-    """A scripted engine that rejects what vLLM 0.32 rejects (``slhf.server.generation``'s limits):
+    """A scripted engine that rejects what vLLM 0.32 rejects (``slhf_server.engine``'s limits):
     a
     temperature above 2 (``ValueError``), an integer its serializer cannot pack
     (``OverflowError``), a stop string UTF-8 cannot encode (``UnicodeEncodeError``)."""

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from slhf.models.preferences import CallablePreference
-from slhf.models.trainer.config import StackelbergConfig
-from slhf.models.trainer.trainer import StackelbergTrainer
+from slhf_models.preferences import CallablePreference
+from slhf_models.trainer.config import StackelbergConfig
+from slhf_models.trainer.trainer import StackelbergTrainer
 
 #: Small and fast: 2 prompts per step, 8 new tokens, a rank-4 LoRA, a large learning rate.
 TINY_RUN: dict[str, Any] = dict(

@@ -18,7 +18,7 @@ pytestmark = [
 
 
 def test_lora_topology_refines_on_gpu(tmp_path: Path) -> None:
-    from slhf.models.tiny import build_tiny_model
+    from slhf_models.tiny import build_tiny_model
     from tests.integration.conftest import ServerProcess
 
     model = build_tiny_model(tmp_path / "tiny-lora", family="llama", adapters=True)

@@ -1,6 +1,7 @@
 """vLLM rollouts with weight sync on a CUDA GPU (the official vllm wheel; ``make test EXTRA=gpu``).
 
-The same two LoRA steps as tests/integration/test_vllm_rollouts.py, with the training model and
+The same two LoRA steps as tests/integration/models/trainer/test_vllm_rollouts.py, with the training
+model and
 the in-process vLLM engine on one GPU. Skipped where there is no CUDA device.
 """
 
@@ -29,10 +30,10 @@ def test_two_vllm_steps_on_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     pytest.importorskip("vllm")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slhf.models.preferences import CallablePreference
-    from slhf.models.tiny import build_tiny_model
-    from slhf.models.trainer.config import StackelbergConfig
-    from slhf.models.trainer.trainer import StackelbergTrainer
+    from slhf_models.preferences import CallablePreference
+    from slhf_models.tiny import build_tiny_model
+    from slhf_models.trainer.config import StackelbergConfig
+    from slhf_models.trainer.trainer import StackelbergTrainer
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     model_dir = build_tiny_model(tmp_path / "tiny", seed=0)

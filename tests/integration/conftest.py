@@ -13,9 +13,9 @@ from typing import Any, Self
 
 import pytest
 
-from slhf.models.tiny import FACTORY_VERSION, build_tiny_model
-from slhf.server import process
-from slhf.server.process import clean_env, free_port
+from slhf import launcher
+from slhf.launcher import clean_env, free_port
+from slhf_models.tiny import FACTORY_VERSION, build_tiny_model
 from tests.integration.fake_upstream import FakeUpstream
 
 pytestmark = pytest.mark.integration
@@ -42,8 +42,8 @@ def server_env(**settings: str) -> dict[str, str]:
     )
 
 
-class ServerProcess(process.ServerProcess):
-    """The launcher (``slhf.server.process``) with ``server_env()`` as the base environment and
+class ServerProcess(launcher.ServerProcess):
+    """The launcher (``slhf.launcher``) with ``server_env()`` as the base environment and
     the repository as working directory: ``ServerProcess.start(log, SLHF_MODEL=...)``."""
 
     @classmethod
@@ -96,7 +96,7 @@ def _serve(
 
 @pytest.fixture(scope="session")
 def random_model(cache_dir: Path) -> Path:
-    """The random tiny llama (``slhf.models.tiny.random_model_dir``) in the session's cache: it
+    """The random tiny llama (``slhf_models.tiny.random_model_dir``) in the session's cache: it
     rarely
     stops, so requests generate their full ``max_tokens`` (the shipped demo model does not)."""
     return build_tiny_model(cache_dir / f"tiny-llama-v{FACTORY_VERSION}", family="llama", seed=0)

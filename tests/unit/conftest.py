@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from slhf.models.tiny import build_tiny_model
+from slhf_models.tiny import build_tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The random tiny llama of ``slhf.models.tiny`` (seed 0, bf16 on disk), built once per
+    """The random tiny llama of ``slhf_models.tiny`` (seed 0, bf16 on disk), built once per
     module."""
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 

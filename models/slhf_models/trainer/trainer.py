@@ -1,0 +1,379 @@
+"""``StackelbergTrainer``: StackelbergGDA for LLMs (docs/algorithm.md, Algorithm 2).
+
+One set of weights plays both roles through the server's templates
+(models/slhf_models/serving/templates.py)::
+
+    y_b  ~ π_θ(· | T_L(x_b))            Leader answer
+    y'_b ~ π_θ(· | T_F(x_b, y_b))       Follower answer, conditioned on x_b and y_b
+    p_b  = p(y_b ≻ y'_b | x_b)          one preference query per prompt
+    L_L  = mean_b Σ_t [τL·G_b,t − (p_b + τF·KL̂_F,b − ½ − c·1[no EOS])] · log π_θ(y_b,t)
+    L_F  = mean_b Σ_t [τF·G'_b,t − ((1 − p_b) − ½ − c·1[no EOS])] · log π_θ(y'_b,t)
+    loss = L_L + κ·L_F      (shared weights; L_L only on every ``leader_update_every``-th step)
+
+``G_t`` is the KL estimate of token t and every later one (the exact gradient of the answer's KL;
+k3 adds its own gradient), ``KL̂_F`` the Follower's KL on its answer, which eq. 5 credits to the
+Leader (``leader_objective: paper`` drops it, as Algorithm 2 does). See
+models/slhf_models/trainer/objective.py
+and docs/algorithm.md. This module samples a step's rollouts and preferences and steps the
+optimiser; scoring, the role losses and the backward passes are
+models/slhf_models/trainer/role_losses.py.
+Per step the log has each role's loss terms, metric first (``loss/leader``, ``kl/follower``, ...,
+with each role's mean per-token entropy ``entropy/leader``, ``entropy/follower``), ``preference``,
+``loss`` and the learning rate (``lr``, after the schedule).
+
+With ``follower_weights: separate_adapter`` the roles have their own LoRA adapters on one base
+(``leader`` and ``follower``); each adapter gets its own role loss and the Follower's learning
+rate is κ·η. "Leader parameters" are then the leader adapter, which changes only on Leader steps;
+with shared weights every parameter serves both roles, so ``leader_update_every`` drops L_L from
+the loss on the other steps but the shared weights still move with κ·L_F.
+
+The reference π_ref scores the same tokens on the same templates: with LoRA it is the base model
+with the adapters disabled (no second copy); in a full fine-tune, the ``ref_model`` passed in.
+
+Departures from the paper's code (docs/algorithm.md): the KL penalty weights each token by the
+KL still to come (k1 by default; the paper's small runs used k3 as a reward, whose expected
+gradient is not the KL's); the Leader's reward includes τF·KL̂_F; an optional warm-up and decay
+of the learning rate; log-probabilities are taken at the sampling temperature; with
+``gradient_accumulation_steps > 1`` the leave-one-out baseline is computed per micro-batch.
+Rollouts: HF ``generate``, or vLLM with weight sync (``rollout_backend``; vllm_rollouts.py).
+
+Multi-GPU (accelerate, no launcher of ours): the trainer runs under ``accelerate.Accelerator``,
+which prepares the model and optimizer (DDP, FSDP or DeepSpeed from the launch config).
+``batch_size`` is per process: every process draws the same global batch of
+``batch_size × num_processes`` prompts and keeps its own slice, samples with seed ``seed + rank``,
+and gradients are averaged across processes once per step (no sync on the earlier micro-batches).
+Metrics are averaged across processes; only the main process writes logs, checkpoints and the
+final weights. One process on CPU is the plain loop (rank 0, seed ``seed``). Generation and the
+LoRA reference run on the unwrapped model; with FSDP/ZeRO-3 prefer LoRA (a full fine-tune's
+``ref_model`` is only moved to the device, not sharded). Example configs: recipes/accelerate/.
+
+Run::
+
+    slhf train run.yaml steps=100 output_dir=runs/x      # see models/slhf_models/trainer/cli.py
+    accelerate launch --config_file recipes/accelerate/fsdp.yaml -m slhf_models.trainer.cli run.yaml
+    # two CPU processes:
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m slhf_models.trainer.cli run.yaml
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, gather_object
+
+from slhf_models.preferences import Preference, unscored
+from slhf_models.serving.templates import Prompt, Role, TemplateConfig, TemplateRenderer
+from slhf_models.trainer import artefact, checkpoint, evaluation, weights
+from slhf_models.trainer.artefact import config_hash, save_artefact
+from slhf_models.trainer.config import StackelbergConfig
+from slhf_models.trainer.console import Console, preference_error_rate
+from slhf_models.trainer.data import PromptSampler
+from slhf_models.trainer.reporting import METRICS_FILE, MetricsReporter
+from slhf_models.trainer.role_losses import RoleLosses, as_role
+from slhf_models.trainer.rollouts import Rollout, generate
+
+if TYPE_CHECKING:  # imported at run time only for rollout_backend: vllm (in __init__)
+    from slhf_models.trainer.vllm_rollouts import VllmRollouts
+
+__all__ = ["METRICS_FILE", "TIMING_KEYS", "StackelbergTrainer", "config_hash"]
+TIMING_KEYS = ("steps_per_s", "prompts_per_s", "time_s")
+
+
+class StackelbergTrainer:
+    """Train one model as Leader and Follower; see the module docstring."""
+
+    def __init__(
+        self,
+        model: Any,
+        ref_model: Any | None,
+        tokenizer: Any,
+        preference: Preference,
+        train_dataset: Sequence[Prompt],
+        config: StackelbergConfig,
+        *,
+        eval_dataset: Sequence[Prompt] | None = None,
+        accelerator: Accelerator | None = None,
+    ) -> None:
+        if ref_model is None and not config.use_lora:
+            raise ValueError("a full fine-tune (use_lora: false) needs a ref_model")
+        if config.eval_every and not eval_dataset:
+            raise ValueError(f"eval_every is {config.eval_every} but no eval_dataset was given")
+        separate = config.follower_weights == "separate_adapter"
+        # separate adapters: the inactive role's adapter takes no part in a forward pass
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=separate)
+        self.accelerator = accelerator or Accelerator(kwargs_handlers=[ddp])
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+        self.config = config
+        self.tokenizer = tokenizer
+        self.preference = preference
+        self.eval_dataset = list(eval_dataset or [])
+        self.renderer = TemplateRenderer(
+            tokenizer, TemplateConfig(config.follower_instruction, config.template_layout)
+        )
+        self.sampler = PromptSampler(train_dataset, config.seed)
+        torch.manual_seed(config.seed)  # LoRA initialisation: the same on every process
+        model = weights.with_lora(model, config) if config.use_lora else model
+        model.train()
+        self.adapters: dict[Role, str | None] = {"leader": None, "follower": None}
+        if separate:
+            self.adapters = {"leader": "leader", "follower": "follower"}
+        self.params = weights.trainable_params(model, config.use_lora)
+        groups = weights.param_groups(self.params, config)
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        self.base_lrs = [group["lr"] for group in groups]  # the schedule multiplies these
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.ref_model = None
+        if ref_model is not None:
+            self.ref_model = ref_model.to(self.accelerator.device).eval().requires_grad_(False)
+        self.losses = RoleLosses(
+            self.model,
+            self.ref_model,
+            self.accelerator,
+            config,
+            self.adapters,
+            tokenizer.pad_token_id,
+        )
+        self.vllm: VllmRollouts | None = None  # rollout_backend vllm
+        if config.rollout_backend == "vllm":
+            from slhf_models.trainer.vllm_rollouts import VllmRollouts
+
+            self.vllm = VllmRollouts(config, tokenizer, num_processes=self.world)
+            self._sync_rollout_weights()
+
+    # -- setup -----------------------------------------------------------------------------------
+    @property
+    def policy(self) -> Any:
+        """The model without its DDP/FSDP wrapper: for generate, adapters and saving."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def _as_role(self, role: Role) -> AbstractContextManager[None]:
+        """The policy plays ``role``: its adapter is active (separate adapters)."""
+        return as_role(self.policy, self.adapters[role])
+
+    # -- one step --------------------------------------------------------------------------------
+    def _step(self, step: int) -> dict[str, Any]:
+        cfg = self.config
+        t0 = time.perf_counter()
+        # 1. a batch of prompts: this process's slice of the global batch
+        b = cfg.batch_size
+        prompts = self.sampler.next_batch(b * self.world)[self.rank * b : (self.rank + 1) * b]
+        # 2. Leader rollouts y ~ π(·|T_L(x))
+        leader = self._rollout("leader", [self.renderer.render_leader(x) for x in prompts])
+        # 3. Follower rollouts y' ~ π(·|T_F(x, y))
+        pairs = zip(prompts, leader.texts, strict=True)
+        follower = self._rollout("follower", [self.renderer.render_follower(*p) for p in pairs])
+        # 4. preferences p = p(y ≻ y' | x); a failed query is ½, counted, and too many stop the run
+        values = self.preference(prompts, leader.texts, follower.texts)
+        error_rate = self._preference_error_rate(step, values)
+        prefs = torch.tensor([float(v) for v in values], device=self.accelerator.device)  # (B,)
+        # 5.-6. log-probabilities of policy and reference, losses, backward per micro-batch
+        update_leader = step % cfg.leader_update_every == 0
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = self._accumulate(leader, follower, prefs, update_leader)
+        # 7. clip, schedule the learning rate and step
+        if cfg.max_grad_norm is not None:
+            norm = self.accelerator.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)
+            stats["grad_norm"] = float(norm)
+        factor = cfg.lr_factor(step)  # a function of the step: a resumed run needs no state
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+        stats["lr"] = self.base_lrs[0] * factor
+        stats["preference_error_rate"] = error_rate  # the same on every process
+        self.optimizer.step()
+        self._sync_rollout_weights()
+        stats = self._mean_over_processes(stats)
+        elapsed = time.perf_counter() - t0
+        return {
+            "step": step,
+            "leader_update": update_leader,
+            **stats,
+            "time_s": elapsed,
+            "steps_per_s": 1.0 / elapsed,
+            "prompts_per_s": b * self.world / elapsed,
+        }
+
+    def _preference_error_rate(self, step: int, values: Sequence[float]) -> float:
+        """The share of the step's preference queries (all processes) that failed; raises above
+        ``max_preference_error_rate`` (models/slhf_models/trainer/console.py)."""
+        counts = torch.tensor([len(unscored(values)), len(values)], device=self.accelerator.device)
+        if self.world > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        failed, total = (int(c) for c in counts.tolist())
+        return preference_error_rate(
+            values,
+            failed_total=failed,
+            queries_total=total,
+            limit=self.config.max_preference_error_rate,
+            step=step,
+        )
+
+    def _sync_rollout_weights(self) -> None:
+        if self.vllm is not None:
+            self.vllm.sync(self.policy, self.adapters)
+
+    def _rollout(self, role: Role, prompt_texts: list[str]) -> Rollout:
+        cfg, special = self.config, not self.renderer.uses_chat
+        if self.vllm is not None:
+            return self.vllm.generate(
+                role, prompt_texts, add_special_tokens=special, device=self.accelerator.device
+            )
+        with self._as_role(role):
+            return generate(
+                self.policy,
+                self.tokenizer,
+                prompt_texts,
+                add_special_tokens=special,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k,
+            )
+
+    def _accumulate(
+        self, leader: Rollout, follower: Rollout, prefs: torch.Tensor, update_leader: bool
+    ) -> dict[str, float]:
+        """The step's backward passes and stats, per micro-batch (``RoleLosses``)."""
+        return self.losses.accumulate(leader, follower, prefs, update_leader)
+
+    def _mean_over_processes(self, stats: dict[str, float]) -> dict[str, float]:
+        if self.world == 1:
+            return stats
+        values = torch.tensor(list(stats.values()), device=self.accelerator.device)
+        mean = self.accelerator.reduce(values, reduction="mean").tolist()
+        return dict(zip(stats, mean, strict=True))
+
+    # -- the loop --------------------------------------------------------------------------------
+    def train(self) -> list[dict[str, Any]]:
+        """Run ``config.steps`` steps (from a checkpoint with ``resume_from``); return metrics."""
+        cfg = self.config
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        main = self.accelerator.is_main_process
+        if main:  # the .tmp-step-* folders of a save killed midway (an earlier run's)
+            checkpoint.remove_stale_temporaries(out)
+        self.accelerator.wait_for_everyone()
+        start = 0
+        if cfg.resume_from:
+            start = self._resume(checkpoint.resolve_checkpoint(cfg.resume_from, out))
+        else:  # one sampling stream per process; process 0 uses the seed itself
+            torch.manual_seed(cfg.seed + self.rank)
+            random.seed(cfg.seed + self.rank)
+            np.random.seed(cfg.seed + self.rank)
+        history = []
+        reporter = MetricsReporter(out, cfg.report_to, start_step=start, active=main)
+        console = Console(total=cfg.steps, start=start, log_every=cfg.log_every, active=main)
+        with reporter, console:
+            for step in range(start + 1, cfg.steps + 1):
+                metrics = self._step(step)  # PreferenceFailureError: too many failed queries
+                history.append(metrics)
+                reporter.log(metrics)
+                console.step(metrics)
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    scores = self.evaluate(step)
+                    reporter.log({"step": step, **scores})
+                    console.message(f"eval step {step}: " + _compact(scores))
+                if cfg.save_every and step % cfg.save_every == 0:
+                    self.save_checkpoint(step)
+        if not cfg.save_every or cfg.steps % cfg.save_every:
+            self.save_checkpoint(cfg.steps)
+        return history
+
+    def evaluate(self, step: int = 0) -> dict[str, float]:
+        """Mean p(Follower ≻ Leader) on the eval prompts (see
+        models/slhf_models/trainer/evaluation.py)."""
+        rows = evaluation.follower_vs_leader(
+            self.eval_dataset[self.rank :: self.world],
+            renderer=self.renderer,
+            rollout=self._rollout,
+            preference=self.preference,
+            batch_size=self.config.batch_size,
+            seed=self.config.seed + 7919 * step + self.rank,
+        )
+        if self.world > 1:
+            rows = gather_object(rows)
+        return evaluation.summary(rows)
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Write ``output_dir/checkpoints/step-N`` (main process; every process waits for it)."""
+        path = Path(self.config.output_dir) / checkpoint.CHECKPOINTS / f"step-{step}"
+        rngs = gather_object([checkpoint.rng_state()]) if self.world > 1 else None
+        if self.accelerator.is_main_process:
+            checkpoint.save_checkpoint(
+                Path(self.config.output_dir),
+                step,
+                params={n: p.detach().clone() for n, p in self.params.items()},
+                optimizer=self.optimizer.state_dict(),
+                state={
+                    "data_position": self.sampler.position,
+                    "config_hash": config_hash(self.config),
+                    "num_processes": self.world,
+                },
+                process_rngs=rngs,
+            )
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _resume(self, path: Path) -> int:
+        step, self.sampler.position = checkpoint.restore_checkpoint(
+            path, self.params, self.optimizer, rank=self.rank, num_processes=self.world
+        )
+        self._sync_rollout_weights()
+        return step
+
+    # -- the trained artefact ----------------------------------------------------------------------
+    def save_model(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        merged: bool = False,
+        push_to_hub: bool | None = None,
+        hub_model_id: str | None = None,
+        revision: str | None = None,
+    ) -> Path:
+        """Write servable weights + tokenizer + ``slhf.json`` + a model card into ``path``
+        (atomically; default ``output_dir/final``), and upload it to the Hub when ``push_to_hub``.
+
+        See models/slhf_models/trainer/artefact.py: adapters on a portable reference to the base, or
+        with
+        ``merged=True`` full weights; full weights in the base model's dtype. The Hub options
+        default to the config's ``push_to_hub``/``hub_model_id``/``hub_revision``. Only the
+        main process writes and uploads.
+        """
+        cfg = self.config
+        out = Path(path or Path(cfg.output_dir) / "final").absolute()
+        push = cfg.push_to_hub if push_to_hub is None else push_to_hub
+        repo_id, revision = hub_model_id or cfg.hub_model_id, revision or cfg.hub_revision
+        if merged and cfg.follower_weights == "separate_adapter":
+            raise ValueError("merged=True needs shared weights; separate adapters cannot merge")
+        if push and not repo_id:
+            raise ValueError("push_to_hub needs hub_model_id (e.g. my-org/my-slhf-model)")
+        if self.accelerator.is_main_process:
+            save_artefact(
+                out,
+                self.policy,
+                self.tokenizer,
+                cfg,
+                adapters=self.adapters,
+                uses_chat=self.renderer.uses_chat,
+                merged=merged,
+            )
+            if push:
+                url = artefact.push_to_hub(out, str(repo_id), revision=revision)
+                print(f"slhf train: pushed {out} to {url}", file=sys.stderr)
+        self.accelerator.wait_for_everyone()
+        return out
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _compact(values: dict[str, float]) -> str:
+    return " | ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in values.items())

@@ -1,0 +1,142 @@
+"""Prometheus metrics of the service (one fresh registry per app) and the ``/metrics`` text.
+
+``/metrics`` serves this registry followed by prometheus_client's default registry, where vLLM's
+own ``vllm:*`` engine metrics live (``slhf_server.vllm_engine`` turns vLLM's Prometheus stat logger
+on).
+Labels stay low-cardinality: route templates, status codes, roles, round numbers capped at
+``ROUND_LABELS``, and fixed reason words.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from slhf_server.protocol import Usage
+from slhf_server.refine import RefineOutcome
+
+ROUND_LABELS = 8
+"""Rounds above this share the label ``"9+"`` (``round`` stays a bounded label)."""
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_ROUND_BUCKETS = (*(float(i) for i in range(ROUND_LABELS + 1)), 16.0, 32.0, 64.0)
+
+
+def round_label(index: int) -> str:
+    return str(index) if index <= ROUND_LABELS else f"{ROUND_LABELS + 1}+"
+
+
+class ServiceMetrics:
+    """Every metric the service records, in its own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry or CollectorRegistry()
+        self.registry = r
+        self.requests = Counter(
+            "slhf_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.request_latency = Histogram(
+            "slhf_request_latency_seconds",
+            "Time to the end of the response, by route",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rounds = Histogram(
+            "slhf_rounds_per_request",
+            "Follower rounds completed per refinement",
+            buckets=_ROUND_BUCKETS,
+            registry=r,
+        )
+        self.generation_latency = Histogram(
+            "slhf_generation_latency_seconds",
+            "Latency of one generation, by role and round (0 = first answer)",
+            ["role", "round"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "slhf_tokens", "Tokens by role and kind", ["role", "kind"], registry=r
+        )
+        self.round_prompt_tokens = Counter(
+            "slhf_round_prompt_tokens",
+            "Prompt tokens by role and round, and how many the prefix cache served (cached=yes)",
+            ["role", "round", "cached"],
+            registry=r,
+        )
+        self.draft_tokens = Counter(
+            "slhf_draft_tokens",
+            "Speculative draft tokens (SLHF_SPECULATIVE) by role, round and outcome",
+            ["role", "round", "outcome"],
+            registry=r,
+        )
+        self.stops = Counter("slhf_stops", "Refinements by stopped_reason", ["reason"], registry=r)
+        self.admitted_weight = Gauge(
+            "slhf_admission_inflight_generations",
+            "Admitted in-flight work, in generations (n x (rounds + 1))",
+            registry=r,
+        )
+        self.admitted_requests = Gauge(
+            "slhf_admission_inflight_requests", "Admitted in-flight requests", registry=r
+        )
+        self.rejections = Counter(
+            "slhf_admission_rejections", "Requests refused by reason", ["reason"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "slhf_upstream_errors", "Failed upstream first answers by code", ["code"], registry=r
+        )
+        self.engine_running = Gauge(
+            "slhf_engine_running_requests",
+            "Requests the engine has not finished (all roles)",
+            registry=r,
+        )
+        self.draining = Gauge("slhf_draining", "1 while the server drains for shutdown", registry=r)
+
+    def watch_engine(self, num_running: Callable[[], int]) -> None:
+        self.engine_running.set_function(lambda: float(num_running()))
+
+    def observe_outcome(self, outcome: RefineOutcome) -> None:
+        """Rounds, stop reason, per-round latency and tokens of one finished refinement."""
+        self.rounds.observe(len(outcome.rounds))
+        self.stops.labels(outcome.stopped_reason).inc()
+        leader = outcome.leader
+        first_role = "leader" if leader.source == "leader" else leader.source
+        if leader.source != "given":
+            self.generation_latency.labels(first_role, "0").observe(leader.latency_ms / 1000)
+        self._tokens(first_role, leader.usage.prompt_tokens, leader.usage.completion_tokens)
+        self._round_usage(first_role, "0", leader.usage)
+        for r in outcome.rounds:
+            label = round_label(r.round)
+            self.generation_latency.labels("follower", label).observe(r.latency_ms / 1000)
+            self._tokens("follower", r.usage.prompt_tokens, r.usage.completion_tokens)
+            self._round_usage("follower", label, r.usage)
+
+    def _round_usage(self, role: str, label: str, usage: Usage) -> None:
+        """Prompt tokens split by prefix-cache hit, and draft outcomes, where reported."""
+        details = usage.prompt_tokens_details
+        if details is not None and usage.prompt_tokens:
+            cached = details.cached_tokens
+            self.round_prompt_tokens.labels(role, label, "yes").inc(cached)
+            self.round_prompt_tokens.labels(role, label, "no").inc(usage.prompt_tokens - cached)
+        drafts = usage.completion_tokens_details
+        if drafts is not None:
+            self.draft_tokens.labels(role, label, "accepted").inc(drafts.accepted_prediction_tokens)
+            self.draft_tokens.labels(role, label, "rejected").inc(drafts.rejected_prediction_tokens)
+
+    def _tokens(self, role: str, prompt: int, completion: int) -> None:
+        if prompt:
+            self.tokens.labels(role, "prompt").inc(prompt)
+        if completion:
+            self.tokens.labels(role, "completion").inc(completion)
+
+    def render(self) -> bytes:
+        """This service's metrics, then the process-wide registry (vLLM's ``vllm:*``)."""
+        return generate_latest(self.registry) + generate_latest(REGISTRY)

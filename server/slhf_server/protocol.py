@@ -1,0 +1,304 @@
+"""Wire models of the SLHF routes (the wire contract: docs/wire.md).
+
+Names are fixed; add fields, never rename.
+
+Requests are validated strictly, as the OpenAI API and vLLM's server do: a JSON type is never
+coerced (``"rounds": true``, ``"max_tokens": "10"``, ``"stream": "yes"`` are 400s; an integer
+is accepted where a number is expected), ``NaN`` and ``Infinity`` are refused, every text must
+be encodable Unicode (no lone surrogates), and numeric bounds are the engine's own
+(``slhf_server.engine``). docs/reliability.md lists what this guarantees.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+from slhf_server.engine import MAX_TEMPERATURE, MAX_TOP_K, SEED_RANGE, FinishReason, Generation
+
+StoppedReason = Literal["max_rounds", "unchanged", "deadline", "context_length"]
+AnswerSource = Literal["leader", "given", "upstream"]
+
+
+def encodable(text: str) -> str:
+    """Refuse text that UTF-8 cannot encode: a lone UTF-16 surrogate (valid JSON, ``"\\ud800"``)
+    that tokenizers and the engine's serializer reject."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"text must be valid Unicode; character {e.start} is a lone UTF-16 surrogate "
+            f"(U+{ord(text[e.start]):04X})"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(encodable)]
+"""A string field of a request: encodable Unicode."""
+Seed = Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])]
+
+
+class _Request(BaseModel):
+    # Unknown fields are an error, so a typo ("round") is reported instead of ignored; strict:
+    # no type coercion; no NaN/Infinity (Python's JSON parser accepts them).
+    # The docstring under each field is its description in /openapi.json.
+    model_config = ConfigDict(
+        extra="forbid", strict=True, allow_inf_nan=False, use_attribute_docstrings=True
+    )
+
+
+class SamplingParams(_Request):
+    """Per-role sampling; unset fields take the manifest's defaults for that role (the fields
+    the manifest has no default for take vLLM's neutral value). Bounds are vLLM's."""
+
+    max_tokens: int | None = Field(None, ge=1)
+    """Most tokens to generate (per round); capped by SLHF_MAX_TOKENS_CAP."""
+    temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE)
+    """Sampling temperature, 0 (greedy) to 2."""
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    """Nucleus sampling: the smallest set of tokens whose probability reaches ``top_p``."""
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K)
+    """Sample among the ``top_k`` most likely tokens; -1 = no limit."""
+    seed: Seed | None = None
+    """Seed of this role's generations (each round derives its own from it)."""
+    stop: str | list[str] | None = None
+    """Up to 16 strings that end a generation (not included in the text)."""
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    """vLLM: drop tokens less likely than ``min_p`` x the most likely token's probability."""
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    """vLLM: > 1 discourages tokens already in the prompt or the text, < 1 encourages them."""
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    """Penalty on tokens that already appeared in the text, -2 to 2."""
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    """Penalty growing with how often a token already appeared in the text, -2 to 2."""
+    min_tokens: int | None = Field(None, ge=0)
+    """vLLM: generate at least this many tokens before a stop string or EOS may end it."""
+    ignore_eos: bool | None = None
+    """vLLM: keep generating past the end-of-sequence token (until ``max_tokens``)."""
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, v: int | None) -> int | None:
+        if v == 0:
+            raise ValueError("top_k must be -1 (disabled) or >= 1; got 0")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else (v or [])
+        for s in stops:
+            encodable(s)
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        if len(stops) > 16:
+            raise ValueError(f"at most 16 stop strings are allowed; got {len(stops)}")
+        return v
+
+
+class LeaderParams(SamplingParams):
+    """The Leader's sampling, and where the first answer comes from."""
+
+    source: Literal["leader", "upstream"] = "leader"
+    """"upstream": ask the upstream server (SLHF_UPSTREAM_*) for the first answer."""
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "user", "assistant"]
+    """Who wrote the message; the last one must be the user's."""
+    content: Text
+    """The message's text."""
+
+
+class RefineRequest(_Request):
+    model: Text | None = None
+    """``<name>`` (refined) or ``<name>:leader`` (no refinement); default: the served model."""
+    prompt: Text | None = None
+    """The question as plain text (give this or ``messages``)."""
+    messages: list[ChatMessage] | None = None
+    """The question as a chat (give this or ``prompt``)."""
+    response: Text | None = None
+    """An answer to refine instead of a Leader answer (``leader.source`` = "given")."""
+    rounds: int | None = None
+    """Follower rounds; default: the model's default rounds. Range 0..SLHF_MAX_ROUNDS."""
+    leader: LeaderParams | None = None
+    """The Leader's sampling (round 0), and where the first answer comes from."""
+    follower: SamplingParams | None = None
+    """The Follower's sampling (rounds 1..)."""
+    stop_when_unchanged: bool = True
+    """Stop early when a round returns the previous answer unchanged."""
+    seed: Seed | None = None
+    """Base seed for every round (a role's own ``seed`` takes precedence for that role)."""
+    deadline_s: float | None = Field(None, gt=0)
+    """Seconds the refinement may take (capped by SLHF_MAX_DEADLINE_S). When it passes, the
+    best completed round is returned with ``stopped_reason`` = "deadline"; a 504 if not even
+    the first answer was complete."""
+
+    @model_validator(mode="after")
+    def _prompt_xor_messages(self) -> RefineRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("exactly one of `prompt` or `messages` must be given")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("`prompt` must not be empty")
+        if self.messages is not None:
+            if not self.messages:
+                raise ValueError("`messages` must contain at least one message")
+            if self.messages[-1].role != "user":
+                raise ValueError(
+                    f"the last message must have role 'user'; got '{self.messages[-1].role}'"
+                )
+            if not any(m.content.strip() for m in self.messages if m.role == "user"):
+                raise ValueError("`messages` must contain a non-empty user message")
+        if self.response is not None and not self.response.strip():
+            raise ValueError("`response` must not be empty when given")
+        if self.response is not None and self.leader and self.leader.source == "upstream":
+            raise ValueError("give either `response` or `leader.source` = 'upstream', not both")
+        return self
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+    """Prompt tokens served from the engine's prefix cache instead of being prefilled."""
+
+
+class CompletionTokensDetails(BaseModel):
+    accepted_prediction_tokens: int = 0
+    """Draft tokens (``SLHF_SPECULATIVE``) the model accepted: generated without a step each."""
+    rejected_prediction_tokens: int = 0
+    """Draft tokens the model rejected (computed, then discarded)."""
+
+
+class UnknownDetailsLeftOut(BaseModel):
+    """Serializes without ``prompt_tokens_details`` / ``completion_tokens_details`` when they
+    are None (not reported), so usage stays as it was where nothing is known."""
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unknown_details(self, handler: SerializerFunctionWrapHandler) -> Any:
+        out = handler(self)
+        for key in ("prompt_tokens_details", "completion_tokens_details"):
+            if isinstance(out, dict) and out.get(key, 0) is None:
+                del out[key]
+        return out
+
+
+class Usage(UnknownDetailsLeftOut):
+    """Token counts (OpenAI's names); the details are left out when the engine does not report
+    them (a given or upstream answer, an engine without the counter, drafting off)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None
+
+    @classmethod
+    def of(cls, g: Generation) -> Usage:
+        """The usage of one generation."""
+        drafts = None
+        if g.drafts is not None:
+            drafts = CompletionTokensDetails(
+                accepted_prediction_tokens=g.drafts.accepted,
+                rejected_prediction_tokens=g.drafts.rejected,
+            )
+        return cls(
+            prompt_tokens=g.prompt_tokens,
+            completion_tokens=g.completion_tokens,
+            total_tokens=g.prompt_tokens + g.completion_tokens,
+            prompt_tokens_details=None
+            if g.cached_tokens is None
+            else PromptTokensDetails(cached_tokens=g.cached_tokens),
+            completion_tokens_details=drafts,
+        )
+
+    def counts(self) -> dict[str, int]:
+        """The counts as one flat mapping; a detail only when reported."""
+        out = {k: getattr(self, k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+        if self.prompt_tokens_details is not None:
+            out.update(self.prompt_tokens_details.model_dump())
+        if self.completion_tokens_details is not None:
+            out.update(self.completion_tokens_details.model_dump())
+        return out
+
+    def __add__(self, other: Usage) -> Usage:
+        def plus(a: BaseModel | None, b: BaseModel | None) -> dict[str, int] | None:
+            if a is None and b is None:
+                return None
+            da, db = (x.model_dump() if x is not None else {} for x in (a, b))
+            return {k: da.get(k, 0) + db.get(k, 0) for k in {*da, *db}}
+
+        return Usage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            total_tokens=self.total_tokens + other.total_tokens,
+            prompt_tokens_details=plus(self.prompt_tokens_details, other.prompt_tokens_details),
+            completion_tokens_details=plus(
+                self.completion_tokens_details, other.completion_tokens_details
+            ),
+        )
+
+
+class LeaderAnswer(BaseModel):
+    text: str
+    source: AnswerSource
+    finish_reason: FinishReason | None
+    usage: Usage
+    latency_ms: float
+
+
+class RoundResult(BaseModel):
+    round: int
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    latency_ms: float
+
+
+class RefineResponse(BaseModel):
+    id: str
+    object: Literal["refinement"] = "refinement"
+    created: int
+    model: str
+    leader: LeaderAnswer
+    rounds: list[RoundResult]
+    final: str
+    stopped_reason: StoppedReason
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "slhf"
+    root: str
+    parent: str | None = None
+    max_model_len: int
+    slhf: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str
+
+
+class ErrorResponse(BaseModel):
+    """The OpenAI error envelope: every non-2xx answer of the server has this body."""
+
+    error: ErrorDetail

@@ -1,0 +1,343 @@
+"""The vLLM engine behind the ``Engine`` protocol -- the only server module importing vllm.
+
+One ``AsyncLLM`` runs in-process per distinct model:
+
+- "shared":   one engine; both roles use the base weights (no weights loaded twice);
+- "lora":     one engine with ``enable_lora``; each role passes its own ``LoRARequest``;
+- "separate": two engines, one per role (on a GPU they split ``gpu_memory_utilization``).
+
+vLLM's Prometheus stat logger (``vllm:*`` metrics in prometheus_client's default registry, served
+at ``/metrics``) is on when ``SLHF_ENGINE_METRICS`` is (the default), without vLLM's periodic
+stats log lines. With two engines only the Leader's reports (vLLM keeps one set per process).
+
+Requests go in as token ids (the templates are rendered by ``slhf_models.serving.templates``), so
+the server knows every prompt's length before it reaches the engine. What vLLM's CPU build needs
+(the KV cache size, no chunked prefill) is ``slhf_models.serving.vllm_cpu``, which the trainer's
+rollout engine uses too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from vllm import CompletionOutput, RequestOutput, SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMClientError
+from vllm.inputs import tokens_input
+from vllm.lora.request import LoRARequest
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+from slhf_models.serving import vllm_cpu
+from slhf_models.serving.loading import ServedWeights
+from slhf_models.serving.templates import ROLES, ChatTokenizer, Role
+from slhf_server.engine import (
+    DraftCounts,
+    EngineError,
+    FinishReason,
+    Generation,
+    GenerationDelta,
+    GenerationParams,
+)
+from slhf_server.errors import REQUEST_REJECTIONS
+from slhf_server.settings import ServerSettings
+
+logger = logging.getLogger("slhf.engine")
+
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+@dataclass
+class _RoleBinding:
+    llm: AsyncLLM
+    tokenizer: ChatTokenizer
+    lora: LoRARequest | None
+    max_model_len: int
+
+
+def _engine_args(
+    model: str,
+    settings: ServerSettings,
+    *,
+    max_model_len: int | None,
+    enable_lora: bool,
+    memory_share: float,
+) -> AsyncEngineArgs:
+    kwargs: dict[str, Any] = dict(
+        model=model,
+        tokenizer=model,
+        revision=settings.revision,
+        trust_remote_code=settings.trust_remote_code,
+        dtype=settings.dtype,
+        max_model_len=max_model_len,
+        seed=settings.seed,
+        enable_prefix_caching=settings.enable_prefix_caching,
+        enforce_eager=settings.enforce_eager,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        pipeline_parallel_size=settings.pipeline_parallel_size,
+        disable_log_stats=True,
+        enable_log_requests=False,
+    )
+    if settings.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = settings.max_num_seqs
+    if settings.kv_block_size is not None:
+        kwargs["block_size"] = settings.kv_block_size
+    spec = speculative_config(settings)
+    if spec is not None:
+        kwargs.update(speculative_config=spec, per_request_spec_decode_metrics="summary")
+    if enable_lora:
+        kwargs.update(enable_lora=True, max_loras=2, max_lora_rank=settings.max_lora_rank)
+    kwargs |= vllm_cpu.platform_engine_args(settings.gpu_memory_utilization * memory_share)
+    return AsyncEngineArgs(**kwargs)
+
+
+def speculative_config(settings: ServerSettings) -> dict[str, Any] | None:
+    """vLLM's ``speculative_config`` for ``SLHF_SPECULATIVE`` (None when off)."""
+    if settings.speculative == "off":
+        return None
+    spec: dict[str, Any] = {
+        "method": settings.speculative,
+        "num_speculative_tokens": settings.speculative_tokens,
+    }
+    if settings.speculative == "ngram":
+        spec.update(
+            prompt_lookup_min=settings.speculative_lookup_min,
+            prompt_lookup_max=settings.speculative_lookup_max,
+        )
+    return spec
+
+
+def answer_ids(out: CompletionOutput) -> tuple[int, ...] | None:
+    """The generated ids that detokenize to ``out.text``: vLLM keeps the final EOS or stop token
+    in ``token_ids`` (the text leaves it out); a stop string cuts the text, not the ids (None)."""
+    ids = tuple(out.token_ids)
+    if out.finish_reason != "stop":
+        return ids
+    if isinstance(out.stop_reason, str):
+        return None
+    return ids[:-1]
+
+
+def draft_counts(out: CompletionOutput) -> DraftCounts | None:
+    """Accepted and proposed draft tokens of a finished output (None without drafting)."""
+    m = out.spec_decode_metrics
+    if m is None:
+        return None
+    accepted = sum(j * count for j, count in enumerate(m.histogram))
+    return DraftCounts(accepted=accepted, drafted=m.num_draft_tokens)
+
+
+def _new_llm(args: AsyncEngineArgs, metrics: bool) -> AsyncLLM:
+    """An ``AsyncLLM``; with ``metrics``, vLLM's Prometheus stat logger (and no stats logging)."""
+    return AsyncLLM.from_engine_args(args, stat_loggers=[PrometheusStatLogger] if metrics else None)
+
+
+def _load_tokenizer(path: str, settings: ServerSettings) -> ChatTokenizer:
+    from transformers import AutoTokenizer
+
+    tok: ChatTokenizer = AutoTokenizer.from_pretrained(
+        path, revision=settings.revision, trust_remote_code=settings.trust_remote_code
+    )
+    return tok
+
+
+def _server_error(role: Role, exc: Exception) -> Exception:
+    """vLLM's failure of one request in the ``Engine`` protocol's terms: a dead engine is an
+    ``EngineError`` (503); a rejection of the request's values is re-raised as the plain
+    exception it is (vLLM's validation errors as ``ValueError``; the ``ValueError`` /
+    ``OverflowError`` its serializer raises, which vLLM wraps in ``EngineGenerateError``), which
+    the refiner turns into a 400 (``slhf_server.errors.request_rejected``); anything else is an
+    ``EngineError``."""
+    if isinstance(exc, EngineDeadError):
+        return EngineError(f"the {role} engine is dead: {exc}")
+    if isinstance(exc, VLLMClientError):
+        return ValueError(str(exc))
+    cause = exc.__cause__ if isinstance(exc, EngineGenerateError) else exc
+    if isinstance(cause, REQUEST_REJECTIONS):
+        return cause
+    return EngineError(f"the {role} engine failed the request: {type(cause).__name__}: {cause}")
+
+
+class VllmEngine:
+    """``Engine`` on one or two in-process vLLM ``AsyncLLM`` engines."""
+
+    def __init__(self, bindings: dict[Role, _RoleBinding]) -> None:
+        self._roles = bindings
+        self._llms = list({id(b.llm): b.llm for b in bindings.values()}.values())
+        self.startup_seconds = 0.0
+        self.shutdown_timeout_s: float | None = None
+        """How long vLLM may wait for its engine processes to stop (None: vLLM's default)."""
+
+    @classmethod
+    def start(cls, weights: ServedWeights, settings: ServerSettings) -> VllmEngine:
+        """Create the engine(s) for ``weights``; blocks until they are loaded."""
+        vllm_cpu.set_kv_cache_space(settings.kv_cache_gb)
+        vllm_cpu.fix_engines()
+        older_children = vllm_cpu.child_pids()
+        t0 = time.perf_counter()
+        max_len = settings.max_model_len or weights.manifest.max_model_len
+        bindings: dict[Role, _RoleBinding] = {}
+        if weights.topology == "separate":
+            for role in ROLES:
+                w = weights.role(role)
+                logger.info("starting the %s engine on %s", role, w.model)
+                llm = _new_llm(
+                    _engine_args(
+                        w.model,
+                        settings,
+                        max_model_len=max_len,
+                        enable_lora=False,
+                        memory_share=0.5,
+                    ),
+                    settings.engine_metrics and role == "leader",
+                )
+                bindings[role] = _RoleBinding(
+                    llm, _load_tokenizer(w.model, settings), None, llm.model_config.max_model_len
+                )
+        else:
+            lora = weights.topology == "lora"
+            logger.info(
+                "starting the engine on %s (topology %s)", weights.leader.model, weights.topology
+            )
+            llm = _new_llm(
+                _engine_args(
+                    weights.leader.model,
+                    settings,
+                    max_model_len=max_len,
+                    enable_lora=lora,
+                    memory_share=1.0,
+                ),
+                settings.engine_metrics,
+            )
+            tok = _load_tokenizer(weights.leader.model, settings)
+            for i, role in enumerate(ROLES, start=1):
+                adapter = weights.role(role).adapter
+                req = LoRARequest(f"{weights.name}-{role}", i, adapter) if adapter else None
+                bindings[role] = _RoleBinding(llm, tok, req, llm.model_config.max_model_len)
+        engine = cls(bindings)
+        if reniced := vllm_cpu.lower_child_priority(
+            settings.engine_niceness, exclude=older_children
+        ):
+            logger.info(
+                "engine processes %s run at niceness %s (SLHF_ENGINE_NICENESS)",
+                reniced,
+                settings.engine_niceness if settings.engine_niceness is not None else 10,
+            )
+        engine.startup_seconds = time.perf_counter() - t0
+        engine.shutdown_timeout_s = settings.shutdown_timeout_s / 2
+        logger.info("engine ready in %.1f s", engine.startup_seconds)
+        return engine
+
+    # -- Engine protocol ----------------------------------------------------------------------
+    def tokenizer(self, role: Role) -> ChatTokenizer:
+        return self._roles[role].tokenizer
+
+    def max_model_len(self, role: Role) -> int:
+        return self._roles[role].max_model_len
+
+    async def generate(
+        self, role: Role, prompt_token_ids: list[int], params: GenerationParams, request_id: str
+    ) -> Generation:
+        final = None
+        async for out in self._outputs(
+            role, prompt_token_ids, params, request_id, RequestOutputKind.FINAL_ONLY
+        ):
+            final = out
+        if final is None or not final.outputs:
+            raise EngineError(f"the {role} engine returned no output for {request_id}")
+        out0 = final.outputs[0]
+        return Generation(
+            text=out0.text,
+            prompt_tokens=len(prompt_token_ids),
+            completion_tokens=len(out0.token_ids),
+            finish_reason=_FINISH.get(str(out0.finish_reason), "stop"),
+            token_ids=answer_ids(out0),
+            cached_tokens=final.num_cached_tokens,
+            drafts=draft_counts(out0),
+        )
+
+    async def stream(
+        self, role: Role, prompt_token_ids: list[int], params: GenerationParams, request_id: str
+    ) -> AsyncIterator[GenerationDelta]:
+        async for out in self._outputs(
+            role, prompt_token_ids, params, request_id, RequestOutputKind.DELTA
+        ):
+            if not out.outputs:
+                continue
+            o = out.outputs[0]
+            if not o.finish_reason:
+                yield GenerationDelta(o.text, len(o.token_ids), None, tuple(o.token_ids))
+                continue
+            yield GenerationDelta(
+                text=o.text,
+                new_tokens=len(o.token_ids),
+                finish_reason=_FINISH.get(str(o.finish_reason), "stop"),
+                token_ids=answer_ids(o),
+                cached_tokens=out.num_cached_tokens,
+                drafts=draft_counts(o),
+            )
+
+    async def _outputs(
+        self,
+        role: Role,
+        prompt_token_ids: list[int],
+        params: GenerationParams,
+        request_id: str,
+        kind: RequestOutputKind,
+    ) -> AsyncIterator[RequestOutput]:
+        """vLLM's outputs for one request; its errors turned into the server's errors."""
+        binding = self._roles[role]
+        try:
+            sampling = SamplingParams(
+                n=1,
+                max_tokens=params.max_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k,
+                seed=params.seed,
+                stop=list(params.stop),
+                min_p=params.min_p,
+                repetition_penalty=params.repetition_penalty,
+                presence_penalty=params.presence_penalty,
+                frequency_penalty=params.frequency_penalty,
+                min_tokens=params.min_tokens,
+                ignore_eos=params.ignore_eos,
+                output_kind=kind,
+            )
+            async for out in binding.llm.generate(
+                tokens_input(prompt_token_ids),
+                sampling,
+                request_id,
+                lora_request=binding.lora,
+            ):
+                yield out
+        except Exception as e:
+            raise _server_error(role, e) from e
+
+    async def abort(self, request_id: str) -> None:
+        for llm in self._llms:
+            await llm.abort(request_id)
+
+    async def check_health(self) -> None:
+        for llm in self._llms:
+            if llm.errored:
+                raise EngineError(f"engine is dead: {llm.dead_error}")
+            try:
+                await llm.check_health()
+            except Exception as e:
+                raise EngineError(f"engine health check failed: {e}") from e
+
+    def num_running(self) -> int:
+        return sum(llm.get_num_unfinished_requests() for llm in self._llms)
+
+    async def shutdown(self) -> None:
+        for llm in self._llms:
+            llm.shutdown(timeout=self.shutdown_timeout_s)
+        await asyncio.sleep(0)

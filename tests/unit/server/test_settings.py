@@ -1,0 +1,33 @@
+"""The settings table (docs/configuration.md) is generated from ServerSettings and never stale."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from slhf_server.settings import ServerSettings
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def load_generator():  # docs/ is not a package: load the script as a module
+    spec = importlib.util.spec_from_file_location("gen_settings", REPO / "docs" / "gen_settings.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_settings_block_is_the_generated_table() -> None:
+    gen = load_generator()
+    assert gen.generated_block((REPO / "docs" / "configuration.md").read_text()) == gen.render(), (
+        "docs/configuration.md settings are stale: run `python docs/gen_settings.py --write`"
+    )
+
+
+def test_every_setting_has_a_row_with_its_default() -> None:
+    table = load_generator().render()
+    for name, field in ServerSettings.model_fields.items():
+        assert f"| `SLHF_{name.upper()}` |" in table
+        if field.default is not None and not isinstance(field.default, bool):
+            assert f"`{field.default}`" in table
