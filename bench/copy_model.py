@@ -1,4 +1,5 @@
-"""A copy-heavy Follower for the drafting benchmark (issue 15 §4): ``bench/drafting.py --model``.
+"""A copy-heavy Follower for the drafting benchmark (docs/performance.md): ``bench/drafting.py
+--model``.
 
 The shipped demo model's Follower keeps the given answer's content and may change its frame, so
 n-gram drafts from its prompt are right only part of the time. This builds the case drafting is

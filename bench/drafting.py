@@ -1,4 +1,4 @@
-"""Follower-round wall time with and without drafting (``SLHF_SPECULATIVE``), issue 15 §4.
+"""Follower-round wall time with and without drafting (``SLHF_SPECULATIVE``), docs/performance.md.
 
 One Follower round per request: ``/v1/refine`` with ``response`` (a clean answer of the Condorcet
 task in one of its three styles, cycling) and ``rounds: 1`` on the shipped demo model, whose

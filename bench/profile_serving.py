@@ -1,5 +1,5 @@
 """Where the CPU goes while our server runs k Follower rounds at concurrency c: a py-spy profile
-of every process (issue 15 §2: "confirm the cause with your own profile").
+of every process (docs/performance.md: where the CPU time goes).
 
 Starts ``slhf serve`` on the benchmarks' random tiny llama alone (as ``bench/serving.py`` starts
 ``ours``: 32 new tokens per generation, early stop off), warms it, then for ``--seconds`` keeps

@@ -459,9 +459,6 @@ def follower_hit_rates(rows: list[dict[str, Any]]) -> None:
         r["follower_prefix_cache_hit_rate"] = fh / fq if fq > 0 else None
 
 
-CPU_COLUMNS = (("client", "client"), ("api", "api"), ("engine_core", "engine core"))
-
-
 def cells_table(res: dict[str, list[dict[str, Any]]]) -> str:
     """One line per (system, cell): speed, latency, CPU seconds per process role."""
     lines = [
@@ -500,7 +497,8 @@ def cells_table(res: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def goal(other: str, k: int, c: int, metric: str) -> tuple[str, float] | None:
-    """Issue 15's goal for ours / ``other`` (a base name) in cell (k, c), if it sets one."""
+    """The serving goal (docs/performance.md) for ours / ``other`` (a base name) in cell (k, c), if
+    it sets one."""
     if metric == "requests_per_s":
         if other == "in_process" and (k, c) == (2, 32):
             return ">=", 0.8
@@ -526,7 +524,7 @@ def median_rows(rows: list[dict[str, Any]]) -> dict[tuple[int, int], dict[str, f
 
 def ratios(res: dict[str, list[dict[str, Any]]]) -> tuple[str, list[dict[str, Any]]]:
     """Each ``ours*`` system against every other system on the cells both ran: requests/s and,
-    at c = 1, p50 latency (medians over ``--repeat``); with issue 15's goal where it sets one."""
+    at c = 1, p50 latency (medians over ``--repeat``); with the goal where one is set."""
     idx = {s: median_rows(rows) for s, rows in res.items()}
     out = []
     for mine in (s for s in res if parse_system(s).base == "ours"):
@@ -552,7 +550,7 @@ def ratios(res: dict[str, list[dict[str, Any]]]) -> tuple[str, list[dict[str, An
                             "met": met,
                         }
                     )
-    lines = ["| k | c | ours | versus | metric | ratio | goal (issue 15) | met |", "|" + "---|" * 8]
+    lines = ["| k | c | ours | versus | metric | ratio | goal | met |", "|" + "---|" * 8]
     for r in out:
         met = "–" if r["met"] is None else ("yes" if r["met"] else "**no**")
         lines.append(

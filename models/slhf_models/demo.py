@@ -1,4 +1,4 @@
-"""Build the shipped demo model end to end (issues 5 and 14): ``make demo-model``.
+"""Build the shipped demo model end to end (docs/demo.md): ``make demo-model``.
 
 One seeded command, on CPU, from nothing but this repository::
 

@@ -1,4 +1,5 @@
-"""Win-rate evaluation of a Leader/Follower pair (issue 5): the reports, their statistics, output.
+"""Win-rate evaluation of a Leader/Follower pair (docs/trainer.md): the reports, their statistics,
+output.
 
 Every report compares two answers per prompt with a preference ``p(a ≻ b | x)`` and gives the
 win rate ``mean_i p_i`` (a tie, ``p = ½``, counts as half a win) with a 95% Wilson interval on

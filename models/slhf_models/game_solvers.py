@@ -45,21 +45,6 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
-def project_simplex(v: np.ndarray) -> np.ndarray:
-    """Euclidean projection of each row (last axis) onto the probability simplex.
-
-    Sort-based (Held et al. 1974): with u sorted descending, ρ = max{j : u_j − (Σ_{i≤j} u_i − 1)/j
-    > 0}, θ = (Σ_{i≤ρ} u_i − 1)/ρ, and the projection is max(v − θ, 0).
-    """
-    v = np.asarray(v, dtype=np.float64)
-    u = -np.sort(-v, axis=-1)
-    css = np.cumsum(u, axis=-1) - 1.0
-    j = np.arange(1, v.shape[-1] + 1)
-    rho = np.sum(u - css / j > 0, axis=-1, keepdims=True)  # ≥ 1 always
-    theta = np.take_along_axis(css, rho - 1, axis=-1) / rho
-    return np.maximum(v - theta, 0.0)
-
-
 # -- Algorithm 1 and the softmax variant ------------------------------------------------------
 def _gradients(
     p: np.ndarray,

@@ -85,9 +85,8 @@ _CONFIG = {
 }
 #: Shapes by size: "tiny" for tests (~0.4M parameters); "demo" for the shipped Condorcet model
 #: (~0.6M parameters: three layers of four 32-wide heads, two key/value heads in every family,
-#: which copies the prompt's names where "tiny" did not, docs/demo.md); "small" (~3.5M
-#: parameters, 7 MB in bfloat16) for experiments. A size may set ``num_key_value_heads``; else
-#: the family's default (``_KV_HEADS``) applies.
+#: which copies the prompt's names where "tiny" did not, docs/demo.md). A size may set
+#: ``num_key_value_heads``; else the family's default (``_KV_HEADS``) applies.
 SIZES: dict[str, dict[str, int]] = {
     "tiny": {
         "hidden_size": 128,
@@ -101,12 +100,6 @@ SIZES: dict[str, dict[str, int]] = {
         "num_key_value_heads": 2,
         "num_hidden_layers": 3,
         "intermediate_size": 256,
-    },
-    "small": {
-        "hidden_size": 256,
-        "num_attention_heads": 4,  # head_dim 64
-        "num_hidden_layers": 4,
-        "intermediate_size": 768,
     },
 }
 _KV_HEADS = {"llama": 1, "qwen2": 2}

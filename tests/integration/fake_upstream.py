@@ -1,4 +1,4 @@
-"""A hostile OpenAI-compatible upstream on loopback (issue 16, rows 5-7).
+"""A hostile OpenAI-compatible upstream on loopback (docs/reliability.md).
 
 ``POST .../chat/completions`` answers according to a keyword in the last message's content, so one
 server serves every case to the server under test (which asks it for first answers):

@@ -1,4 +1,4 @@
-"""Logic of two benchmark tools (issue 15): the py-spy profile's parser (``bench/
+"""Logic of two benchmark tools (docs/performance.md): the py-spy profile's parser (``bench/
 profile_serving.py``) and the copy-heavy Follower's training rows (``bench/copy_model.py``)."""
 
 from __future__ import annotations

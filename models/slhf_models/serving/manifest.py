@@ -122,9 +122,6 @@ class Manifest(_Strict):
             return self.follower
         raise KeyError(role)
 
-    def role_model(self, role: str) -> str:
-        return self.role(role).model or self.base_model
-
     # -- io ---------------------------------------------------------------------------------
     @classmethod
     def for_plain_model(cls, name: str, base_model: str = ".") -> Manifest:

@@ -1,4 +1,4 @@
-"""A synthetic arithmetic task with a programmatic, intransitive preference (issue 5).
+"""A synthetic arithmetic task with a programmatic, intransitive preference (docs/trainer.md).
 
 Prompts are short sums and differences a tiny model trained from scratch can learn in minutes::
 

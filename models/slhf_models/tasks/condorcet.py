@@ -1,4 +1,5 @@
-"""The paper's Condorcet example as a text task (issue 14): three styles, three annotator groups.
+"""The paper's Condorcet example as a text task (docs/demo.md): three styles, three annotator
+groups.
 
 A prompt asks for a number of things with one property that a subject has; an answer names
 them in one of three styles::
@@ -57,7 +58,6 @@ from slhf_models.serving.templates import Prompt
 from slhf_models.tasks.arith import TaskError, write_jsonl
 
 STYLES = ("A", "B", "C")
-STYLE_NAMES = {"A": "statement", "B": "list", "C": "story"}
 SHARES = (0.36, 0.33, 0.31)
 #: Group g ranks the styles in this order (best first): the paper's cyclic rankings.
 RANKINGS = (("A", "B", "C"), ("B", "C", "A"), ("C", "A", "B"))
@@ -293,9 +293,9 @@ def sample_defects(rng: random.Random) -> list[str]:
 
 
 #: Follower-template rows keep the given answer's style with this probability, else take one of
-#: the other two at random. Departure from issue 14's "a style drawn uniformly": with independent
+#: the other two at random. Departure from "a style drawn uniformly": with independent
 #: styles the warm-started Follower never looked at the given answer (its style response matrix
-#: had identical rows, issue 13's "no conditioning"), and StackelbergGDA collapsed it onto one
+#: had identical rows, "no conditioning"), and StackelbergGDA collapsed it onto one
 #: style for every answer. Keeping with ½ makes it read the answer, yet tells it nothing about
 #: which style wins: for each given style the other two are equally likely (the cyclic ranking
 #: is invisible), and with uniform given styles the target styles stay uniform.

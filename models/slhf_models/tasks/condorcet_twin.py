@@ -1,4 +1,4 @@
-"""The tabular twin of the Condorcet task (issue 14): what theory predicts for a trained model.
+"""The tabular twin of the Condorcet task (docs/demo.md): what theory predicts for a trained model.
 
 The text task (models/slhf_models/tasks/condorcet.py) reduces, among clean answers, to the paper's
 3-action

@@ -181,8 +181,8 @@ def reinforce_loss(
 
 
 @dataclass(frozen=True)
-class LossSettings:
-    """The loss hyper-parameters of both roles (a run's ``StackelbergConfig`` holds them)."""
+class ObjectiveParams:
+    """The objective's hyper-parameters of both roles (a run's ``StackelbergConfig`` holds them)."""
 
     tau_leader: float
     tau_follower: float
@@ -196,7 +196,7 @@ def role_loss(
     role: Role,
     rollout: RoleRollout,
     preferences: torch.Tensor,
-    settings: LossSettings,
+    params: ObjectiveParams,
     follower_kl: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Stats]:
     """``L_role`` of one role: its scores (``s_L`` or ``s_F``), their advantages under the
@@ -205,7 +205,7 @@ def role_loss(
     ``follower_kl`` (``sequence_kl`` of the Follower's answers) is read for the Leader only, and
     needed only with ``leader_objective="full"``.
     """
-    s = settings
+    s = params
     if role == "follower":
         scores = role_scores(preferences, rollout.missing_eos, "follower", s.missing_eos_penalty)
         return reinforce_loss(rollout, advantages(scores, s.baseline), s.tau_follower, s.estimator)
@@ -222,39 +222,3 @@ def role_loss(
         missing_eos_penalty=s.missing_eos_penalty,
     )
     return reinforce_loss(rollout, advantages(scores, s.baseline), s.tau_leader, s.estimator)
-
-
-def stackelberg_loss(
-    leader: RoleRollout,
-    follower: RoleRollout,
-    preferences: torch.Tensor,
-    *,
-    tau_leader: float,
-    tau_follower: float,
-    kappa: float,
-    estimator: KLEstimator = "k1",
-    baseline: Baseline = "constant",
-    leader_objective: LeaderObjective = "full",
-    missing_eos_penalty: float = 0.0,
-    update_leader: bool = True,
-) -> tuple[torch.Tensor, Stats]:
-    """``L_L + κ·L_F`` for shared weights (``κ·L_F`` alone when ``update_leader`` is False).
-
-    ``preferences`` is ``(B,)`` with ``p_b = p(y_b ≻ y'_b)`` in [0, 1]. The stats carry both
-    roles' terms (``leader/…``, ``follower/…``) and ``preference`` (the Leader's mean win rate).
-    The trainer calls ``role_loss`` per role (models/slhf_models/trainer/role_losses.py), for shared
-    weights
-    and separate ones alike.
-    """
-    settings = LossSettings(
-        tau_leader, tau_follower, estimator, baseline, leader_objective, missing_eos_penalty
-    )
-    follower_kl = sequence_kl(follower, estimator)
-    loss_l, stats_l = role_loss("leader", leader, preferences, settings, follower_kl)
-    loss_f, stats_f = role_loss("follower", follower, preferences, settings)
-    total = kappa * loss_f + (loss_l if update_leader else 0.0)
-    stats = {f"leader/{k}": v for k, v in stats_l.items()}
-    stats |= {f"follower/{k}": v for k, v in stats_f.items()}
-    stats["preference"] = preferences.detach().float().mean()
-    stats["loss"] = total.detach()
-    return total, stats

@@ -38,7 +38,7 @@ from accelerate import Accelerator
 from slhf_models.serving.templates import ROLES, Role
 from slhf_models.trainer import objective
 from slhf_models.trainer.config import StackelbergConfig
-from slhf_models.trainer.objective import LossSettings, RoleRollout, Stats, sequence_kl
+from slhf_models.trainer.objective import ObjectiveParams, RoleRollout, Stats, sequence_kl
 from slhf_models.trainer.rollouts import (
     Rollout,
     answer_logprobs,
@@ -47,9 +47,9 @@ from slhf_models.trainer.rollouts import (
 )
 
 
-def loss_settings(config: StackelbergConfig) -> LossSettings:
+def objective_params(config: StackelbergConfig) -> ObjectiveParams:
     """The loss hyper-parameters of a run."""
-    return LossSettings(
+    return ObjectiveParams(
         tau_leader=config.tau_leader,
         tau_follower=config.tau_follower,
         estimator=config.kl_estimator,
@@ -138,7 +138,7 @@ class RoleLosses:
     ) -> tuple[torch.Tensor, Stats]:
         """``role``'s loss (``objective.role_loss``) and its stats, keyed ``metric/role``."""
         loss, stats = objective.role_loss(
-            role, scored, prefs, loss_settings(self.config), follower_kl
+            role, scored, prefs, objective_params(self.config), follower_kl
         )
         return loss, {f"{metric}/{role}": value for metric, value in stats.items()}
 

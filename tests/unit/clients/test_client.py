@@ -83,7 +83,7 @@ def test_chat_stream_rounds_yields_every_round_then_trace_and_usage(client: Clie
     assert [c.finish_reason for c in chunks if c.finish_reason] == ["stop"]
     assert chunks[-1].index == -1 and chunks[-1].usage is not None
     assert chunks[-1].usage.total_tokens > 0
-    # the README's `print(chunk.round, chunk.text)` loop: no "None", no empty chunk (issue 17)
+    # the README's `print(chunk.round, chunk.text)` loop: no "None", no empty chunk
     assert all(isinstance(ch.round, int) for ch in chunks)
     assert all(ch.text or ch.finish_reason or ch.usage for ch in chunks)
     assert chunks[-1].round == 2

@@ -1,5 +1,5 @@
-"""The demo model's recipe, data and the shipped folder (models/slhf_models/demo.py, issues 5 and
-14)."""
+"""The demo model's recipe, data and the shipped folder (models/slhf_models/demo.py,
+docs/demo.md)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,6 @@ from slhf_models.game import (
 )
 from slhf_models.game_solvers import (
     nash_equilibrium,
-    project_simplex,
     softmax_policy_gradient,
     stackelberg_gda,
 )
@@ -64,14 +63,6 @@ def test_sum_tolerance_is_one_in_a_million() -> None:
     validate_preferences([[0.5, 0.7 + 5e-7], [0.3, 0.5]])
     with pytest.raises(GameError):
         validate_preferences([[0.5, 0.7 + 2e-6], [0.3, 0.5]])
-
-
-def test_projection_onto_the_simplex() -> None:
-    # (0.5, 0.5, 0.5): shift by θ = 1/6 -> uniform. (2, 0, 0) -> (1, 0, 0).
-    # (-1, 0.3, 0.1): θ = (0.3 + 0.1 − 1)/2 = −0.3 -> (0, 0.6, 0.4).
-    v = np.array([[0.5, 0.5, 0.5], [2.0, 0.0, 0.0], [-1.0, 0.3, 0.1]])
-    expected = [[1 / 3, 1 / 3, 1 / 3], [1, 0, 0], [0, 0.6, 0.4]]
-    np.testing.assert_allclose(project_simplex(v), expected, atol=1e-12)
 
 
 # -- closed form ------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """A trainer killed while saving leaves a ``.tmp-step-*`` folder; the next run removes it when it
-resumes or first saves (issue 16, row 12). The kill is real: a child process dies with
+resumes or first saves (docs/reliability.md). The kill is real: a child process dies with
 ``os._exit`` in the middle of a save, so no ``except``/``finally`` of the save runs (as with
 ``kill -9``)."""
 

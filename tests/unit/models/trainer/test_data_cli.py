@@ -120,7 +120,7 @@ def test_slhf_train_cli_trains_and_writes_a_manifest(
 def test_slhf_train_with_an_unreachable_judge_fails_loudly(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # issue 17: this run exited 0 with preference 0.5 on every step
+    # once, this run exited 0 with preference 0.5 on every step
     model = build_tiny_model(tmp_path / "tiny", seed=0)
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is the map?"}, {"prompt": CHAT}])
     config = tmp_path / "run.yaml"

@@ -4,11 +4,13 @@ by hand."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
 
 from slhf_models.trainer.objective import (
+    ObjectiveParams,
     RoleRollout,
     advantages,
     kl_per_token,
@@ -16,9 +18,9 @@ from slhf_models.trainer.objective import (
     leader_scores,
     missing_eos,
     reinforce_loss,
+    role_loss,
     role_scores,
     sequence_kl,
-    stackelberg_loss,
 )
 
 LOG2 = math.log(2.0)
@@ -33,6 +35,29 @@ def rollout(logprobs: torch.Tensor, ref: torch.Tensor, mask=None, missing=None) 
     mask = torch.ones_like(lp) if mask is None else mask
     missing = torch.zeros(lp.shape[0], dtype=torch.bool) if missing is None else missing
     return RoleRollout(lp, ref, mask, missing)
+
+
+def combined(
+    leader: RoleRollout,
+    follower: RoleRollout,
+    p: torch.Tensor,
+    *,
+    kappa: float,
+    update_leader: bool = True,
+    **settings: Any,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``L_L + κ·L_F`` of shared weights as the trainer composes it (role_losses.py): each role's
+    ``role_loss``, the Leader's with the Follower's sequence KL."""
+    params = ObjectiveParams(**settings)
+    loss_l, stats_l = role_loss(
+        "leader", leader, p, params, sequence_kl(follower, params.estimator)
+    )
+    loss_f, stats_f = role_loss("follower", follower, p, params)
+    total = kappa * loss_f + (loss_l if update_leader else 0.0)
+    stats = {f"leader/{k}": v for k, v in stats_l.items()}
+    stats |= {f"follower/{k}": v for k, v in stats_f.items()}
+    stats["preference"] = p.float().mean()
+    return total, stats
 
 
 @pytest.mark.parametrize(
@@ -112,7 +137,7 @@ def test_stackelberg_loss_is_leader_plus_kappa_follower() -> None:
     leader, follower = rollout(lead_lp, lead_lp.clone()), rollout(foll_lp, foll_lp.clone())
     p = torch.tensor([0.8, 0.3], dtype=torch.float64)
     kw = {"tau_leader": 1e-3, "tau_follower": 1e-3, "kappa": 5.0}
-    total, stats = stackelberg_loss(leader, follower, p, **kw)  # type: ignore[arg-type]
+    total, stats = combined(leader, follower, p, **kw)  # type: ignore[arg-type]
     assert stats["leader/loss"].item() == pytest.approx(0.0346573590, abs=1e-9)
     assert stats["follower/loss"].item() == pytest.approx(-0.0693147181, abs=1e-9)
     assert total.item() == pytest.approx(0.0346573590 - 5 * 0.0693147181, abs=1e-9)
@@ -130,7 +155,7 @@ def test_leader_skipped_and_missing_eos_penalised() -> None:
     leader = rollout(lead_lp, lead_lp.clone())
     follower = rollout(foll_lp, foll_lp.clone(), missing=torch.tensor([False, True]))
     p = torch.tensor([0.8, 0.3], dtype=torch.float64)
-    total, stats = stackelberg_loss(
+    total, stats = combined(
         leader, follower, p, tau_leader=0.1, tau_follower=0.1, kappa=2.0,
         missing_eos_penalty=1.0, update_leader=False,
     )  # fmt: skip
@@ -146,7 +171,7 @@ def test_leave_one_out_baseline_in_the_combined_loss() -> None:
     lp = log(0.5, 0.5, 0.5)[:, None]
     leader, follower = rollout(lp, lp.clone()), rollout(lp, lp.clone())
     p = torch.tensor([0.8, 0.3, 0.4], dtype=torch.float64)
-    total, stats = stackelberg_loss(
+    total, stats = combined(
         leader, follower, p, tau_leader=0.1, tau_follower=0.1, kappa=1.0, baseline="leave_one_out"
     )
     assert stats["leader/loss"].item() == pytest.approx(0.0, abs=1e-12)
@@ -195,7 +220,7 @@ def test_full_leader_objective_adds_tau_f_times_the_followers_kl() -> None:
     torch.testing.assert_close(full, torch.tensor([0.6 + 0.5 * LOG2, 0.6], dtype=torch.float64))
     paper = leader_scores(p, lead.missing_eos, kl, tau_follower=0.5, objective="paper")
     torch.testing.assert_close(paper, p)
-    _, stats = stackelberg_loss(
+    _, stats = combined(
         lead, foll, p, tau_leader=0.1, tau_follower=0.5, kappa=1.0, leader_objective="full"
     )
     assert stats["leader/advantage"].item() == pytest.approx(0.1 + 0.25 * LOG2)
