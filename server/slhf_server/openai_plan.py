@@ -30,7 +30,7 @@ from slhf_server.openai_protocol import (
     RefinementOptions,
 )
 from slhf_server.pipeline import VLLM_EXTRAS, Plan, plan_rounds, resolve_model, role_params
-from slhf_server.protocol import SamplingParams
+from slhf_server.protocol import SamplingOptions
 from slhf_server.refine import RefineJob, choice_seed
 from slhf_server.service import Service
 
@@ -106,8 +106,8 @@ def chat_prompt(messages: Sequence[OpenAIMessage]) -> list[Message]:
 def _role_params(
     service: Service,
     role: Role,
-    base: SamplingParams,
-    own: SamplingParams | None,
+    base: SamplingOptions,
+    own: SamplingOptions | None,
     seed: int | None,
     choice: int,
 ) -> GenerationParams:
@@ -139,7 +139,7 @@ def plan_request(
             param="refinement.response",
         )
     rounds = plan_rounds(service, opts.rounds, leader_only, "refinement.rounds")
-    base = SamplingParams(
+    base = SamplingOptions(
         max_tokens=max_tokens,
         temperature=req.temperature,
         top_p=req.top_p,

@@ -20,10 +20,10 @@ from slhf_server.engine import MAX_TEMPERATURE, MAX_TOP_K
 from slhf_server.protocol import (
     CompletionTokensDetails,
     LeaderAnswer,
-    LeaderParams,
+    LeaderSamplingOptions,
     PromptTokensDetails,
     RoundResult,
-    SamplingParams,
+    SamplingOptions,
     Seed,
     StoppedReason,
     Text,
@@ -84,9 +84,9 @@ class RefinementOptions(_Request):
     """Add every round's text and usage to each choice (``choices[i].refinement``)."""
     stream_rounds: bool = False
     """When streaming: stream every round, each chunk marked with its ``round``."""
-    leader: LeaderParams | None = None
+    leader: LeaderSamplingOptions | None = None
     """Leader-only sampling over the request's fields; ``source`` = "upstream" as ``@upstream``."""
-    follower: SamplingParams | None = None
+    follower: SamplingOptions | None = None
     """Follower-only sampling over the request's fields."""
     deadline_s: float | None = Field(None, gt=0)
     """Seconds the refinement may take (capped by SLHF_MAX_DEADLINE_S); when it passes, the best
@@ -179,12 +179,12 @@ class _OpenAIRequest(_Request):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
-        return SamplingParams._stop(v)
+        return SamplingOptions._stop(v)
 
     @field_validator("top_k")
     @classmethod
     def _top_k(cls, v: int | None) -> int | None:
-        return SamplingParams._top_k(v)
+        return SamplingOptions._top_k(v)
 
 
 class ChatCompletionRequest(_OpenAIRequest):

@@ -42,7 +42,7 @@ from slhf_server.admission import Ticket
 from slhf_server.engine import GenerationParams
 from slhf_server.errors import InvalidRequestError, ModelNotFoundError
 from slhf_server.lifecycle import check_health, guarded_stream, run_guarded
-from slhf_server.protocol import RefineRequest, SamplingParams
+from slhf_server.protocol import RefineRequest, SamplingOptions
 from slhf_server.refine import RefineJob, RefineOutcome, Refiner
 from slhf_server.service import LEADER_SUFFIX, UPSTREAM_SUFFIX, Service
 
@@ -105,12 +105,12 @@ def plan_rounds(service: Service, requested: int | None, leader_only: bool, para
 
 
 def role_params(
-    service: Service, role: Role, given: SamplingParams | None, request_seed: int | None
+    service: Service, role: Role, given: SamplingOptions | None, request_seed: int | None
 ) -> GenerationParams:
     """A role's request values over the manifest's defaults for that role; ``max_tokens`` is
     capped by SLHF_MAX_TOKENS_CAP (a 400 above it)."""
     d = service.weights.manifest.role(role).sampling
-    g = given or SamplingParams()
+    g = given or SamplingOptions()
     cap = service.settings.max_tokens_cap
     if g.max_tokens is not None and g.max_tokens > cap:
         raise InvalidRequestError(

@@ -57,7 +57,7 @@ class _Request(BaseModel):
     )
 
 
-class SamplingParams(_Request):
+class SamplingOptions(_Request):
     """Per-role sampling; unset fields take the manifest's defaults for that role (the fields
     the manifest has no default for take vLLM's neutral value). Bounds are vLLM's."""
 
@@ -106,7 +106,7 @@ class SamplingParams(_Request):
         return v
 
 
-class LeaderParams(SamplingParams):
+class LeaderSamplingOptions(SamplingOptions):
     """The Leader's sampling, and where the first answer comes from."""
 
     source: Literal["leader", "upstream"] = "leader"
@@ -131,9 +131,9 @@ class RefineRequest(_Request):
     """An answer to refine instead of a Leader answer (``leader.source`` = "given")."""
     rounds: int | None = None
     """Follower rounds; default: the model's default rounds. Range 0..SLHF_MAX_ROUNDS."""
-    leader: LeaderParams | None = None
+    leader: LeaderSamplingOptions | None = None
     """The Leader's sampling (round 0), and where the first answer comes from."""
-    follower: SamplingParams | None = None
+    follower: SamplingOptions | None = None
     """The Follower's sampling (rounds 1..)."""
     stop_when_unchanged: bool = True
     """Stop early when a round returns the previous answer unchanged."""

@@ -74,7 +74,7 @@ def test_openapi_types_the_200_and_the_error_envelope(openapi: dict, path: str, 
 
 def test_openapi_describes_every_refinement_field(openapi: dict) -> None:
     schemas = openapi["components"]["schemas"]
-    for name in ("RefinementOptions", "SamplingParams", "LeaderParams", "RefineRequest"):
+    for name in ("RefinementOptions", "SamplingOptions", "LeaderSamplingOptions", "RefineRequest"):
         props = schemas[name]["properties"]
         missing = [field for field, p in props.items() if not p.get("description")]
         assert not missing, f"{name}: no description on {missing}"

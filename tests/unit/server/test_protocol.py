@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from vllm import SamplingParams as VllmSamplingParams
 from vllm.exceptions import VLLMValidationError
 
-from slhf_server.protocol import SamplingParams
+from slhf_server.protocol import SamplingOptions
 
 EDGES = [
     ("min_p", 0.0, -0.01),
@@ -25,9 +25,9 @@ EDGES = [
 
 @pytest.mark.parametrize("field, ok, bad", EDGES)
 def test_wire_bounds_are_vllms(field: str, ok: float, bad: float) -> None:
-    SamplingParams.model_validate({field: ok})
+    SamplingOptions.model_validate({field: ok})
     VllmSamplingParams(**{field: ok})
     with pytest.raises(ValidationError):
-        SamplingParams.model_validate({field: bad})
+        SamplingOptions.model_validate({field: bad})
     with pytest.raises(VLLMValidationError):
         VllmSamplingParams(**{field: bad})
