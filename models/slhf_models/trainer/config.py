@@ -59,6 +59,25 @@ class StackelbergConfig:
     """Frozen reference π_ref for the KL terms; None: the initial ``model`` weights."""
     use_lora: bool = True
     """Train LoRA adapters (the paper's 0.5B runs); false: full fine-tune (the 8B run)."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Weights dtype of the policy and the reference as ``slhf train`` loads them. ``auto``:
+    bfloat16 on a GPU that supports it, else float32 (CPUs). With LoRA the adapters train in
+    float32 over the base in this dtype (peft's default); a full fine-tune trains in it (pure
+    bf16, as TRL with a bf16 model). Under FSDP, accelerate's ``mixed_precision`` sets the
+    compute dtype of float32 weights (docs/trainer.md, "Memory")."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them
+    (non-reentrant checkpointing): far less activation memory for about a third more compute.
+    Off by default (a CPU run rarely needs it); on for 0.5B+ models on a GPU."""
+    disable_dropout: bool = True
+    """Set every dropout (LoRA's and the model's) to 0, so the log-probabilities scored for the
+    loss are those of the policy that sampled the rollouts (in ``eval()`` mode) and the KL
+    estimate is unbiased (TRL does the same). False keeps dropout on while scoring."""
+    logprob_chunk_tokens: int = 4096
+    """Answer positions per chunk when log-probabilities and entropies are computed: the output
+    head runs on this many positions at a time, in float32, and is recomputed in the backward
+    pass, so no ``(rows, tokens, vocabulary)`` tensor is ever materialised (151,936 logits per
+    token for Qwen2.5). Lower it if a chunk does not fit."""
     lora_r: int = 64
     """LoRA rank r."""
     lora_alpha: float = 128.0
@@ -111,7 +130,9 @@ class StackelbergConfig:
     temperature: float = 0.9
     """Sampling temperature of the rollouts (> 0: REINFORCE needs sampled answers)."""
     top_k: int = 0
-    """Top-k sampling in the rollouts; 0: off (the paper's refinement used 50 at inference)."""
+    """Top-k sampling in the rollouts: must be 0 (off). The loss scores answers under the full
+    softmax at ``temperature``, so truncated sampling would be off-policy (the paper's
+    refinement used top-k 50 at inference only; the server takes it per request)."""
     rollout_backend: Literal["hf", "vllm"] = "hf"
     """Who samples the rollouts: Hugging Face ``generate`` on the training model, or an in-process
     vLLM engine on the same base model whose weights are synced after every optimiser step (see
@@ -187,7 +208,14 @@ class StackelbergConfig:
         _positive("temperature", self.temperature, "(REINFORCE needs sampled answers)")
         for name in ("max_new_tokens", "steps", "leader_update_every", "log_every"):
             _at_least(name, getattr(self, name), 1)
-        for name in ("top_k", "seed", "eval_every", "save_every", "warmup_steps"):
+        _require(
+            self.top_k == 0,
+            f"top_k {self.top_k}: training samples from the full softmax (top_k: 0), since the "
+            "loss's log-probabilities come from it; a truncated sampler would make the "
+            "rollouts off-policy. Use top_k at inference (the server), not in training",
+        )
+        _at_least("logprob_chunk_tokens", self.logprob_chunk_tokens, 1)
+        for name in ("seed", "eval_every", "save_every", "warmup_steps"):
             _at_least(name, getattr(self, name), 0)
         for name in ("min_lr_ratio", "max_preference_error_rate"):
             value = getattr(self, name)

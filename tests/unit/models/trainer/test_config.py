@@ -79,6 +79,9 @@ def test_follower_learning_rate_is_kappa_eta_only_with_separate_weights() -> Non
         ({"report_to": "mlflow"}, "report_to must be one of"),
         ({"batch_size": 2.5}, "batch_size must be an integer; got 2.5"),
         ({"use_lora": "maybe"}, "use_lora must be true or false; got 'maybe'"),
+        ({"top_k": 50}, "top_k 50: training samples from the full softmax (top_k: 0)"),
+        ({"dtype": "fp8"}, "dtype must be one of 'auto', 'bfloat16', 'float16', 'float32'"),
+        ({"logprob_chunk_tokens": 0}, "logprob_chunk_tokens must be ≥ 1; got 0"),
     ],
 )
 def test_invalid_values_name_the_value_and_the_fix(kw: dict, message: str) -> None:

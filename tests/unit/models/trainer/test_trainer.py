@@ -103,7 +103,6 @@ def test_save_model_writes_servable_adapters_and_merged_weights(tiny: Path, tmp_
         steps=1,
         follower_instruction="Make it better.",
         temperature=0.7,
-        top_k=20,
     )
     trainer.train()
     adapters = trainer.save_model(tmp_path / "adapters")
@@ -113,7 +112,7 @@ def test_save_model_writes_servable_adapters_and_merged_weights(tiny: Path, tmp_
     assert weights.leader.model == str(tiny.resolve())
     manifest = Manifest.load(adapters)
     assert manifest.template.follower_instruction == "Make it better."
-    assert manifest.follower.sampling.temperature == 0.7 and manifest.leader.sampling.top_k == 20
+    assert manifest.follower.sampling.temperature == 0.7 and manifest.leader.sampling.top_k == -1
     assert manifest.provenance["producer"] == "slhf train" and manifest.provenance["config_hash"]
 
     merged = trainer.save_model(tmp_path / "merged", merged=True)
