@@ -16,17 +16,26 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from slhf_server.engine import MAX_TEMPERATURE, MAX_TOP_K
 from slhf_server.protocol import (
     CompletionTokensDetails,
+    DeadlineS,
     LeaderAnswer,
     LeaderSamplingOptions,
+    MaxTokens,
+    MinP,
+    MinTokens,
+    Penalty,
     PromptTokensDetails,
+    RepetitionPenalty,
     RoundResult,
     SamplingOptions,
     Seed,
+    Stop,
     StoppedReason,
+    Temperature,
     Text,
+    TopK,
+    TopP,
     UnknownDetailsLeftOut,
     encodable,
 )
@@ -88,7 +97,7 @@ class RefinementOptions(_Request):
     """Leader-only sampling over the request's fields; ``source`` = "upstream" as ``@upstream``."""
     follower: SamplingOptions | None = None
     """Follower-only sampling over the request's fields."""
-    deadline_s: float | None = Field(None, gt=0)
+    deadline_s: DeadlineS | None = None
     """Seconds the refinement may take (capped by SLHF_MAX_DEADLINE_S); when it passes, the best
     completed round is the answer (``finish_reason`` = "deadline")."""
 
@@ -129,15 +138,15 @@ class OpenAIMessage(BaseModel):
 class _OpenAIRequest(_Request):
     model: Text | None = None
     """``<name>`` (refined), ``<name>:leader`` (no refinement) or ``<name>@upstream``."""
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: MaxTokens | None = None
     """Most tokens per generation (the Leader's and each round's)."""
-    temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE)
+    temperature: Temperature | None = None
     """Sampling temperature, 0 (greedy) to 2, for every generation."""
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_p: TopP | None = None
     """Nucleus sampling, for every generation."""
     n: int = Field(1, ge=1, le=MAX_N)
     """Choices per prompt, each refined independently."""
-    stop: str | list[str] | None = None
+    stop: Stop | None = None
     """Up to 16 strings that end a generation."""
     seed: Seed | None = None
     """Base seed of choice 0; other choices and every round derive theirs from it."""
@@ -148,17 +157,17 @@ class _OpenAIRequest(_Request):
     refinement: RefinementOptions | None = None
     """The SLHF extension: rounds, a given answer, per-role sampling, the trace."""
     # vLLM's extra sampling fields (and OpenAI's penalties), for every generation
-    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K)
+    top_k: TopK | None = None
     """vLLM: sample among the ``top_k`` most likely tokens; -1 = no limit."""
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    min_p: MinP | None = None
     """vLLM: drop tokens less likely than ``min_p`` x the most likely token's probability."""
-    repetition_penalty: float | None = Field(None, gt=0.0)
+    repetition_penalty: RepetitionPenalty | None = None
     """vLLM: > 1 discourages repeating tokens of the prompt or the text."""
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: Penalty | None = None
     """Penalty on tokens that already appeared in the text, -2 to 2."""
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: Penalty | None = None
     """Penalty growing with a token's count in the text, -2 to 2."""
-    min_tokens: int | None = Field(None, ge=0)
+    min_tokens: MinTokens | None = None
     """vLLM: at least this many tokens before a stop string or EOS may end a generation."""
     ignore_eos: bool | None = None
     """vLLM: keep generating past the end-of-sequence token (until ``max_tokens``)."""
@@ -176,21 +185,11 @@ class _OpenAIRequest(_Request):
     top_logprobs: Any = unsupported()
     logit_bias: Any = unsupported()
 
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
-        return SamplingOptions._stop(v)
-
-    @field_validator("top_k")
-    @classmethod
-    def _top_k(cls, v: int | None) -> int | None:
-        return SamplingOptions._top_k(v)
-
 
 class ChatCompletionRequest(_OpenAIRequest):
     messages: list[OpenAIMessage]
     """The conversation; the last message must be the user's. Text content only."""
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: MaxTokens | None = None
     """As ``max_tokens`` (wins over it)."""
     tools: Any = unsupported()
     tool_choice: Any = unsupported()

@@ -19,7 +19,6 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
-    field_validator,
     model_serializer,
     model_validator,
 )
@@ -43,9 +42,45 @@ def encodable(text: str) -> str:
     return text
 
 
+def _top_k(v: int) -> int:
+    if v == 0:
+        raise ValueError("top_k must be -1 (disabled) or >= 1; got 0")
+    return v
+
+
+MAX_STOP_STRINGS = 16
+
+
+def _stop(v: str | list[str]) -> str | list[str]:
+    stops = [v] if isinstance(v, str) else v
+    for s in stops:
+        encodable(s)
+    if any(not s for s in stops):
+        raise ValueError("stop strings must not be empty")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed; got {len(stops)}")
+    return v
+
+
+# Each request field's type and bounds, declared once and used by every request model (this
+# module's and ``slhf_server.openai_protocol``'s); numeric bounds are the engine's own
+# (``slhf_server.engine``). A model declares ``<Alias> | None = None`` with its own docstring.
 Text = Annotated[str, AfterValidator(encodable)]
 """A string field of a request: encodable Unicode."""
 Seed = Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])]
+MaxTokens = Annotated[int, Field(ge=1)]
+Temperature = Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+TopK = Annotated[int, Field(ge=-1, le=MAX_TOP_K), AfterValidator(_top_k)]
+"""-1 (no limit) or 1..MAX_TOP_K."""
+Stop = Annotated[str | list[str], AfterValidator(_stop)]
+"""Up to 16 non-empty, encodable strings."""
+MinP = Annotated[float, Field(ge=0.0, le=1.0)]
+RepetitionPenalty = Annotated[float, Field(gt=0.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+"""``presence_penalty`` and ``frequency_penalty``."""
+MinTokens = Annotated[int, Field(ge=0)]
+DeadlineS = Annotated[float, Field(gt=0)]
 
 
 class _Request(BaseModel):
@@ -61,49 +96,30 @@ class SamplingOptions(_Request):
     """Per-role sampling; unset fields take the manifest's defaults for that role (the fields
     the manifest has no default for take vLLM's neutral value). Bounds are vLLM's."""
 
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: MaxTokens | None = None
     """Most tokens to generate (per round); capped by SLHF_MAX_TOKENS_CAP."""
-    temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE)
+    temperature: Temperature | None = None
     """Sampling temperature, 0 (greedy) to 2."""
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_p: TopP | None = None
     """Nucleus sampling: the smallest set of tokens whose probability reaches ``top_p``."""
-    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K)
+    top_k: TopK | None = None
     """Sample among the ``top_k`` most likely tokens; -1 = no limit."""
     seed: Seed | None = None
     """Seed of this role's generations (each round derives its own from it)."""
-    stop: str | list[str] | None = None
+    stop: Stop | None = None
     """Up to 16 strings that end a generation (not included in the text)."""
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    min_p: MinP | None = None
     """vLLM: drop tokens less likely than ``min_p`` x the most likely token's probability."""
-    repetition_penalty: float | None = Field(None, gt=0.0)
+    repetition_penalty: RepetitionPenalty | None = None
     """vLLM: > 1 discourages tokens already in the prompt or the text, < 1 encourages them."""
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: Penalty | None = None
     """Penalty on tokens that already appeared in the text, -2 to 2."""
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: Penalty | None = None
     """Penalty growing with how often a token already appeared in the text, -2 to 2."""
-    min_tokens: int | None = Field(None, ge=0)
+    min_tokens: MinTokens | None = None
     """vLLM: generate at least this many tokens before a stop string or EOS may end it."""
     ignore_eos: bool | None = None
     """vLLM: keep generating past the end-of-sequence token (until ``max_tokens``)."""
-
-    @field_validator("top_k")
-    @classmethod
-    def _top_k(cls, v: int | None) -> int | None:
-        if v == 0:
-            raise ValueError("top_k must be -1 (disabled) or >= 1; got 0")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
-        stops = [v] if isinstance(v, str) else (v or [])
-        for s in stops:
-            encodable(s)
-        if any(not s for s in stops):
-            raise ValueError("stop strings must not be empty")
-        if len(stops) > 16:
-            raise ValueError(f"at most 16 stop strings are allowed; got {len(stops)}")
-        return v
 
 
 class LeaderSamplingOptions(SamplingOptions):
@@ -139,7 +155,7 @@ class RefineRequest(_Request):
     """Stop early when a round returns the previous answer unchanged."""
     seed: Seed | None = None
     """Base seed for every round (a role's own ``seed`` takes precedence for that role)."""
-    deadline_s: float | None = Field(None, gt=0)
+    deadline_s: DeadlineS | None = None
     """Seconds the refinement may take (capped by SLHF_MAX_DEADLINE_S). When it passes, the
     best completed round is returned with ``stopped_reason`` = "deadline"; a 504 if not even
     the first answer was complete."""
