@@ -36,6 +36,9 @@ from slhf_server.service import Service
 
 Kind = Literal["chat", "completion"]
 
+SHOWN_COUNT = 10**18
+"""Counts from this on are not written out in an error message."""
+
 EXTRA_SAMPLING = ("top_k", *VLLM_EXTRAS)
 """Sampling fields beyond OpenAI's basic ones (vLLM's extras and the penalties), applied to
 every generation like ``temperature``; ``refinement.leader``/``follower`` override them per
@@ -121,6 +124,12 @@ def _role_params(
     return role_params(service, role, merged, None)
 
 
+def _count(x: int) -> str:
+    """A count for an error message; an absurd one (a hostile ``n`` of thousands of digits, which
+    Python will not even turn into text) is not spelled out."""
+    return str(x) if x < SHOWN_COUNT else f"more than {SHOWN_COUNT:,}"
+
+
 def plan_request(
     service: Service,
     req: ChatCompletionRequest | CompletionRequest,
@@ -149,8 +158,8 @@ def plan_request(
     choices = len(prompts) * req.n
     if choices > service.settings.max_n:
         raise InvalidRequestError(
-            f"this request asks for {choices} choices ({len(prompts)} prompt(s) x n={req.n}); "
-            f"the limit is {service.settings.max_n} (SLHF_MAX_N)",
+            f"this request asks for {_count(choices)} choices ({len(prompts)} prompt(s) x "
+            f"n={_count(req.n)}); the limit is {service.settings.max_n} (SLHF_MAX_N)",
             param="n",
             code="too_many_choices",
         )

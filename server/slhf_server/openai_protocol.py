@@ -40,8 +40,6 @@ from slhf_server.protocol import (
     encodable,
 )
 
-MAX_N = 16
-
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
@@ -144,8 +142,8 @@ class _OpenAIRequest(_Request):
     """Sampling temperature, 0 (greedy) to 2, for every generation."""
     top_p: TopP | None = None
     """Nucleus sampling, for every generation."""
-    n: int = Field(1, ge=1, le=MAX_N)
-    """Choices per prompt, each refined independently."""
+    n: int = Field(1, ge=1)
+    """Choices per prompt, each refined independently; ``n`` x prompts is at most SLHF_MAX_N."""
     stop: Stop | None = None
     """Up to 16 strings that end a generation."""
     seed: Seed | None = None

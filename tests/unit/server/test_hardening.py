@@ -128,6 +128,27 @@ def test_limits_are_400_or_413_with_the_numbers(engine: ScriptedEngine) -> None:
         assert_envelope(c.post("/v1/refine", json={"prompt": "x" * 600}), 400, "512")
 
 
+def test_slhf_max_n_alone_bounds_n(engine: ScriptedEngine) -> None:
+    """No cap of the wire model's own under SLHF_MAX_N: 20 allows n = 17 (and 2 prompts x 10),
+    and above it is the settings' error; n = 0 and a non-integer stay a validation 400."""
+    with TestClient(make_app(engine, max_n=20)) as c:
+        body = {**CHAT, "refinement": {"rounds": 0}}
+        r = c.post("/v1/chat/completions", json={**body, "n": 17})
+        assert r.status_code == 200, r.text
+        assert [ch["index"] for ch in r.json()["choices"]] == list(range(17))
+        r = c.post("/v1/completions", json={"prompt": ["a", "b"], "n": 10})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 20
+        r = c.post("/v1/chat/completions", json={**body, "n": 21})
+        err = assert_envelope(r, 400, "21 choices", "the limit is 20 (SLHF_MAX_N)", param="n")
+        assert err["code"] == "too_many_choices"
+        for bad in (0, 1.5, "2", True):
+            assert_envelope(c.post("/v1/chat/completions", json={**body, "n": bad}), 400, param="n")
+        # a hostile n (the most digits Python parses) times 2 prompts: still the settings' 400
+        huge = '{"prompt": ["a", "b"], "n": %s}' % ("9" * 4300)
+        r = c.post("/v1/completions", content=huge, headers={"content-type": "application/json"})
+        assert_envelope(r, 400, "more than 1,000,000,000,000,000,000 choices", param="n")
+
+
 # -- admission ------------------------------------------------------------------------------------
 async def _burst(app: FastAPI, count: int, body: dict) -> list[httpx.Response]:
     async with app.router.lifespan_context(app):
