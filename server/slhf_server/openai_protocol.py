@@ -121,7 +121,7 @@ class TextPart(BaseModel):
 
 
 class OpenAIMessage(BaseModel):
-    # extra fields (e.g. "name") are harmless; tool calls are checked in slhf_server.openai_plan
+    # extra fields (e.g. "name") are harmless; tool calls are checked in slhf_server.plan
     model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None

@@ -12,7 +12,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from slhf_server.openai_plan import OpenAIPlan
 from slhf_server.openai_protocol import (
     AssistantMessage,
     ChatChoice,
@@ -22,6 +21,7 @@ from slhf_server.openai_protocol import (
     RefinementTrace,
     UsageBreakdown,
 )
+from slhf_server.plan import OpenAIPlan
 from slhf_server.protocol import Usage
 from slhf_server.refine import RefineOutcome
 

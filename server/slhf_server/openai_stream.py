@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from slhf_server.errors import domain_error, error_body
-from slhf_server.openai_plan import OpenAIPlan
 from slhf_server.openai_response import finish_reason, trace, usage_breakdown
 from slhf_server.pipeline import Observer
+from slhf_server.plan import OpenAIPlan
 from slhf_server.protocol import LeaderAnswer
 from slhf_server.refine import DeltaSink, RefineJob, RefineOutcome, Refiner, Step
 

@@ -61,15 +61,6 @@ def derive_seed(base: int | None, round_index: int) -> int | None:
     return int.from_bytes(digest[:8], "big") >> 1  # non-negative int64
 
 
-def choice_seed(base: int | None, choice: int) -> int | None:
-    """Base seed of choice ``choice`` of an ``n``-choice request: choice 0 keeps ``base`` (so it
-    matches the same request with ``n=1``); the others get their own, reproducible, seeds."""
-    if base is None or choice == 0:
-        return base
-    digest = hashlib.sha256(f"slhf-choice:{base}:{choice}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
-
 T = TypeVar("T")
 
 

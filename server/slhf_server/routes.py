@@ -1,7 +1,8 @@
 """The SLHF routes: health, readiness, metrics, the model list and ``/v1/refine``.
 
-Thin: FastAPI parses and validates the body; ``/v1/refine`` is a one-choice plan on the request
-pipeline (``slhf_server.pipeline``); the route shapes the answer. The OpenAI routes are
+Thin: FastAPI parses and validates the body; ``/v1/refine`` is a one-choice plan
+(``slhf_server.plan``) run on the request pipeline (``slhf_server.pipeline``); the route shapes
+the answer. The OpenAI routes are
 ``slhf_server.routes_openai``.
 """
 
@@ -17,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from slhf_server import pipeline
 from slhf_server.lifecycle import check_health, check_ready
 from slhf_server.openapi import ERROR_RESPONSES
+from slhf_server.plan import plan_refine
 from slhf_server.protocol import ModelCard, ModelList, RefineRequest, RefineResponse
 from slhf_server.service import Service, ServiceDep
 
@@ -107,7 +109,7 @@ async def list_models(
 
 @router.post("/v1/refine", responses=ERROR_RESPONSES)
 async def refine(body: RefineRequest, request: Request, service: ServiceDep) -> RefineResponse:
-    plan = pipeline.plan_refine(service, body)
+    plan = plan_refine(service, body)
     [outcome] = await pipeline.run(service, request, plan)
     return RefineResponse(
         id=plan.request_id,

@@ -1,6 +1,6 @@
 """OpenAI-compatible routes: ``/v1/chat/completions`` and ``/v1/completions`` (thin).
 
-Each parses its body, plans it (``slhf_server.openai_plan``), runs or streams the plan on the
+Each parses its body, plans it (``slhf_server.plan``), runs or streams the plan on the
 request pipeline (``slhf_server.pipeline``) and answers (``slhf_server.openai_response``, or
 the SSE stream of ``slhf_server.openai_stream``).
 """
@@ -11,7 +11,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from slhf_server import pipeline
-from slhf_server.openai_plan import plan_chat, plan_completion
 from slhf_server.openai_protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -21,6 +20,7 @@ from slhf_server.openai_protocol import (
 from slhf_server.openai_response import chat_response, completion_response
 from slhf_server.openai_stream import open_stream
 from slhf_server.openapi import ERROR_RESPONSES, sse_response
+from slhf_server.plan import plan_chat, plan_completion
 from slhf_server.service import ServiceDep
 
 router = APIRouter()

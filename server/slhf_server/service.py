@@ -3,7 +3,8 @@
 ``Service`` holds the settings, the served weights, the engine and the refiner over it (one
 template renderer per role), the upstream client, admission and the metrics -- and the served
 model's ids and default rounds, which follow from them. It does nothing with a request: that is
-``slhf_server.pipeline``. Routes get it with ``ServiceDep`` (a 503 until the model is loaded).
+``slhf_server.plan`` and ``slhf_server.pipeline``. Routes get it with ``ServiceDep`` (a 503 until
+the model is loaded).
 """
 
 from __future__ import annotations

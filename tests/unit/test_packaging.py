@@ -95,7 +95,7 @@ def test_the_wheel_holds_the_four_packages_and_the_shipped_model(wheel: zipfile.
 
 def test_serving_imports_nothing_that_trains() -> None:
     code = (
-        "import sys, slhf_server.app, slhf_server.refine, slhf_server.openai_plan; "
+        "import sys, slhf_server.app, slhf_server.refine, slhf_server.plan; "
         "bad = sorted(m for m in sys.modules if m.startswith('slhf_models.') "
         "and not m.startswith('slhf_models.serving')); "
         "bad += [m for m in ('peft', 'accelerate', 'datasets') if m in sys.modules]; "

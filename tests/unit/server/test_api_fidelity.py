@@ -16,8 +16,8 @@ from slhf import cli
 from slhf_server.app import create_app
 from slhf_server.log_pipe import as_json_line, split_lines
 from slhf_server.logs import JsonFormatter
-from slhf_server.openai_plan import EXTRA_SAMPLING
 from slhf_server.openai_protocol import UNSUPPORTED
+from slhf_server.plan import EXTRA_SAMPLING
 from slhf_server.settings import ServerSettings
 from tests.fakes import ScriptedEngine, numbered_script
 from tests.unit.server.test_routes import WEIGHTS

@@ -1,19 +1,32 @@
-"""OpenAI chat/completions requests as plans (``slhf_server.pipeline``'s first step).
+"""Planning, the first step of every request (``slhf_server.pipeline`` runs the rest).
 
-A request becomes one ``RefineJob`` per choice (``n`` per prompt, index = prompt x n + j), run
-concurrently so they batch in the engine; the answer of a choice is its final round
-(``slhf_server.openai_response``). The OpenAI fields apply to every generation; the ``refinement``
-extension sets the rounds, a given answer, the first answer's source and each role's own
-sampling over them. Choice ``j`` uses the base seed ``choice_seed(seed, j)`` (choice 0 = the
-request's seed), and each round derives its own seed from that, so choices differ and a seeded
-request is reproducible.
+A request becomes a ``Plan``: one ``RefineJob`` per choice, every value resolved and checked, so
+that whatever a request gets wrong is a 4xx here, before any work is admitted. Both APIs plan
+through the same steps:
 
-What this server does not support is a 400 naming the field (``check_supported``); the model id,
-the rounds, the roles' sampling and the context are checked by the pipeline's shared steps.
+- ``resolve_model``: ``<name>`` (refined), ``<name>:leader`` (the Leader alone) and, on the OpenAI
+  routes, ``<name>@upstream`` (the upstream server's first answer, refined); else a 404;
+- ``plan_rounds``: the Follower rounds, the request's or the model id's default, within
+  SLHF_MAX_ROUNDS;
+- ``role_params``: each role's sampling, the request's values over the manifest's defaults for
+  that role, ``max_tokens`` within SLHF_MAX_TOKENS_CAP;
+- seeds: choice ``j`` of an ``n``-choice request uses the base seed ``choice_seed(seed, j)``
+  (choice 0 = the request's seed), and each round derives its own from that
+  (``slhf_server.refine.derive_seed``), so choices differ and a seeded request is reproducible;
+- ``Refiner.opening_prompts``: every opening prompt checked against the context.
+
+``plan_refine`` makes the one-choice plan of ``/v1/refine``. ``plan_chat`` and
+``plan_completion`` make the OpenAI routes' plans (``OpenAIPlan``): one choice per prompt and
+``n`` (index = prompt x n + j, at most SLHF_MAX_N in all), the OpenAI fields applying to every
+generation and the ``refinement`` extension setting the rounds, a given answer, the first
+answer's source and each role's own sampling over them; what this server does not support is a
+400 naming the field (``check_supported``). docs/architecture.md, "One request, route to
+engine", draws the whole flow; docs/wire.md is the contract.
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +34,7 @@ from typing import Literal
 
 from slhf_models.serving.templates import Message, Role, to_messages
 from slhf_server.engine import GenerationParams
-from slhf_server.errors import InvalidRequestError
+from slhf_server.errors import InvalidRequestError, ModelNotFoundError
 from slhf_server.openai_protocol import (
     UNSUPPORTED,
     ChatCompletionRequest,
@@ -29,12 +42,22 @@ from slhf_server.openai_protocol import (
     OpenAIMessage,
     RefinementOptions,
 )
-from slhf_server.pipeline import VLLM_EXTRAS, Plan, plan_rounds, resolve_model, role_params
-from slhf_server.protocol import SamplingOptions
-from slhf_server.refine import RefineJob, choice_seed
-from slhf_server.service import Service
+from slhf_server.protocol import RefineRequest, SamplingOptions
+from slhf_server.refine import RefineJob
+from slhf_server.service import LEADER_SUFFIX, UPSTREAM_SUFFIX, Service
 
 Kind = Literal["chat", "completion"]
+
+VLLM_EXTRAS = (
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "min_tokens",
+    "ignore_eos",
+)
+"""vLLM's extra sampling fields (and the penalties) the manifest has no default for: unset =
+vLLM's neutral value."""
 
 SHOWN_COUNT = 10**18
 """Counts from this on are not written out in an error message."""
@@ -43,6 +66,20 @@ EXTRA_SAMPLING = ("top_k", *VLLM_EXTRAS)
 """Sampling fields beyond OpenAI's basic ones (vLLM's extras and the penalties), applied to
 every generation like ``temperature``; ``refinement.leader``/``follower`` override them per
 role."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated request: one refinement job per choice (index = choice index)."""
+
+    request_id: str
+    model: str
+    """The model id the answer names (the request's, else the served model's name)."""
+    jobs: list[RefineJob]
+
+    @property
+    def rounds(self) -> int:
+        return self.jobs[0].rounds if self.jobs else 0
 
 
 @dataclass(frozen=True)
@@ -58,6 +95,104 @@ class OpenAIPlan(Plan):
     """A stream ends with a usage chunk (``stream_options.include_usage``)."""
 
 
+# -- the shared steps ---------------------------------------------------------------------------
+def resolve_model(
+    service: Service, requested: str | None, *, upstream_id: bool
+) -> tuple[bool, bool]:
+    """Check a request's ``model``: (Leader only?, first answer from upstream?).
+
+    ``<name>`` (or none) is refined; ``<name>:leader`` is the Leader alone; with ``upstream_id``
+    (the OpenAI routes), ``<name>@upstream`` asks the upstream server for the first answer and
+    refines it. Anything else is a 404 listing the served ids."""
+    if requested is None or requested == service.name:
+        return False, False
+    if requested == service.name + LEADER_SUFFIX:
+        return True, False
+    if upstream_id and requested == service.name + UPSTREAM_SUFFIX:
+        return False, True
+    raise ModelNotFoundError(requested, service.model_ids)
+
+
+def plan_rounds(service: Service, requested: int | None, leader_only: bool, param: str) -> int:
+    """The Follower rounds: the request's, else the model id's default (0 for ``:leader``);
+    a 400 outside 0..SLHF_MAX_ROUNDS."""
+    rounds = requested if requested is not None else (0 if leader_only else service.default_rounds)
+    limit = service.settings.max_rounds
+    if not 0 <= rounds <= limit:
+        raise InvalidRequestError(
+            f"{param} must be between 0 and {limit} (SLHF_MAX_ROUNDS); got {rounds}", param=param
+        )
+    return rounds
+
+
+def role_params(
+    service: Service, role: Role, given: SamplingOptions | None, request_seed: int | None
+) -> GenerationParams:
+    """A role's request values over the manifest's defaults for that role; ``max_tokens`` is
+    capped by SLHF_MAX_TOKENS_CAP (a 400 above it)."""
+    d = service.weights.manifest.role(role).sampling
+    g = given or SamplingOptions()
+    cap = service.settings.max_tokens_cap
+    if g.max_tokens is not None and g.max_tokens > cap:
+        raise InvalidRequestError(
+            f"max_tokens is {g.max_tokens:,} for the {role}; the limit is {cap:,} "
+            "(SLHF_MAX_TOKENS_CAP)",
+            param="max_tokens",
+            code="max_tokens_too_large",
+        )
+    stop = g.stop if g.stop is not None else d.stop
+    max_tokens = g.max_tokens if g.max_tokens is not None else min(d.max_tokens, cap)
+    if g.min_tokens is not None and g.min_tokens > max_tokens:
+        raise InvalidRequestError(
+            f"min_tokens is {g.min_tokens:,} for the {role}, more than its max_tokens "
+            f"({max_tokens:,})",
+            param="min_tokens",
+        )
+    extras = g.model_dump(include=set(VLLM_EXTRAS), exclude_none=True)
+    return GenerationParams(
+        max_tokens=max_tokens,
+        temperature=g.temperature if g.temperature is not None else d.temperature,
+        top_p=g.top_p if g.top_p is not None else d.top_p,
+        top_k=g.top_k if g.top_k is not None else d.top_k,
+        seed=g.seed if g.seed is not None else request_seed,
+        stop=(stop,) if isinstance(stop, str) else tuple(stop),
+        **extras,
+    )
+
+
+def choice_seed(base: int | None, choice: int) -> int | None:
+    """Base seed of choice ``choice`` of an ``n``-choice request: choice 0 keeps ``base`` (so it
+    matches the same request with ``n=1``); the others get their own, reproducible, seeds."""
+    if base is None or choice == 0:
+        return base
+    digest = hashlib.sha256(f"slhf-choice:{base}:{choice}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+# -- /v1/refine ---------------------------------------------------------------------------------
+def plan_refine(service: Service, body: RefineRequest) -> Plan:
+    """``/v1/refine``: a one-choice plan."""
+    leader_only, _ = resolve_model(service, body.model, upstream_id=False)
+    rounds = plan_rounds(service, body.rounds, leader_only, "rounds")
+    prompt = (
+        body.prompt if body.prompt is not None else [m.model_dump() for m in body.messages or []]
+    )
+    job = RefineJob(
+        request_id=f"refine-{uuid.uuid4().hex}",
+        prompt=prompt,
+        rounds=rounds,
+        leader=role_params(service, "leader", body.leader, body.seed),
+        follower=role_params(service, "follower", body.follower, body.seed),
+        given_answer=body.response,
+        stop_when_unchanged=body.stop_when_unchanged,
+        from_upstream=body.leader is not None and body.leader.source == "upstream",
+        deadline_s=service.settings.deadline_s(body.deadline_s),
+    )
+    service.refiner.opening_prompts(job)  # a prompt too long is a 400 before admission
+    return Plan(request_id=job.request_id, model=body.model or service.name, jobs=[job])
+
+
+# -- the OpenAI routes --------------------------------------------------------------------------
 def check_supported(req: ChatCompletionRequest | CompletionRequest) -> None:
     """Reject (400, naming the field) any unsupported field set to a value that would matter."""
     for name, neutral in UNSUPPORTED.items():
@@ -137,6 +272,7 @@ def plan_request(
     prompts: Sequence[str | list[Message]],
     max_tokens: int | None,
 ) -> OpenAIPlan:
+    """An OpenAI request's plan: ``n`` choices per prompt, at most SLHF_MAX_N in all."""
     check_supported(req)
     leader_only, from_upstream = resolve_model(service, req.model, upstream_id=True)
     opts = req.refinement or RefinementOptions()
@@ -194,11 +330,13 @@ def plan_request(
 
 
 def plan_chat(service: Service, req: ChatCompletionRequest) -> OpenAIPlan:
+    """``/v1/chat/completions``: one prompt, ``n`` choices."""
     max_tokens = req.max_completion_tokens or req.max_tokens
     return plan_request(service, req, "chat", [chat_prompt(req.messages)], max_tokens)
 
 
 def plan_completion(service: Service, req: CompletionRequest) -> OpenAIPlan:
+    """``/v1/completions``: ``n`` choices for each prompt."""
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if not prompts or any(not p.strip() for p in prompts):
         raise InvalidRequestError("`prompt` must be a non-empty string", param="prompt")
