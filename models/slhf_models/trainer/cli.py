@@ -86,13 +86,13 @@ def build_preference(spec: str | None) -> Preference:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from slhf_models.trainer.checkpoint import CheckpointError
     from slhf_models.trainer.console import PreferenceFailureError
     from slhf_models.trainer.data import DataError, load_prompts
     from slhf_models.trainer.trainer import StackelbergTrainer
+    from slhf_models.trainer.weights import torch_dtype
 
     try:
         cfg = StackelbergConfig.from_yaml(args.config, args.overrides)
@@ -105,10 +105,11 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"slhf train: {e}", file=sys.stderr)
         return 2
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    dtype = torch_dtype(cfg.dtype)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
     ref_model = None
     if not cfg.use_lora:
-        ref_model = AutoModelForCausalLM.from_pretrained(cfg.reference_model, dtype=torch.float32)
+        ref_model = AutoModelForCausalLM.from_pretrained(cfg.reference_model, dtype=dtype)
     trainer = StackelbergTrainer(
         model, ref_model, tokenizer, preference, prompts, cfg, eval_dataset=eval_prompts
     )

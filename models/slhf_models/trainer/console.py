@@ -54,9 +54,9 @@ def format_line(metrics: dict[str, Any], total: int, s_per_step: float) -> str:
     """The compact console line of one logging step (see the module docstring)."""
     m = metrics
     parts = [f"step {m['step']}/{total}", f"loss {m['loss']:.4f}", f"pref {m['preference']:.3f}"]
-    for name, digits in (("kl", 4), ("entropy", 2)):
-        if f"{name}/leader" in m and f"{name}/follower" in m:
-            lead, follow = m[f"{name}/leader"], m[f"{name}/follower"]
+    for name, key, digits in (("kl", "sequence_kl", 4), ("entropy", "entropy", 2)):
+        if f"{key}/leader" in m and f"{key}/follower" in m:
+            lead, follow = m[f"{key}/leader"], m[f"{key}/follower"]
             parts.append(f"{name} {lead:.{digits}f}/{follow:.{digits}f}")
     parts.append(f"pref_err {m.get('preference_error_rate', 0.0):.0%}")
     if "lr" in m:
@@ -95,7 +95,7 @@ class Console:
                 self.bar.set_postfix(
                     loss=f"{metrics['loss']:.4f}",
                     pref=f"{metrics['preference']:.3f}",
-                    kl=f"{metrics.get('kl/follower', 0.0):.4f}",
+                    kl=f"{metrics.get('sequence_kl/follower', 0.0):.4f}",
                     err=f"{metrics.get('preference_error_rate', 0.0):.0%}",
                 )
             return

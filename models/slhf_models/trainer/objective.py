@@ -170,7 +170,7 @@ def reinforce_loss(
     stats = {
         "loss": loss.detach(),
         "advantage": advantage.detach().mean(),
-        "kl": sequence_kl(rollout, estimator).mean(),
+        "sequence_kl": sequence_kl(rollout, estimator).mean(),  # Σ_t δ_t, mean over answers
         "length": lengths.mean(),
         "missing_eos": rollout.missing_eos.float().mean(),
     }
@@ -198,14 +198,20 @@ def role_loss(
     preferences: torch.Tensor,
     params: ObjectiveParams,
     follower_kl: torch.Tensor | None = None,
+    advantage: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Stats]:
     """``L_role`` of one role: its scores (``s_L`` or ``s_F``), their advantages under the
     baseline, and ``reinforce_loss`` with the role's τ; the stats are ``reinforce_loss``'s.
 
     ``follower_kl`` (``sequence_kl`` of the Follower's answers) is read for the Leader only, and
-    needed only with ``leader_objective="full"``.
+    needed only with ``leader_objective="full"``. ``advantage``, when given, is the role's
+    advantage already computed over a larger batch (the leave-one-out baseline of a step split
+    into micro-batches: ``role_advantages``); scores and baseline are then not recomputed here.
     """
     s = params
+    if advantage is not None:
+        tau = s.tau_leader if role == "leader" else s.tau_follower
+        return reinforce_loss(rollout, advantage, tau, s.estimator)
     if role == "follower":
         scores = role_scores(preferences, rollout.missing_eos, "follower", s.missing_eos_penalty)
         return reinforce_loss(rollout, advantages(scores, s.baseline), s.tau_follower, s.estimator)
@@ -222,3 +228,32 @@ def role_loss(
         missing_eos_penalty=s.missing_eos_penalty,
     )
     return reinforce_loss(rollout, advantages(scores, s.baseline), s.tau_leader, s.estimator)
+
+
+def role_advantages(
+    role: Role,
+    preferences: torch.Tensor,
+    missing: torch.Tensor,
+    params: ObjectiveParams,
+    follower_kl: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(B,)`` the role's advantages over the whole batch (what ``role_loss`` computes from its
+    own rows), for a step whose micro-batches must share one baseline."""
+    if role == "follower":
+        scores = role_scores(preferences, missing, "follower", params.missing_eos_penalty)
+    else:
+        if follower_kl is None:
+            if params.leader_objective == "full":
+                raise ValueError(
+                    "leader_objective 'full': the Leader's advantages need follower_kl"
+                )
+            follower_kl = torch.zeros_like(preferences)
+        scores = leader_scores(
+            preferences,
+            missing,
+            follower_kl,
+            tau_follower=params.tau_follower,
+            objective=params.leader_objective,
+            missing_eos_penalty=params.missing_eos_penalty,
+        )
+    return advantages(scores, params.baseline)

@@ -9,7 +9,7 @@ and its preferences; ``RoleLosses.accumulate`` does the rest of the gradient, pe
    base model with the adapters disabled (no second copy); in a full fine-tune, ``ref_model``;
 2. ``RoleLosses.role_loss`` per role, for either topology (``objective.role_loss``: the role's
    scores, advantages and REINFORCE loss), its stats keyed as the trainer logs them, metric first
-   and role second (``loss/leader``, ``kl/follower``, ``entropy/leader``, ...); then
+   and role second (``loss/leader``, ``sequence_kl/follower``, ``entropy/leader``, ...); then
    ``preference`` and ``loss`` (the sum the step trained on);
 3. backward, each loss divided by the number of micro-batches.
 
@@ -67,6 +67,8 @@ class MicroBatch:
         count: the step's number of micro-batches (each loss is divided by it).
         last: whether this is the step's last one (gradients sync across processes on its
             backward pass).
+        advantages: each role's advantages on these rows when computed over the whole step
+            (the leave-one-out baseline with several micro-batches); None: from these rows.
     """
 
     leader: Rollout
@@ -74,6 +76,7 @@ class MicroBatch:
     prefs: torch.Tensor
     count: int
     last: bool
+    advantages: dict[Role, torch.Tensor] | None = None
 
 
 @contextmanager
@@ -99,7 +102,10 @@ class RoleLosses:
         config: StackelbergConfig,
         adapters: dict[Role, str | None],
         pad_token_id: int,
+        *,
+        sharded: bool = False,
     ) -> None:
+        self.sharded = sharded  # FSDP: parameters are sharded DTensors
         self.model = model
         self.ref_model = ref_model
         self.accelerator = accelerator
@@ -120,14 +126,45 @@ class RoleLosses:
         n = cfg.gradient_accumulation_steps
         size = cfg.batch_size // n
         backward = self._shared if cfg.follower_weights == "shared" else self._separate
+        step_advantages = None
+        if cfg.baseline == "leave_one_out" and n > 1:
+            step_advantages = self._step_advantages(leader, follower, prefs, size)
         totals: dict[str, float] = {}
         for i in range(n):
             rows = slice(i * size, (i + 1) * size)
-            batch = MicroBatch(leader.micro(rows), follower.micro(rows), prefs[rows], n, i == n - 1)
+            shared = (
+                None
+                if step_advantages is None
+                else {r: a[rows] for r, a in step_advantages.items()}
+            )
+            batch = MicroBatch(
+                leader.micro(rows), follower.micro(rows), prefs[rows], n, i == n - 1, shared
+            )
             stats = backward(batch, update_leader)
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + float(value) / n
         return totals
+
+    def _step_advantages(
+        self, leader: Rollout, follower: Rollout, prefs: torch.Tensor, size: int
+    ) -> dict[Role, torch.Tensor]:
+        """Both roles' leave-one-out advantages over the whole step, so that micro-batches
+        share the baseline of the batch. The Leader's ``full`` objective needs every row's
+        Follower KL first: one pass without grad over the Follower's micro-batches."""
+        params = objective_params(self.config)
+        follower_kl = None
+        if params.leader_objective == "full":
+            kls = []
+            for start in range(0, len(follower.texts), size):
+                scored = self._scored("follower", follower.micro(slice(start, start + size)), False)
+                kls.append(sequence_kl(scored, params.estimator))
+            follower_kl = torch.cat(kls)
+        return {
+            "leader": objective.role_advantages(
+                "leader", prefs, leader.missing_eos, params, follower_kl
+            ),
+            "follower": objective.role_advantages("follower", prefs, follower.missing_eos, params),
+        }
 
     def role_loss(
         self,
@@ -135,10 +172,12 @@ class RoleLosses:
         scored: RoleRollout,
         prefs: torch.Tensor,
         follower_kl: torch.Tensor | None = None,
+        advantages: dict[Role, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, Stats]:
         """``role``'s loss (``objective.role_loss``) and its stats, keyed ``metric/role``."""
+        advantage = None if advantages is None else advantages[role]
         loss, stats = objective.role_loss(
-            role, scored, prefs, objective_params(self.config), follower_kl
+            role, scored, prefs, objective_params(self.config), follower_kl, advantage
         )
         return loss, {f"{metric}/{role}": value for metric, value in stats.items()}
 
@@ -149,8 +188,8 @@ class RoleLosses:
         with self._sync(batch.last):
             lead, foll = self._scored_together(batch.leader, batch.follower)
             follower_kl = sequence_kl(foll, cfg.kl_estimator)
-            loss_l, stats = self.role_loss("leader", lead, prefs, follower_kl)
-            loss_f, stats_f = self.role_loss("follower", foll, prefs)
+            loss_l, stats = self.role_loss("leader", lead, prefs, follower_kl, batch.advantages)
+            loss_f, stats_f = self.role_loss("follower", foll, prefs, None, batch.advantages)
             total = cfg.kappa * loss_f + (loss_l if update_leader else 0.0)
             self.accelerator.backward(total / batch.count)
         return stats | stats_f | _step_stats(prefs, total.detach())
@@ -159,7 +198,7 @@ class RoleLosses:
         """A pass and a backward per role on its adapter, the Leader's first (if it trains)."""
         cfg, prefs = self.config, batch.prefs
         follower_kl = None  # read by the Leader's score with leader_objective "full" only
-        if cfg.leader_objective == "full":
+        if cfg.leader_objective == "full" and batch.advantages is None:
             follower = self._scored("follower", batch.follower, grad=False)
             follower_kl = sequence_kl(follower, cfg.kl_estimator)
         stats: Stats = {}
@@ -168,7 +207,7 @@ class RoleLosses:
             trained = role == "follower" or update_leader
             with self._sync(batch.last and role == "follower"):
                 loss, role_stats = self.role_loss(
-                    role, self._scored(role, rollout, trained), prefs, follower_kl
+                    role, self._scored(role, rollout, trained), prefs, follower_kl, batch.advantages
                 )
                 if trained:
                     self.accelerator.backward(loss / batch.count)
@@ -182,28 +221,38 @@ class RoleLosses:
         """Average gradients across processes only on a step's last backward pass."""
         return nullcontext() if last else self.accelerator.no_sync(self.model)
 
+    def _chunking(self, owner: Any) -> dict[str, Any]:
+        """How ``answer_logprobs_and_entropy`` chunks the output head for ``owner``'s model: the
+        head runs chunk by chunk unless FSDP shards it (then the model computes its logits)."""
+        return {
+            "head_owner": owner,
+            "chunk_tokens": self.config.logprob_chunk_tokens,
+            "chunked_head": not self.sharded,
+        }
+
     def _ref_logprobs(self, rollout: Rollout) -> torch.Tensor:
         t = self.config.temperature
         with torch.no_grad():
             if self.ref_model is not None:
-                return answer_logprobs(self.ref_model, rollout, t)
+                return answer_logprobs(self.ref_model, rollout, t, **self._chunking(self.ref_model))
             with self.policy.disable_adapter():
-                return answer_logprobs(self.policy, rollout, t)
+                return answer_logprobs(self.policy, rollout, t, **self._chunking(self.policy))
+
+    def _policy_logprobs(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        return answer_logprobs_and_entropy(
+            self.model, rollout, self.config.temperature, **self._chunking(self.policy)
+        )
 
     def _scored(self, role: Role, rollout: Rollout, grad: bool = True) -> RoleRollout:
         with as_role(self.policy, self.adapters[role]), nullcontext() if grad else torch.no_grad():
-            logprobs, entropy = answer_logprobs_and_entropy(
-                self.model, rollout, self.config.temperature
-            )
+            logprobs, entropy = self._policy_logprobs(rollout)
         ref = self._ref_logprobs(rollout)
         return RoleRollout(logprobs, ref, rollout.answer_mask, rollout.missing_eos, entropy)
 
     def _scored_together(self, leader: Rollout, follower: Rollout) -> tuple[RoleRollout, ...]:
         """Both roles of the shared weights in one policy and one reference forward pass."""
         both = stack_rollouts(leader, follower, self.pad_token_id)
-        logprobs, entropy = answer_logprobs_and_entropy(
-            self.model, both, self.config.temperature
-        )  # (2B, T) each
+        logprobs, entropy = self._policy_logprobs(both)  # (2B, T) each
         ref = self._ref_logprobs(both)
         b, out = leader.answer_mask.shape[0], []
         for rows, r in ((slice(0, b), leader), (slice(b, 2 * b), follower)):

@@ -14,10 +14,13 @@ the answers were drawn from (top-k truncation aside).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -121,36 +124,118 @@ def generate(
     return to_rollout(tokenizer, enc, answers, torch.full((len(answers),), answers.shape[1]))
 
 
-def answer_logprobs(model: Any, rollout: Rollout, temperature: float) -> torch.Tensor:
+def answer_logprobs(
+    model: Any, rollout: Rollout, temperature: float, **chunking: Any
+) -> torch.Tensor:
     """``(B, T)`` log-probabilities of the answer tokens under ``model`` (0 on padding)."""
-    return answer_logprobs_and_entropy(model, rollout, temperature)[0]
+    return answer_logprobs_and_entropy(model, rollout, temperature, **chunking)[0]
 
 
 def answer_logprobs_and_entropy(
-    model: Any, rollout: Rollout, temperature: float
+    model: Any,
+    rollout: Rollout,
+    temperature: float,
+    *,
+    head_owner: Any | None = None,
+    chunk_tokens: int = 4096,
+    chunked_head: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, T)`` answer log-probabilities (with grad) and ``(B, T)`` entropies (detached) of the
-    sampling distribution at each answer position, both 0 on padding.
+    """``(B, T)`` answer log-probabilities (with grad when grad is on) and ``(B, T)`` entropies
+    (detached) of the sampling distribution at each answer position, both 0 on padding.
 
-    Only the ``T`` positions that predict answer tokens go through the output head
-    (``logits_to_keep``): the prompt's logits are never needed.
+    Memory (docs/trainer.md, "Memory"): only the ``T`` positions that predict answer tokens
+    leave the decoder (``logits_to_keep``), and no ``(B, T, vocabulary)`` tensor is built. With
+    ``chunked_head`` the output head itself runs on ``chunk_tokens`` answer positions at a time
+    (padding skipped), in float32, inside activation checkpointing, so the backward pass
+    recomputes a chunk's logits instead of keeping them: the peak is one chunk's logits, not
+    every row's (TRL's ``selective_log_softmax`` still materialises the model's logits). Without
+    it (a model whose head is sharded by FSDP, or one that post-processes its logits) the model
+    returns its logits and only the float32 log-softmax is chunked.
+
+    ``head_owner`` is the model without its DDP wrapper (where the output head is found);
+    ``model`` is what is called (maybe DDP/FSDP-wrapped).
     """
+    owner = model if head_owner is None else head_owner
     mask = rollout.attention_mask
     position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate() numbers left padding
     t = rollout.answer_mask.shape[1]
-    logits = model(
-        input_ids=rollout.input_ids,
-        attention_mask=mask,
-        position_ids=position_ids,
-        logits_to_keep=t + 1,
-    ).logits  # (B, T + 1, V)
-    logits = logits[:, :-1].float() / temperature  # predictions of the answer tokens
+    chunked_head = chunked_head and _plain_head(owner)
+    head = owner.get_output_embeddings() if chunked_head else None
+    with _head_returns_input(head):
+        states = model(
+            input_ids=rollout.input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            logits_to_keep=t + 1,
+        ).logits[:, :-1]  # (B, T, H) hidden states or (B, T, V) logits of the answer tokens
     targets = rollout.input_ids[:, -t:]  # (B, T)
-    log_p = torch.log_softmax(logits, dim=-1)  # (B, T, V)
-    logprobs = log_p.gather(-1, targets[..., None]).squeeze(-1)
+    rows, cols = rollout.answer_mask.nonzero(as_tuple=True)  # the answer positions only
+    logprobs, entropy = [], []
+    for start in range(0, len(rows), chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        args = (states, rows[part], cols[part], targets[rows[part], cols[part]], head, temperature)
+        if torch.is_grad_enabled():  # keep only the inputs; recompute the chunk in backward
+            lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(*args)
+        logprobs.append(lp)
+        entropy.append(ent)
+    zeros = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+    if not logprobs:
+        return zeros, zeros
+    return (
+        zeros.index_put((rows, cols), torch.cat(logprobs)),
+        zeros.index_put((rows, cols), torch.cat(entropy)),
+    )
+
+
+def _chunk_logprobs(
+    states: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    targets: torch.Tensor,
+    head: Any | None,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each target and the entropy (no grad) of its distribution at the
+    ``(rows, cols)`` positions of ``states``: hidden states through ``head``, or logits (``head``
+    None). Only this chunk's float32 logits exist at a time."""
+    picked = states[rows, cols]  # (n, H) or (n, V)
+    logits = (picked if head is None else head(picked)).float() / temperature  # (n, V)
+    normaliser = torch.logsumexp(logits, dim=-1)
+    logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - normaliser
     with torch.no_grad():
-        entropy = -(log_p.exp() * log_p).sum(dim=-1)  # (B, T)
-    return logprobs * rollout.answer_mask, entropy * rollout.answer_mask
+        entropy = normaliser - (logits.softmax(dim=-1) * logits).sum(dim=-1)
+    return logprobs, entropy
+
+
+def _plain_head(model: Any) -> bool:
+    """Whether the model's logits are its output head's output, unscaled and uncapped (what the
+    chunked head reproduces): not for models that soft-cap or scale their logits."""
+    config = getattr(model, "config", None)
+    scaled = any(
+        getattr(config, name, None) not in (None, 1.0)
+        for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+    )
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    return head is not None and not scaled
+
+
+@contextmanager
+def _head_returns_input(head: Any | None) -> Iterator[None]:
+    """While open, ``head`` returns its input: the model's forward yields hidden states."""
+    if head is None:
+        yield
+        return
+    head.forward = _identity  # an instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def stack_rollouts(a: Rollout, b: Rollout, pad_token_id: int) -> Rollout:

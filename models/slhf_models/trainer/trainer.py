@@ -17,7 +17,8 @@ models/slhf_models/trainer/objective.py
 and docs/algorithm.md. This module samples a step's rollouts and preferences and steps the
 optimiser; scoring, the role losses and the backward passes are
 models/slhf_models/trainer/role_losses.py.
-Per step the log has each role's loss terms, metric first (``loss/leader``, ``kl/follower``, ...,
+Per step the log has each role's loss terms, metric first (``loss/leader``,
+``sequence_kl/follower``, ...,
 with each role's mean per-token entropy ``entropy/leader``, ``entropy/follower``), ``preference``,
 ``loss`` and the learning rate (``lr``, after the schedule).
 
@@ -123,8 +124,7 @@ class StackelbergTrainer:
         )
         self.sampler = PromptSampler(train_dataset, config.seed)
         torch.manual_seed(config.seed)  # LoRA initialisation: the same on every process
-        model = weights.with_lora(model, config) if config.use_lora else model
-        model.train()
+        model = weights.prepare_policy(model, config)
         self.adapters: dict[Role, str | None] = {"leader": None, "follower": None}
         if separate:
             self.adapters = {"leader": "leader", "follower": "follower"}

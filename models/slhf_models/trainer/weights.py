@@ -1,4 +1,5 @@
-"""Which weights train: LoRA adapters on the policy (shared, or one per role) or every weight.
+"""Which weights train and how they are held: the dtype the models load in, LoRA adapters on the
+policy (shared, or one per role) or every weight, dropout off and gradient checkpointing.
 
 ``follower_weights: shared`` puts one adapter on the model; ``separate_adapter`` puts a
 ``leader`` and a ``follower`` adapter on one base, with learning rates η and κ·η.
@@ -57,3 +58,40 @@ def param_groups(
         {"params": role_params(params, "leader"), "lr": cfg.learning_rate},
         {"params": role_params(params, "follower"), "lr": cfg.follower_learning_rate},
     ]
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The config's ``dtype``: ``auto`` is bfloat16 on a CUDA device that supports it, else
+    float32 (CPUs: bf16 matmuls are slow or emulated on many, and TRL defaults to fp32 there)."""
+    if name == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def disable_dropout(model: Any) -> int:
+    """Every dropout of ``model`` (LoRA's ``lora_dropout`` modules, the model's own, attention
+    dropout read from a module attribute) set to 0; returns how many were on."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p, changed = 0.0, changed + 1
+        rate = getattr(module, "attention_dropout", None)
+        if isinstance(rate, float) and rate > 0:
+            module.attention_dropout, changed = 0.0, changed + 1
+    config = getattr(model, "config", None)
+    if isinstance(getattr(config, "attention_dropout", None), float):
+        config.attention_dropout = 0.0
+    return changed
+
+
+def prepare_policy(model: Any, cfg: StackelbergConfig) -> Any:
+    """The policy as it trains: gradient checkpointing (non-reentrant, so frozen inputs need no
+    grad), LoRA adapters, dropout off (``disable_dropout``), in ``train()`` mode."""
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # generate() turns it back on in eval mode
+    model = with_lora(model, cfg) if cfg.use_lora else model
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    return model.train()

@@ -91,7 +91,7 @@ def test_two_vllm_steps_train_and_sync_the_current_adapters(
     history = trainer.train()
     assert [m["step"] for m in history] == [1, 2]
     for m in history:
-        for key in ("loss", "loss/follower", "kl/follower", "preference"):
+        for key in ("loss", "loss/follower", "sequence_kl/follower", "preference"):
             assert math.isfinite(m[key]), (key, m)
         assert 1 <= m["length/leader"] <= 8
     # one sync when the trainer is built, one after each optimiser step; new LoRA ids each time

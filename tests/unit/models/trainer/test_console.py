@@ -72,8 +72,8 @@ def test_without_a_terminal_the_run_prints_one_line_per_logging_step(
 
 def test_format_line_and_the_bar_on_a_terminal() -> None:
     metrics = {
-        "step": 10, "loss": 0.01234, "preference": 0.5123, "kl/leader": 0.0012,
-        "kl/follower": 0.0034, "entropy/leader": 2.314, "entropy/follower": 2.4,
+        "step": 10, "loss": 0.01234, "preference": 0.5123, "sequence_kl/leader": 0.0012,
+        "sequence_kl/follower": 0.0034, "entropy/leader": 2.314, "entropy/follower": 2.4,
         "preference_error_rate": 0.25, "lr": 1e-5,
     }  # fmt: skip
     assert format_line(metrics, 1000, 1.234) == (

@@ -110,7 +110,7 @@ def test_reinforce_loss_sums_tokens_and_averages_the_batch() -> None:
     r = rollout(lp, ref, mask=torch.tensor([[1.0, 1.0], [1.0, 0.0]], dtype=torch.float64))
     loss, stats = reinforce_loss(r, torch.tensor([0.3, -0.2], dtype=torch.float64), 0.1, "k1")
     assert loss.item() == pytest.approx(0.2185788625, abs=1e-9)
-    assert stats["kl"].item() == pytest.approx(LOG2 / 2)  # per-answer KL sums: log 2 and 0
+    assert stats["sequence_kl"].item() == pytest.approx(LOG2 / 2)  # per-answer KL sums: log 2 and 0
     assert stats["length"].item() == 1.5
     assert not any(v.requires_grad for v in stats.values())
     # gradient wrt log π = mask · coef / B
@@ -194,7 +194,7 @@ def test_two_token_answer_weights_the_first_token_by_the_kl_still_to_come() -> N
     # ∂loss/∂log π = τ·G − A = (−0.3, −0.1·log 2 − 0.3)
     r = rollout(log(0.5, 0.25)[None], log(0.25, 0.5)[None])
     loss, stats = reinforce_loss(r, torch.tensor([0.3], dtype=torch.float64), 0.1, "k1")
-    assert stats["kl"].item() == pytest.approx(0.0)
+    assert stats["sequence_kl"].item() == pytest.approx(0.0)
     loss.backward()
     expected = torch.tensor([[-0.3, -0.1 * LOG2 - 0.3]], dtype=torch.float64)
     torch.testing.assert_close(r.logprobs.grad, expected)

@@ -46,7 +46,7 @@ def test_three_steps_have_finite_losses_and_move_the_shared_adapter(
     history = trainer.train()
     assert [m["step"] for m in history] == [1, 2, 3]
     for m in history:
-        for key in ("loss", "loss/leader", "loss/follower", "kl/leader", "preference"):
+        for key in ("loss", "loss/leader", "loss/follower", "sequence_kl/leader", "preference"):
             assert math.isfinite(m[key]), (key, m)
         # the sampling distribution's entropy per role: positive, at most log(vocabulary)
         for role in ("leader", "follower"):

@@ -45,14 +45,18 @@ def grads_after_accumulate(trainer: StackelbergTrainer, micro_batches: int) -> d
     return {n: p.grad.clone() for n, p in trainer.params.items()}
 
 
+@pytest.mark.parametrize("baseline", ["constant", "leave_one_out"])
 @pytest.mark.parametrize("weights", ["shared", "separate_adapter"])
 def test_two_micro_batches_of_two_give_the_gradients_of_one_batch_of_four(
-    tiny: Path, tmp_path: Path, weights: str
+    tiny: Path, tmp_path: Path, weights: str, baseline: str
 ) -> None:
-    # Constant baseline: every row's loss term depends on that row only, so splitting the batch
-    # into micro-batches (each loss / n, gradients summed) is exact up to float rounding. The
-    # leave-one-out baseline would differ: it averages over the micro-batch, not the batch.
-    trainer = make_trainer(tiny, tmp_path, batch_size=4, follower_weights=weights)
+    # Splitting the batch into micro-batches (each loss / n, gradients summed) must be exact up
+    # to float rounding. With the constant baseline each row's term depends on that row only;
+    # the leave-one-out baseline is computed over the whole step first (with the Leader's full
+    # objective, after a no-grad pass for every row's Follower KL), not per micro-batch.
+    trainer = make_trainer(
+        tiny, tmp_path, batch_size=4, follower_weights=weights, baseline=baseline
+    )
     one = grads_after_accumulate(trainer, 1)
     two = grads_after_accumulate(trainer, 2)
     assert any(g.abs().sum() > 0 for g in one.values())
@@ -71,7 +75,7 @@ def test_a_full_fine_tune_with_a_ref_model_moves_every_weight_and_starts_at_zero
     trainer = make_trainer(tiny, tmp_path / "run", use_lora=False, learning_rate=1e-3)
     before = {n: p.detach().clone() for n, p in trainer.params.items()}
     history = trainer.train()
-    assert history[0]["kl/leader"] == pytest.approx(0.0, abs=1e-6)  # π_θ = π_ref at step 1
+    assert history[0]["sequence_kl/leader"] == pytest.approx(0.0, abs=1e-6)  # π_θ = π_ref at step 1
     assert all(math.isfinite(m["loss"]) for m in history)
     moved = [n for n, p in trainer.params.items() if not torch.equal(before[n], p)]
     assert len(moved) == len(before)
