@@ -1,6 +1,7 @@
-"""Property-based fuzz of the three request routes against a real server and real vLLM (issue 16),
-with the hostile bodies of ``tests/hostile_requests.py``: every answer is a 200 or a 4xx envelope
-(or a deadline's 504), never another 5xx, and the server is healthy afterwards.
+"""Property-based fuzz of the three request routes against a real server and real vLLM
+(docs/reliability.md), with the hostile bodies of ``tests/hostile_requests.py``: every answer is a
+200 or a 4xx envelope (or a deadline's 504), never another 5xx, and the server is healthy
+afterwards.
 
 Bounded: ``EXAMPLES`` cases (derandomized, so every run sends the same ones) and a ``BUDGET_S``
 wall-clock budget after which the remaining cases are skipped; no shrinking (failures are

@@ -1,6 +1,6 @@
-"""Issue 16 against a real server and real vLLM: hostile input (rows 1-4), a hostile upstream
-(rows 5-7, served by ``fake_upstream``) and a body that never completes (row 8). Loopback only;
-every wait is bounded. Timing bounds carry wide margins: this machine is shared."""
+"""docs/reliability.md's guarantees against a real server and real vLLM: hostile input, a hostile
+upstream (served by ``fake_upstream``) and a body that never completes. Loopback only; every wait
+is bounded. Timing bounds carry wide margins: this machine is shared."""
 
 from __future__ import annotations
 

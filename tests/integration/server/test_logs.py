@@ -1,7 +1,8 @@
-"""Issue 17 §4 against a real ``slhf serve`` process: with ``SLHF_LOG_FORMAT=json`` every line
-of its output -- ours, uvicorn's, vLLM's, torch's C++ warnings, progress bars, shutdown -- is
-one JSON object, with no ``color_message``; and vLLM's extra sampling fields reach the engine
-(``ignore_eos`` + ``min_tokens`` make every generation run to ``max_tokens``)."""
+"""JSON logs (docs/deploy.md, "Logs") against a real ``slhf serve`` process: with
+``SLHF_LOG_FORMAT=json`` every line of its output -- ours, uvicorn's, vLLM's, torch's C++ warnings,
+progress bars, shutdown -- is one JSON object, with no ``color_message``; and vLLM's extra sampling
+fields reach the engine (``ignore_eos`` + ``min_tokens`` make every generation run to
+``max_tokens``)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""The trace viewer in a real headless Chromium against a real server (issue 17 §5): the page
+"""The trace viewer in a real headless Chromium against a real server (docs/playground.md): the page
 loads, lists the model, streams every round of a refinement into its own card, and shows each
-round's tokens, latency and word diff against the round before -- the same rounds the API gives
-for the same seeded request.
+round's tokens, latency and word diff against the round before -- the same rounds the API gives for
+the same seeded request.
 
 Set ``SLHF_PLAYGROUND_SCREENSHOT=path.png`` to keep the screenshot (docs/playground.png).
 """

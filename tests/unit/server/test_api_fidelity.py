@@ -1,6 +1,7 @@
-"""Issue 17, §3-§4 with a fake engine: the OpenAPI document as the server behaves, vLLM's extra
-sampling fields per role, string error codes, a lean ``/v1/models``, ``slhf serve``'s flags,
-JSON-only logs, and a client stream without empty chunks."""
+"""The API as docs/wire.md describes it, with a fake engine: the OpenAPI document as the server
+behaves, vLLM's extra sampling fields per role, string error codes, a lean ``/v1/models``,
+``slhf serve``'s flags, JSON-only logs (docs/deploy.md, "Logs"), and a client stream without
+empty chunks."""
 
 from __future__ import annotations
 

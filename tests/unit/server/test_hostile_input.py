@@ -1,6 +1,7 @@
-"""Hostile requests with a fake engine (issue 16, rows 1-4): lone surrogates in every text field,
-sampling values beyond the engine's limits, non-JSON numbers, lax types -- each a 400 envelope
-naming the field -- and the one place where an engine's or a tokenizer's rejection becomes a 400.
+"""Hostile requests with a fake engine (docs/reliability.md, "Requests are validated strictly"):
+lone surrogates in every text field, sampling values beyond the engine's limits, non-JSON numbers,
+lax types -- each a 400 envelope naming the field -- and the one place where an engine's or a
+tokenizer's rejection becomes a 400.
 
 Bodies are sent as JSON text written with ``ensure_ascii=True``, so ``"\\ud800"`` travels as the
 valid JSON escape a hostile client would send.

@@ -1,6 +1,6 @@
-"""The teardown after a drain is bounded (issue 16, row 9): a watchdog ends the process
-``SLHF_SHUTDOWN_TIMEOUT_S`` after the drain; the engine gets half of it to stop its processes.
-(The real process is measured in tests/integration/server/test_hostile.py.)"""
+"""The teardown after a drain is bounded (docs/reliability.md, "Shutdown"): a watchdog ends the
+process ``SLHF_SHUTDOWN_TIMEOUT_S`` after the drain; the engine gets half of it to stop its
+processes. (The real process is measured in tests/integration/server/test_hostile.py.)"""
 
 from __future__ import annotations
 

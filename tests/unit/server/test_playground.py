@@ -1,6 +1,6 @@
-"""The trace viewer's HTTP side (issue 17 §5): served at /playground as plain static files, off
-with SLHF_PLAYGROUND=false, behind the API keys like /v1 (Bearer, or the key as a browser's Basic
-password). Its behaviour in a real browser: tests/integration/server/test_playground.py."""
+"""The trace viewer's HTTP side (docs/playground.md): served at /playground as plain static files,
+off with SLHF_PLAYGROUND=false, behind the API keys like /v1 (Bearer, or the key as a browser's
+Basic password). Its behaviour in a real browser: tests/integration/server/test_playground.py."""
 
 from __future__ import annotations
 

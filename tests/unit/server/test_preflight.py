@@ -1,4 +1,4 @@
-"""Startup checks before the engine starts (issue 16, rows 10-11): a model folder without
+"""Startup checks before the engine starts (docs/reliability.md, "Startup"): a model folder without
 tokenizer files or with a truncated ``model.safetensors``, and a port already in use, each stop
 ``slhf serve`` with one line naming the file or setting -- without creating the app."""
 

@@ -1,6 +1,7 @@
-"""Hostile upstream answers and slow request bodies with a fake engine (issue 16, rows 5-8): one
-deadline for the whole upstream answer (504), strict parsing (502 naming what was wrong), a byte
-cap and a length cap (502), and a body read timeout (408, connection closed)."""
+"""Hostile upstream answers and slow request bodies with a fake engine (docs/reliability.md,
+"Hostile upstreams" and "Bounded time and memory per request"): one deadline for the whole upstream
+answer (504), strict parsing (502 naming what was wrong), a byte cap and a length cap (502), and a
+body read timeout (408, connection closed)."""
 
 from __future__ import annotations
 
