@@ -39,7 +39,7 @@ def bench_model_dir() -> Path:
 def in_process_job(service: Any, body: dict[str, Any]) -> Any:
     """The ``RefineJob`` our server would run for the ``/v1/refine`` ``body`` (its pipeline's
     plan), for the in-process chain on ``service`` (a ``slhf_server.service.Service``)."""
-    from slhf_server.pipeline import plan_refine
+    from slhf_server.plan import plan_refine
     from slhf_server.protocol import RefineRequest
 
     return plan_refine(service, RefineRequest(**body)).jobs[0]

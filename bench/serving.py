@@ -416,8 +416,8 @@ class Bench:
         import prometheus_client
 
         from slhf_server.app import resolve_served_weights
-        from slhf_server.engine import VllmEngine
         from slhf_server.service import Service
+        from slhf_server.vllm_engine import VllmEngine
 
         settings = self.settings
         if nice is not None:

@@ -1,8 +1,12 @@
 """Atomic, resumable checkpoints: ``output_dir/checkpoints/step-N/``.
 
 A checkpoint holds the trainable parameters (LoRA adapters, or every weight in a full fine-tune),
-the optimizer state, the RNG states (torch, Python, numpy) and ``state.json`` (step, data
-position, config hash). It is written into a temporary sibling folder, every file fsync'ed, then
+the optimizer state, the RNG states (torch, Python, numpy; every process's) and ``state.json``
+(step, data position, config hash, number of processes and the distributed mode: ``none``,
+``ddp`` or ``fsdp2``). Unsharded runs keep parameters and optimizer in ``params.pt`` and
+``optimizer.pt``; a sharded (``fsdp2``) run keeps every process's shards of both in
+``sharded/``, written by ``torch.distributed.checkpoint``. It is written into a temporary
+sibling folder, every file fsync'ed, then
 renamed into place with ``os.replace`` and the parent folder fsync'ed: a run killed mid-write
 leaves the previous checkpoints intact and at most a ``.tmp-step-*`` folder, which is ignored,
 and removed by ``remove_stale_temporaries`` when the next run resumes or first saves.
@@ -16,6 +20,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,7 @@ import numpy as np
 import torch
 
 CHECKPOINTS = "checkpoints"
+SHARDED = "sharded"  # an fsdp2 run's parameters and optimizer state, every process's shards
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-step-"
 
@@ -67,34 +73,47 @@ def remove_stale_temporaries(output_dir: Path) -> list[Path]:
     return stale
 
 
+def temporary_folder(output_dir: Path, step: int) -> Path:
+    """A new ``.tmp-step-N-*`` folder for ``step``'s checkpoint (stale ones removed first): the
+    main process makes it, every process of a sharded run writes its shards into it."""
+    root = output_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output_dir)
+    return Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step}-", dir=root))
+
+
 def save_checkpoint(
     output_dir: Path,
     step: int,
     *,
-    params: dict[str, torch.Tensor],
-    optimizer: dict[str, Any],
+    params: dict[str, torch.Tensor] | None = None,
+    optimizer: dict[str, Any] | None = None,
     state: dict[str, Any],
     process_rngs: list[dict[str, Any]] | None = None,
+    tmp: Path | None = None,
 ) -> Path:
     """Write ``step-N`` atomically and return its path.
 
-    ``process_rngs``: every process's RNG states (multi-process runs), in ``rng_processes.pt``;
-    ``rng.pt`` always holds this (the main) process's states.
+    ``params`` and ``optimizer``: an unsharded run's; a sharded run passes ``tmp``, the
+    ``temporary_folder`` whose ``sharded/`` every process has written. ``process_rngs``: every
+    process's RNG states (multi-process runs), in ``rng_processes.pt``; ``rng.pt`` always holds
+    this (the main) process's states.
     """
     root = output_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(output_dir)
     final = root / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step}-", dir=root))
+    tmp = tmp or temporary_folder(output_dir, step)
     try:
-        torch.save(params, tmp / "params.pt")
-        torch.save(optimizer, tmp / "optimizer.pt")
+        if params is not None:
+            torch.save(params, tmp / "params.pt")
+        if optimizer is not None:
+            torch.save(optimizer, tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         if process_rngs is not None:
             torch.save(process_rngs, tmp / "rng_processes.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-        for f in tmp.iterdir():
-            _fsync(f)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync(f)
         if final.exists():  # re-saving the same step (a resumed run) replaces it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -131,17 +150,24 @@ def resolve_checkpoint(resume_from: str, output_dir: Path) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint's parts: ``params``, ``optimizer``, ``rng``, ``state``, ``process_rngs``."""
+    """The checkpoint's parts: ``params``, ``optimizer`` (None in a sharded checkpoint), ``rng``,
+    ``state``, ``process_rngs``."""
     per_process = path / "rng_processes.pt"
+    unsharded = (path / "params.pt").exists()
     return {
         "process_rngs": torch.load(per_process, weights_only=False)
         if per_process.exists()
         else None,
-        "params": torch.load(path / "params.pt", weights_only=True),
-        "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
+        "params": torch.load(path / "params.pt", weights_only=True) if unsharded else None,
+        "optimizer": torch.load(path / "optimizer.pt", weights_only=True) if unsharded else None,
         "rng": torch.load(path / "rng.pt", weights_only=False),  # python/numpy states
         "state": json.loads((path / "state.json").read_text()),
     }
+
+
+def saved_mode(state: dict[str, Any]) -> str:
+    """The distributed mode a checkpoint was written in (older ones: from the process count)."""
+    return str(state.get("distributed") or ("ddp" if state.get("num_processes", 1) > 1 else "none"))
 
 
 def restore_checkpoint(
@@ -151,24 +177,41 @@ def restore_checkpoint(
     *,
     rank: int = 0,
     num_processes: int = 1,
+    mode: str = "none",
+    load_shards: Callable[[Path], None] | None = None,
 ) -> tuple[int, int]:
     """Load ``path`` into ``params``, ``optimizer`` and this process's RNGs.
 
-    Returns ``(step, data_position)``. The run must have the same trainable parameters and the
-    same number of processes (``batch_size`` is per process, so the data stream depends on it).
+    Returns ``(step, data_position)``. The run must have the same trainable parameters, the same
+    number of processes (``batch_size`` is per process, so the data stream depends on it) and the
+    same distributed mode. A sharded run gives ``load_shards``, which loads ``sharded/`` into
+    its parameters and optimizer (a collective).
     """
     ckpt = load_checkpoint(path)
-    missing = set(params) - set(ckpt["params"])
-    if missing:
+    written = saved_mode(ckpt["state"])
+    if (written == "fsdp2") != (mode == "fsdp2"):
         raise CheckpointError(
-            f"{path}: lacks {len(missing)} trainable parameters (e.g. {sorted(missing)[0]}); "
-            "was it written with another use_lora/follower_weights/lora_* setting?"
+            f"{path} was written by a {written} run; this run is {mode}. Resume under the same "
+            "launch configuration (a sharded checkpoint holds each process's shards)"
         )
     saved = ckpt["state"].get("num_processes", 1)
     if saved != num_processes:
         raise CheckpointError(
             f"{path} was written by {saved} process(es); this run has {num_processes}. "
             "Resume with the same number of processes (batch_size is per process)"
+        )
+    if ckpt["params"] is None:
+        if load_shards is None:
+            raise CheckpointError(f"{path} holds sharded weights; it needs an fsdp2 run")
+        load_shards(path / SHARDED)
+        rngs = ckpt["process_rngs"]
+        set_rng_state(rngs[rank] if rngs else ckpt["rng"])
+        return int(ckpt["state"]["step"]), int(ckpt["state"]["data_position"])
+    missing = set(params) - set(ckpt["params"])
+    if missing:
+        raise CheckpointError(
+            f"{path}: lacks {len(missing)} trainable parameters (e.g. {sorted(missing)[0]}); "
+            "was it written with another use_lora/follower_weights/lora_* setting?"
         )
     with torch.no_grad():
         for name, param in params.items():

@@ -104,8 +104,11 @@ def generate(
     max_new_tokens: int,
     temperature: float,
     top_k: int,
+    synced: bool = False,
 ) -> Rollout:
-    """Sample one answer per prompt text (left padding; torch's global RNG)."""
+    """Sample one answer per prompt text (left padding; torch's global RNG). ``synced``: every
+    process runs the same number of forward passes until all are done (a sharded model needs
+    all of them in each one); a process whose answers ended early runs on without sampling."""
     enc = encode_prompts(tokenizer, prompt_texts, add_special_tokens=add_special_tokens)
     was_training = model.training
     model.eval()
@@ -118,6 +121,7 @@ def generate(
         max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        synced_gpus=synced,
     )  # (B, P + T'), T' ≤ max_new_tokens
     model.train(was_training)
     answers = out[:, enc.input_ids.shape[1] :]  # (B, T'); rows end at EOS, then padding

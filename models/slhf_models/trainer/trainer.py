@@ -70,11 +70,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 
 from slhf_models.preferences import Preference, unscored
 from slhf_models.serving.templates import Prompt, Role, TemplateConfig, TemplateRenderer
-from slhf_models.trainer import artefact, checkpoint, evaluation, weights
+from slhf_models.trainer import artefact, checkpoint, distributed, evaluation, weights
 from slhf_models.trainer.artefact import config_hash, save_artefact
 from slhf_models.trainer.config import StackelbergConfig
 from slhf_models.trainer.console import Console, preference_error_rate
@@ -111,8 +111,10 @@ class StackelbergTrainer:
             raise ValueError(f"eval_every is {config.eval_every} but no eval_dataset was given")
         separate = config.follower_weights == "separate_adapter"
         # separate adapters: the inactive role's adapter takes no part in a forward pass
-        ddp = DistributedDataParallelKwargs(find_unused_parameters=separate)
-        self.accelerator = accelerator or Accelerator(kwargs_handlers=[ddp])
+        self.accelerator = accelerator or distributed.make_accelerator(
+            find_unused_parameters=separate
+        )
+        self.mode = distributed.mode_of(self.accelerator)  # none, ddp or fsdp2
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.config = config
@@ -128,14 +130,26 @@ class StackelbergTrainer:
         self.adapters: dict[Role, str | None] = {"leader": None, "follower": None}
         if separate:
             self.adapters = {"leader": "leader", "follower": "follower"}
-        self.params = weights.trainable_params(model, config.use_lora)
-        groups = weights.param_groups(self.params, config)
-        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-        self.base_lrs = [group["lr"] for group in groups]  # the schedule multiplies these
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.mode == "fsdp2":  # sharded first: parameters and optimizer exist once, sharded
+            self.model = distributed.shard(model, self.accelerator)
+            self.params = weights.trainable_params(self.model, config.use_lora)
+            self.optimizer = torch.optim.AdamW(
+                weights.param_groups(self.params, config), weight_decay=0.0
+            )
+        else:
+            groups = weights.param_groups(weights.trainable_params(model, config.use_lora), config)
+            optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+            # what clipping, checkpoints and resume act on: the prepared model's parameters
+            self.params = weights.trainable_params(self.policy, config.use_lora)
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]  # the schedule's
         self.ref_model = None
         if ref_model is not None:
-            self.ref_model = ref_model.to(self.accelerator.device).eval().requires_grad_(False)
+            ref_model = ref_model.eval().requires_grad_(False)
+            if self.mode == "fsdp2":  # sharded like the policy, never replicated
+                self.ref_model = distributed.shard(ref_model, self.accelerator)
+            else:
+                self.ref_model = ref_model.to(self.accelerator.device)
         self.losses = RoleLosses(
             self.model,
             self.ref_model,
@@ -143,6 +157,7 @@ class StackelbergTrainer:
             config,
             self.adapters,
             tokenizer.pad_token_id,
+            sharded=self.mode == "fsdp2",
         )
         self.vllm: VllmRollouts | None = None  # rollout_backend vllm
         if config.rollout_backend == "vllm":
@@ -183,8 +198,12 @@ class StackelbergTrainer:
         stats = self._accumulate(leader, follower, prefs, update_leader)
         # 7. clip, schedule the learning rate and step
         if cfg.max_grad_norm is not None:
-            norm = self.accelerator.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)
-            stats["grad_norm"] = float(norm)
+            params = list(self.params.values())
+            if self.mode == "fsdp2":  # the norm over every shard (a DTensor), then clip each
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            else:
+                norm = self.accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            stats["grad_norm"] = float(distributed.local(norm))
         factor = cfg.lr_factor(step)  # a function of the step: a resumed run needs no state
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * factor
@@ -237,6 +256,7 @@ class StackelbergTrainer:
                 max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature,
                 top_k=cfg.top_k,
+                synced=self.mode == "fsdp2",
             )
 
     def _accumulate(
@@ -291,41 +311,73 @@ class StackelbergTrainer:
     def evaluate(self, step: int = 0) -> dict[str, float]:
         """Mean p(Follower ≻ Leader) on the eval prompts (see
         models/slhf_models/trainer/evaluation.py)."""
+        prompts = self.eval_dataset[self.rank :: self.world]
+        pad = 0
+        if self.mode == "fsdp2":  # every process samples the same number of batches (lockstep)
+            pad = -(-len(self.eval_dataset) // self.world) - len(prompts)
+            prompts = prompts + [self.eval_dataset[0]] * pad
         rows = evaluation.follower_vs_leader(
-            self.eval_dataset[self.rank :: self.world],
+            prompts,
             renderer=self.renderer,
             rollout=self._rollout,
             preference=self.preference,
             batch_size=self.config.batch_size,
             seed=self.config.seed + 7919 * step + self.rank,
         )
+        rows = rows[: len(rows) - pad]
         if self.world > 1:
             rows = gather_object(rows)
         return evaluation.summary(rows)
 
     def save_checkpoint(self, step: int) -> Path:
         """Write ``output_dir/checkpoints/step-N`` (main process; every process waits for it)."""
-        path = Path(self.config.output_dir) / checkpoint.CHECKPOINTS / f"step-{step}"
+        out = Path(self.config.output_dir)
+        path = out / checkpoint.CHECKPOINTS / f"step-{step}"
         rngs = gather_object([checkpoint.rng_state()]) if self.world > 1 else None
-        if self.accelerator.is_main_process:
+        main = self.accelerator.is_main_process
+        state = {
+            "data_position": self.sampler.position,
+            "config_hash": config_hash(self.config),
+            "num_processes": self.world,
+            "distributed": self.mode,
+        }
+        if self.mode == "fsdp2":  # every process writes its shards into the main one's folder
+            tmp = [checkpoint.temporary_folder(out, step) if main else None]
+            broadcast_object_list(tmp, from_process=0)
+            folder = Path(str(tmp[0]))
+            distributed.save_sharded(
+                folder / checkpoint.SHARDED, self.model, self.optimizer, set(self.params)
+            )
+            self.accelerator.wait_for_everyone()
+            if main:
+                checkpoint.save_checkpoint(out, step, state=state, process_rngs=rngs, tmp=folder)
+        elif main:
             checkpoint.save_checkpoint(
-                Path(self.config.output_dir),
+                out,
                 step,
                 params={n: p.detach().clone() for n, p in self.params.items()},
                 optimizer=self.optimizer.state_dict(),
-                state={
-                    "data_position": self.sampler.position,
-                    "config_hash": config_hash(self.config),
-                    "num_processes": self.world,
-                },
+                state=state,
                 process_rngs=rngs,
             )
         self.accelerator.wait_for_everyone()
         return path
 
     def _resume(self, path: Path) -> int:
+        load_shards = None
+        if self.mode == "fsdp2":
+
+            def load_shards(folder: Path) -> None:
+                distributed.load_sharded(folder, self.model, self.optimizer, set(self.params))
+
         step, self.sampler.position = checkpoint.restore_checkpoint(
-            path, self.params, self.optimizer, rank=self.rank, num_processes=self.world
+            path,
+            self.params,
+            self.optimizer,
+            rank=self.rank,
+            num_processes=self.world,
+            mode=self.mode,
+            load_shards=load_shards,
         )
         self._sync_rollout_weights()
         return step
@@ -357,10 +409,13 @@ class StackelbergTrainer:
             raise ValueError("merged=True needs shared weights; separate adapters cannot merge")
         if push and not repo_id:
             raise ValueError("push_to_hub needs hub_model_id (e.g. my-org/my-slhf-model)")
+        policy = self.policy
+        if self.mode == "fsdp2":  # gathered onto the main process (a collective)
+            policy = distributed.unsharded_copy(self.model, self._rebuild)
         if self.accelerator.is_main_process:
             save_artefact(
                 out,
-                self.policy,
+                policy,
                 self.tokenizer,
                 cfg,
                 adapters=self.adapters,
@@ -372,6 +427,14 @@ class StackelbergTrainer:
                 print(f"slhf train: pushed {out} to {url}", file=sys.stderr)
         self.accelerator.wait_for_everyone()
         return out
+
+    def _rebuild(self, model_config: Any) -> Any:
+        """The policy's architecture, with the same adapters, empty (for ``unsharded_copy``)."""
+        from transformers import AutoModelForCausalLM
+
+        dtype = next(iter(self.params.values())).dtype if not self.config.use_lora else None
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype or model_config.dtype)
+        return weights.with_lora(model, self.config) if self.config.use_lora else model
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def disable_dropout(model: Any) -> int:
         if isinstance(rate, float) and rate > 0:
             module.attention_dropout, changed = 0.0, changed + 1
     config = getattr(model, "config", None)
-    if isinstance(getattr(config, "attention_dropout", None), float):
+    if config is not None and isinstance(getattr(config, "attention_dropout", None), float):
         config.attention_dropout = 0.0
     return changed
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from slhf_models.tiny import build_tiny_model
@@ -61,6 +62,92 @@ def test_two_cpu_processes_split_the_global_batch_and_only_the_main_one_writes(
     assert lines[0]["prompts_per_s"] > 0
     state = json.loads((tmp_path / "run/checkpoints/step-2/state.json").read_text())
     assert state["num_processes"] == 2 and state["data_position"] == 8  # 2 steps × 2 × 2
+    assert state["distributed"] == "ddp"
     rngs = torch.load(tmp_path / "run/checkpoints/step-2/rng_processes.pt", weights_only=False)
     assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
     assert (tmp_path / "run" / "final" / "slhf.json").exists()
+
+
+# -- FSDP2 on two CPU processes -------------------------------------------------------------------
+def _torchrun(
+    config: Path, *overrides: str, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_port", str(free_port()), "-m", "slhf_models.trainer.cli", str(config)]
+    return subprocess.run(
+        [*command, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def _metrics(run: Path) -> list[dict[str, Any]]:
+    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    timing = ("time_s", "steps_per_s", "prompts_per_s")
+    return [{k: v for k, v in m.items() if k not in timing} for m in lines]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    (path,) = [
+        *folder.glob("model.safetensors"),
+        *folder.glob("adapters/adapter_model.safetensors"),
+    ]
+    return load_file(path)
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_fsdp2_on_two_cpu_processes_shards_and_resumes_exactly(
+    tmp_path: Path, use_lora: bool
+) -> None:
+    """Under accelerate's FSDP environment (what `accelerate launch --config_file
+    recipes/accelerate/fsdp.yaml` sets) two gloo processes shard the policy (and a full
+    fine-tune's reference) with FSDP2; 2 steps + resume_from=latest + 2 steps equal 4 steps."""
+    tiny = build_tiny_model(tmp_path / "tiny", seed=0)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        f"model: {tiny}\ndataset: {prompts}\nbatch_size: 2\nmax_new_tokens: 6\n"
+        f"use_lora: {str(use_lora).lower()}\nlora_r: 4\nlearning_rate: 1e-2\nsave_every: 2\n"
+        "gradient_accumulation_steps: 2\nbaseline: leave_one_out\nmax_grad_norm: 0.5\n"
+        "preference: callable:tests.integration.models.trainer.test_distributed:longer_wins\n"
+    )
+    env = os.environ | {
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "ACCELERATE_USE_FSDP": "true",
+        "FSDP_VERSION": "2",
+    }
+    env.pop("ACCELERATE_USE_CPU", None)
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    done = _torchrun(config, "steps=4", f"output_dir={whole}", env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    done = _torchrun(config, "steps=2", f"output_dir={split}", env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    done = _torchrun(config, "steps=4", f"output_dir={split}", "resume_from=latest", env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    state = json.loads((split / "checkpoints/step-2/state.json").read_text())
+    assert state["distributed"] == "fsdp2" and state["num_processes"] == 2
+    shards = sorted(p.name for p in (split / "checkpoints/step-2/sharded").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]  # each process wrote its own shards
+    assert not (split / "checkpoints/step-2/params.pt").exists()
+
+    a, b = _metrics(whole), _metrics(split)
+    assert [m["step"] for m in a] == [1, 2, 3, 4] and [m["step"] for m in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
+    assert all(m["grad_norm"] > 0 for m in a)
+
+    final_a, final_b = _weights(whole / "final"), _weights(split / "final")
+    assert final_a.keys() == final_b.keys()
+    for name, tensor in final_a.items():
+        torch.testing.assert_close(final_b[name], tensor)
+    if not use_lora:
+        start = _weights(tiny)
+        moved = [n for n in start if not torch.equal(start[n], final_a[n].to(start[n].dtype))]
+        assert len(moved) > len(start) // 2  # the final weights are the trained ones, gathered
+    else:
+        assert any(t.abs().sum() > 0 for n, t in final_a.items() if "lora_B" in n)
