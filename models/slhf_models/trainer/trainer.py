@@ -34,19 +34,19 @@ with the adapters disabled (no second copy); in a full fine-tune, the ``ref_mode
 Departures from the paper's code (docs/algorithm.md): the KL penalty weights each token by the
 KL still to come (k1 by default; the paper's small runs used k3 as a reward, whose expected
 gradient is not the KL's); the Leader's reward includes τF·KL̂_F; an optional warm-up and decay
-of the learning rate; log-probabilities are taken at the sampling temperature; with
-``gradient_accumulation_steps > 1`` the leave-one-out baseline is computed per micro-batch.
+of the learning rate; log-probabilities are taken at the sampling temperature; dropout is off
+while scoring; the leave-one-out baseline is the whole step's, also with gradient accumulation.
 Rollouts: HF ``generate``, or vLLM with weight sync (``rollout_backend``; vllm_rollouts.py).
 
-Multi-GPU (accelerate, no launcher of ours): the trainer runs under ``accelerate.Accelerator``,
-which prepares the model and optimizer (DDP, FSDP or DeepSpeed from the launch config).
+Several processes (accelerate, no launcher of ours; distributed.py, docs/trainer.md): DDP through
+``accelerator.prepare``, or FSDP2 under accelerate's FSDP environment, sharded here with
+``fully_shard`` (policy and a full fine-tune's reference), parameters and optimizer taken after
+sharding, rollouts in lockstep, checkpoints per process with ``torch.distributed.checkpoint``.
 ``batch_size`` is per process: every process draws the same global batch of
 ``batch_size × num_processes`` prompts and keeps its own slice, samples with seed ``seed + rank``,
-and gradients are averaged across processes once per step (no sync on the earlier micro-batches).
-Metrics are averaged across processes; only the main process writes logs, checkpoints and the
-final weights. One process on CPU is the plain loop (rank 0, seed ``seed``). Generation and the
-LoRA reference run on the unwrapped model; with FSDP/ZeRO-3 prefer LoRA (a full fine-tune's
-``ref_model`` is only moved to the device, not sharded). Example configs: recipes/accelerate/.
+and gradients are averaged across processes once per step. Metrics are averaged across
+processes; only the main process writes logs and the final weights. One process on CPU is the
+plain loop (rank 0, seed ``seed``). Example configs: recipes/accelerate/.
 
 Run::
 
