@@ -1,6 +1,7 @@
 """`make imports`: every import under server/ models/ clients/ slhf/ bench/ tests/ docs/ resolves as
-an IDE resolves it, module and imported name (inside functions too). basedpyright reads the editable install's .pth (plain folders) and the venv;
-only its import rules are on (pyproject.toml, [tool.basedpyright]). Exit 1 on any unresolved one."""
+an IDE resolves it, module and imported name (inside functions too). basedpyright reads the
+editable install's .pth (plain folders) and the venv; only its import rules count (pyproject.toml,
+[tool.basedpyright]). Exit 1 on any unresolved one."""
 
 from __future__ import annotations
 

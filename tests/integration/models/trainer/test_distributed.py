@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -30,30 +29,43 @@ def longer_wins(x: Any, a: str, b: str) -> float:
     return 1.0 if len(a) > len(b) else 0.0 if len(a) < len(b) else 0.5
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def run_config(folder: Path, settings: str) -> Path:
+    """A train.yaml on a fresh tiny model and PROMPTS, plus ``settings`` (YAML lines)."""
+    tiny = build_tiny_model(folder / "tiny", seed=0)
+    prompts = folder / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    config = folder / "train.yaml"
+    config.write_text(
+        f"model: {tiny}\ndataset: {prompts}\nbatch_size: 2\nlora_r: 4\nlearning_rate: 1e-2\n"
+        "preference: callable:tests.integration.models.trainer.test_distributed:longer_wins\n"
+        + settings
+    )
+    return config
+
+
+def torchrun(config: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Two processes of ``slhf_models.trainer.cli`` under torchrun (what accelerate uses on GPUs;
+    `accelerate launch --cpu` needs MPI for 2 processes) with ``env`` over the tests' own."""
+    # --standalone: the rendezvous takes a port the OS assigns (no chosen port to race for)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    command += ["2", "-m", "slhf_models.trainer.cli", str(config)]
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    return subprocess.run(
+        [*command, *overrides],
+        cwd=REPO,
+        env=base | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"} | env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_two_cpu_processes_split_the_global_batch_and_only_the_main_one_writes(
     tmp_path: Path,
 ) -> None:
-    tiny = build_tiny_model(tmp_path / "tiny", seed=0)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    config = tmp_path / "train.yaml"
-    config.write_text(
-        f"model: {tiny}\ndataset: {prompts}\noutput_dir: {tmp_path / 'run'}\n"
-        "batch_size: 2\nmax_new_tokens: 8\nsteps: 2\nlora_r: 4\nlearning_rate: 1e-2\n"
-        "preference: callable:tests.integration.models.trainer.test_distributed:longer_wins\n"
-    )
-    # torchrun (what accelerate uses on GPUs); `accelerate launch --cpu` needs MPI for 2 processes
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--master_port", str(free_port()), "-m", "slhf_models.trainer.cli", str(config)]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    config = run_config(tmp_path, f"output_dir: {tmp_path / 'run'}\nmax_new_tokens: 8\nsteps: 2\n")
     t0 = time.monotonic()
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    done = torchrun(config, ACCELERATE_USE_CPU="1")
     assert done.returncode == 0, done.stderr[-3000:]
     assert time.monotonic() - t0 < 120
     lines = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -69,16 +81,6 @@ def test_two_cpu_processes_split_the_global_batch_and_only_the_main_one_writes(
 
 
 # -- FSDP2 on two CPU processes -------------------------------------------------------------------
-def _torchrun(
-    config: Path, *overrides: str, env: dict[str, str]
-) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--master_port", str(free_port()), "-m", "slhf_models.trainer.cli", str(config)]
-    return subprocess.run(
-        [*command, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-
-
 def _metrics(run: Path) -> list[dict[str, Any]]:
     lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     timing = ("time_s", "steps_per_s", "prompts_per_s")
@@ -102,30 +104,20 @@ def test_fsdp2_on_two_cpu_processes_shards_and_resumes_exactly(
     """Under accelerate's FSDP environment (what `accelerate launch --config_file
     recipes/accelerate/fsdp.yaml` sets) two gloo processes shard the policy (and a full
     fine-tune's reference) with FSDP2; 2 steps + resume_from=latest + 2 steps equal 4 steps."""
-    tiny = build_tiny_model(tmp_path / "tiny", seed=0)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    config = tmp_path / "train.yaml"
-    config.write_text(
-        f"model: {tiny}\ndataset: {prompts}\nbatch_size: 2\nmax_new_tokens: 6\n"
-        f"use_lora: {str(use_lora).lower()}\nlora_r: 4\nlearning_rate: 1e-2\nsave_every: 2\n"
-        "gradient_accumulation_steps: 2\nbaseline: leave_one_out\nmax_grad_norm: 0.5\n"
-        "preference: callable:tests.integration.models.trainer.test_distributed:longer_wins\n"
+    config = run_config(
+        tmp_path,
+        f"use_lora: {str(use_lora).lower()}\nmax_new_tokens: 6\nsave_every: 2\n"
+        "gradient_accumulation_steps: 2\nbaseline: leave_one_out\nmax_grad_norm: 0.5\n",
     )
-    env = os.environ | {
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "ACCELERATE_USE_FSDP": "true",
-        "FSDP_VERSION": "2",
-    }
-    env.pop("ACCELERATE_USE_CPU", None)
+    fsdp = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}  # what fsdp.yaml's launch sets
     whole, split = tmp_path / "whole", tmp_path / "split"
-    done = _torchrun(config, "steps=4", f"output_dir={whole}", env=env)
-    assert done.returncode == 0, done.stderr[-4000:]
-    done = _torchrun(config, "steps=2", f"output_dir={split}", env=env)
-    assert done.returncode == 0, done.stderr[-4000:]
-    done = _torchrun(config, "steps=4", f"output_dir={split}", "resume_from=latest", env=env)
-    assert done.returncode == 0, done.stderr[-4000:]
+    for overrides in (
+        ("steps=4", f"output_dir={whole}"),
+        ("steps=2", f"output_dir={split}"),
+        ("steps=4", f"output_dir={split}", "resume_from=latest"),
+    ):
+        done = torchrun(config, *overrides, **fsdp)
+        assert done.returncode == 0, done.stderr[-4000:]
 
     state = json.loads((split / "checkpoints/step-2/state.json").read_text())
     assert state["distributed"] == "fsdp2" and state["num_processes"] == 2
@@ -146,7 +138,7 @@ def test_fsdp2_on_two_cpu_processes_shards_and_resumes_exactly(
     for name, tensor in final_a.items():
         torch.testing.assert_close(final_b[name], tensor)
     if not use_lora:
-        start = _weights(tiny)
+        start = _weights(tmp_path / "tiny")
         moved = [n for n in start if not torch.equal(start[n], final_a[n].to(start[n].dtype))]
         assert len(moved) > len(start) // 2  # the final weights are the trained ones, gathered
     else:
