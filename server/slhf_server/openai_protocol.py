@@ -22,11 +22,7 @@ from slhf_server.protocol import (
     LeaderAnswer,
     LeaderSamplingOptions,
     MaxTokens,
-    MinP,
-    MinTokens,
-    Penalty,
     PromptTokensDetails,
-    RepetitionPenalty,
     RoundResult,
     SamplingOptions,
     Seed,
@@ -34,9 +30,10 @@ from slhf_server.protocol import (
     StoppedReason,
     Temperature,
     Text,
-    TopK,
     TopP,
     UnknownDetailsLeftOut,
+    VllmSamplingFields,
+    _Request,
     encodable,
 )
 
@@ -69,12 +66,6 @@ def unsupported() -> Any:
         description="Not supported by this server: a value other than null or its neutral "
         "value (e.g. false, 0, []) is rejected with a 400, code `unsupported_field`.",
         json_schema_extra={"x-slhf-unsupported": True},
-    )
-
-
-class _Request(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid", strict=True, allow_inf_nan=False, use_attribute_docstrings=True
     )
 
 
@@ -133,7 +124,7 @@ class OpenAIMessage(BaseModel):
         return encodable(v) if isinstance(v, str) else v
 
 
-class _OpenAIRequest(_Request):
+class _OpenAIRequest(VllmSamplingFields):  # the vLLM fields apply to every generation
     model: Text | None = None
     """``<name>`` (refined), ``<name>:leader`` (no refinement) or ``<name>@upstream``."""
     max_tokens: MaxTokens | None = None
@@ -154,21 +145,6 @@ class _OpenAIRequest(_Request):
     """Only with ``stream``."""
     refinement: RefinementOptions | None = None
     """The SLHF extension: rounds, a given answer, per-role sampling, the trace."""
-    # vLLM's extra sampling fields (and OpenAI's penalties), for every generation
-    top_k: TopK | None = None
-    """vLLM: sample among the ``top_k`` most likely tokens; -1 = no limit."""
-    min_p: MinP | None = None
-    """vLLM: drop tokens less likely than ``min_p`` x the most likely token's probability."""
-    repetition_penalty: RepetitionPenalty | None = None
-    """vLLM: > 1 discourages repeating tokens of the prompt or the text."""
-    presence_penalty: Penalty | None = None
-    """Penalty on tokens that already appeared in the text, -2 to 2."""
-    frequency_penalty: Penalty | None = None
-    """Penalty growing with a token's count in the text, -2 to 2."""
-    min_tokens: MinTokens | None = None
-    """vLLM: at least this many tokens before a stop string or EOS may end a generation."""
-    ignore_eos: bool | None = None
-    """vLLM: keep generating past the end-of-sequence token (until ``max_tokens``)."""
     # harmless: accepted and ignored
     user: Text | None = None
     """Accepted and ignored."""

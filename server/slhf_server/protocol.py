@@ -92,22 +92,12 @@ class _Request(BaseModel):
     )
 
 
-class SamplingOptions(_Request):
-    """Per-role sampling; unset fields take the manifest's defaults for that role (the fields
-    the manifest has no default for take vLLM's neutral value). Bounds are vLLM's."""
+class VllmSamplingFields(_Request):
+    """vLLM's sampling fields beyond OpenAI's core ones (and OpenAI's penalties), declared once:
+    ``/v1/refine``'s per-role sampling and the OpenAI routes' requests both take them."""
 
-    max_tokens: MaxTokens | None = None
-    """Most tokens to generate (per round); capped by SLHF_MAX_TOKENS_CAP."""
-    temperature: Temperature | None = None
-    """Sampling temperature, 0 (greedy) to 2."""
-    top_p: TopP | None = None
-    """Nucleus sampling: the smallest set of tokens whose probability reaches ``top_p``."""
     top_k: TopK | None = None
     """Sample among the ``top_k`` most likely tokens; -1 = no limit."""
-    seed: Seed | None = None
-    """Seed of this role's generations (each round derives its own from it)."""
-    stop: Stop | None = None
-    """Up to 16 strings that end a generation (not included in the text)."""
     min_p: MinP | None = None
     """vLLM: drop tokens less likely than ``min_p`` x the most likely token's probability."""
     repetition_penalty: RepetitionPenalty | None = None
@@ -120,6 +110,22 @@ class SamplingOptions(_Request):
     """vLLM: generate at least this many tokens before a stop string or EOS may end it."""
     ignore_eos: bool | None = None
     """vLLM: keep generating past the end-of-sequence token (until ``max_tokens``)."""
+
+
+class SamplingOptions(VllmSamplingFields):
+    """Per-role sampling; unset fields take the manifest's defaults for that role (the fields
+    the manifest has no default for take vLLM's neutral value). Bounds are vLLM's."""
+
+    max_tokens: MaxTokens | None = None
+    """Most tokens to generate (per round); capped by SLHF_MAX_TOKENS_CAP."""
+    temperature: Temperature | None = None
+    """Sampling temperature, 0 (greedy) to 2."""
+    top_p: TopP | None = None
+    """Nucleus sampling: the smallest set of tokens whose probability reaches ``top_p``."""
+    seed: Seed | None = None
+    """Seed of this role's generations (each round derives its own from it)."""
+    stop: Stop | None = None
+    """Up to 16 strings that end a generation (not included in the text)."""
 
 
 class LeaderSamplingOptions(SamplingOptions):
