@@ -51,3 +51,17 @@ def test_copy_rows_teach_the_follower_to_return_the_given_answer() -> None:
     assert 0.15 < len(leader) / len(rows) < 0.35  # LEADER_SHARE = 0.25
     assert all(r["answer"] and r["prompt"] for r in rows)
     assert copy_model.copy_rows(400, seed=0) == rows  # seeded
+
+
+def test_the_memory_estimate_counts_the_real_architectures_parameters() -> None:
+    """The fit table's model (bench/memory_estimate.py) against the real configs' parameter
+    counts (built on the meta device by slhf_models.shapes)."""
+    from bench import memory_estimate
+    from slhf_models.shapes import parameter_count
+
+    assert memory_estimate.QWEN25_05B.params() == parameter_count("qwen2.5-0.5b") == 494_032_768
+    assert memory_estimate.LLAMA31_8B.params() == parameter_count("llama3.1-8b", num_layers=32)
+    paper = memory_estimate.estimate(memory_estimate.QWEN25_05B, memory_estimate.Run())
+    assert paper["total"] < 80 * 0.95  # the paper's 0.5B defaults fit one 80 GiB GPU (computed)
+    no_checkpointing = memory_estimate.Run(gradient_checkpointing=False)
+    assert memory_estimate.estimate(memory_estimate.QWEN25_05B, no_checkpointing)["total"] > 80

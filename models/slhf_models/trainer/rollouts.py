@@ -141,7 +141,7 @@ def answer_logprobs_and_entropy(
     temperature: float,
     *,
     head_owner: Any | None = None,
-    chunk_tokens: int = 4096,
+    chunk_tokens: int = 1024,
     chunked_head: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, T)`` answer log-probabilities (with grad when grad is on) and ``(B, T)`` entropies
@@ -208,8 +208,8 @@ def _chunk_logprobs(
     logits = (picked if head is None else head(picked)).float() / temperature  # (n, V)
     normaliser = torch.logsumexp(logits, dim=-1)
     logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - normaliser
-    with torch.no_grad():
-        entropy = normaliser - (logits.softmax(dim=-1) * logits).sum(dim=-1)
+    with torch.no_grad():  # H = log Z − Σ p·logit, without a second (n, V) product tensor
+        entropy = normaliser - torch.einsum("nv,nv->n", logits.softmax(dim=-1), logits)
     return logprobs, entropy
 
 
