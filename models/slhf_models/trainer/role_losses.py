@@ -15,8 +15,9 @@ and its preferences; ``RoleLosses.accumulate`` does the rest of the gradient, pe
 
 The two weight topologies differ only in their passes and backward calls:
 
-- shared weights: both roles in one policy and one reference forward pass (rows stacked) and
-  one backward of ``L_L + κ·L_F`` (``κ·L_F`` alone on steps without a Leader update);
+- shared weights: the gradient of ``L_L + κ·L_F`` (``κ·L_F`` alone on steps without a Leader
+  update) as a pass and a backward per role, the Follower's first: one role's activations at a
+  time, each role's rows padded to its own length only (docs/trainer.md, "Memory");
 - separate adapters: each role's pass on its own adapter and a backward per role (the Follower's
   κ is in its learning rate). The Leader goes first, so the Follower's backward is the
   micro-batch's last one, and the Follower's KL in the Leader's reward (``leader_objective:
@@ -43,7 +44,6 @@ from slhf_models.trainer.rollouts import (
     Rollout,
     answer_logprobs,
     answer_logprobs_and_entropy,
-    stack_rollouts,
 )
 
 
@@ -183,16 +183,23 @@ class RoleLosses:
 
     # -- the two topologies ------------------------------------------------------------------------
     def _shared(self, batch: MicroBatch, update_leader: bool) -> Stats:
-        """One pass for both roles and one backward of ``L_L + κ·L_F`` (``κ·L_F`` alone)."""
+        """The gradient of ``L_L + κ·L_F`` (``κ·L_F`` alone) as two backward passes, one per
+        role: the Follower's first (its KL is the Leader's reward term), then the Leader's, so
+        only one role's activations are alive at a time and the Leader's short rows are never
+        padded to the Follower's length. The sum of the two gradients is the combined loss's."""
         cfg, prefs = self.config, batch.prefs
-        with self._sync(batch.last):
-            lead, foll = self._scored_together(batch.leader, batch.follower)
-            follower_kl = sequence_kl(foll, cfg.kl_estimator)
-            loss_l, stats = self.role_loss("leader", lead, prefs, follower_kl, batch.advantages)
+        with self._sync(batch.last and not update_leader):
+            foll = self._scored("follower", batch.follower)
             loss_f, stats_f = self.role_loss("follower", foll, prefs, None, batch.advantages)
-            total = cfg.kappa * loss_f + (loss_l if update_leader else 0.0)
-            self.accelerator.backward(total / batch.count)
-        return stats | stats_f | _step_stats(prefs, total.detach())
+            self.accelerator.backward(cfg.kappa * loss_f / batch.count)
+        follower_kl = sequence_kl(foll, cfg.kl_estimator)  # detached
+        with self._sync(batch.last), nullcontext() if update_leader else torch.no_grad():
+            lead = self._scored("leader", batch.leader, update_leader)
+            loss_l, stats = self.role_loss("leader", lead, prefs, follower_kl, batch.advantages)
+            if update_leader:
+                self.accelerator.backward(loss_l / batch.count)
+        total = cfg.kappa * loss_f.detach() + (loss_l.detach() if update_leader else 0.0)
+        return stats | stats_f | _step_stats(prefs, total)
 
     def _separate(self, batch: MicroBatch, update_leader: bool) -> Stats:
         """A pass and a backward per role on its adapter, the Leader's first (if it trains)."""
@@ -248,18 +255,6 @@ class RoleLosses:
             logprobs, entropy = self._policy_logprobs(rollout)
         ref = self._ref_logprobs(rollout)
         return RoleRollout(logprobs, ref, rollout.answer_mask, rollout.missing_eos, entropy)
-
-    def _scored_together(self, leader: Rollout, follower: Rollout) -> tuple[RoleRollout, ...]:
-        """Both roles of the shared weights in one policy and one reference forward pass."""
-        both = stack_rollouts(leader, follower, self.pad_token_id)
-        logprobs, entropy = self._policy_logprobs(both)  # (2B, T) each
-        ref = self._ref_logprobs(both)
-        b, out = leader.answer_mask.shape[0], []
-        for rows, r in ((slice(0, b), leader), (slice(b, 2 * b), follower)):
-            t = r.answer_mask.shape[1]
-            lp, rf, ent = logprobs[rows, :t], ref[rows, :t], entropy[rows, :t]
-            out.append(RoleRollout(lp, rf, r.answer_mask, r.missing_eos, ent))
-        return tuple(out)
 
 
 def _step_stats(prefs: torch.Tensor, loss: torch.Tensor) -> Stats:

@@ -240,28 +240,3 @@ def _head_returns_input(head: Any | None) -> Iterator[None]:
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
-
-
-def stack_rollouts(a: Rollout, b: Rollout, pad_token_id: int) -> Rollout:
-    """``a`` and ``b`` as one batch (rows of ``a`` first), to score both roles in one forward.
-
-    Answers are right-padded to the longer answer length and prompts left-padded to the longer
-    prompt length; padding is masked, so each row's log-probabilities are unchanged.
-    """
-    t = max(a.answer_mask.shape[1], b.answer_mask.shape[1])
-    p = max(a.prompt_len, b.prompt_len)
-
-    def pad(r: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        left, right = p - r.prompt_len, t - r.answer_mask.shape[1]
-        ids = torch.nn.functional.pad(r.input_ids, (left, right), value=pad_token_id)
-        attention = torch.nn.functional.pad(r.attention_mask, (left, right))
-        return ids, attention, torch.nn.functional.pad(r.answer_mask, (0, right))
-
-    (ids_a, att_a, ans_a), (ids_b, att_b, ans_b) = pad(a), pad(b)
-    return Rollout(
-        input_ids=torch.cat([ids_a, ids_b]),
-        attention_mask=torch.cat([att_a, att_b]),
-        answer_mask=torch.cat([ans_a, ans_b]),
-        texts=[*a.texts, *b.texts],
-        missing_eos=torch.cat([a.missing_eos, b.missing_eos]),
-    )
