@@ -385,6 +385,8 @@ def child(args: argparse.Namespace) -> int:
         "device_step_peak": end["device"][1] if end["device"] else None,
         "setup_s": setup_s,
         "step_s": step_s,
+        "step_start_clock": out["start"],  # time.perf_counter(): the parent's clock too
+        "step_end_clock": end["t"],
         "trainer_time_s": out["trainer_time_s"],
         "answer_tokens": out["answer_tokens"],
         "answer_tokens_per_s": (
@@ -471,23 +473,41 @@ def cpu_seconds() -> tuple[float, float]:
     return busy, kids.ru_utime + kids.ru_stime
 
 
-def run_child(argv: list[str], log: Path, timeout: float) -> tuple[int, int, float]:
+def run_child(
+    argv: list[str], log: Path, timeout: float
+) -> tuple[int, list[tuple[float, int]], float]:
     """Run one child, its output into ``log``; sample its RSS every 0.2 s (a killed child reports
-    nothing else). Returns ``(exit code, highest sampled RSS, wall seconds)``; past ``timeout``
-    the child is killed."""
+    nothing else). Returns ``(exit code, [(time.perf_counter(), RSS)], wall seconds)``; past
+    ``timeout`` the child is killed."""
     import psutil
 
-    t0, sampled = time.perf_counter(), 0
+    t0, samples = time.perf_counter(), []
     with log.open("w") as f:
         proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
         watched = psutil.Process(proc.pid)
         while proc.poll() is None:
             with contextlib.suppress(psutil.Error):
-                sampled = max(sampled, watched.memory_info().rss)
+                samples.append((time.perf_counter(), watched.memory_info().rss))
             if time.perf_counter() - t0 > timeout:
                 proc.kill()
             time.sleep(0.2)
-    return proc.returncode, sampled, time.perf_counter() - t0
+    return proc.returncode, samples, time.perf_counter() - t0
+
+
+def timeline(samples: list[tuple[float, int]], start: float, end: float) -> dict[str, Any]:
+    """The sampled RSS during the step: its highest sample's time as a share of the step, and the
+    highest RSS in each second (GiB; seconds from the step's start)."""
+    during = [(t - start, r) for t, r in samples if start <= t <= end]
+    if not during:
+        return {"peak_at_share": None, "rss_gib_per_s": []}
+    at, _ = max(during, key=lambda x: x[1])
+    per_s: dict[int, int] = {}
+    for t, r in during:
+        per_s[int(t)] = max(per_s.get(int(t), 0), r)
+    return {
+        "peak_at_share": at / (end - start),
+        "rss_gib_per_s": [[k, round(v / GIB, 2)] for k, v in sorted(per_s.items())],
+    }
 
 
 def run_children(args: argparse.Namespace) -> tuple[list[dict[str, Any]], bool]:
@@ -514,11 +534,15 @@ def run_children(args: argparse.Namespace) -> tuple[list[dict[str, Any]], bool]:
                 result = Path(tmp) / "result.json"
                 cpu0 = cpu_seconds()
                 argv = child_argv(args, system, mode, result)
-                code, sampled, wall = run_child(argv, log, args.timeout)
+                code, samples, wall = run_child(argv, log, args.timeout)
+                sampled = max((r for _, r in samples), default=0)
                 busy, own = (b - a for a, b in zip(cpu0, cpu_seconds(), strict=True))
                 row: dict[str, Any] = {"system": system, "mode": mode}
                 if code == 0:
                     row |= json.loads(result.read_text()) | {"status": "ok"}
+                    row["step_rss"] = timeline(
+                        samples, row["step_start_clock"], row["step_end_clock"]
+                    )
                 else:
                     why = "killed (SIGKILL: out of memory or --timeout)" if code == -9 else ""
                     row["status"] = why or f"exit {code}"
@@ -596,8 +620,8 @@ def tables(result: dict[str, Any]) -> str:
     unit = "GPU memory (allocated)" if result["machine"]["cuda"] else "RSS"
     lines = [
         f"| system | mode | loaded {unit} | step peak | peak − loaded | setup peak RSS | step s | "
-        "answer tok/s | checkpointing | others' CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "answer tok/s | checkpointing | others' CPU | peak at |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         if r["status"] != "ok":
@@ -605,7 +629,7 @@ def tables(result: dict[str, Any]) -> str:
                 f"| {NAMES[r['system']]} | {r['mode']} | {r['status']}: highest RSS sampled "
                 f"{r['rss_sampled_peak'] / GIB:.2f} GiB, "
                 f"{r['memory_available_before'] / GIB:.1f} GiB available at its start | | | | | | "
-                f"{r['others_cpu_share']:.0%} |"
+                f"{r['others_cpu_share']:.0%} | |"
             )
             continue
         gib = (
@@ -613,10 +637,12 @@ def tables(result: dict[str, Any]) -> str:
             f"{(peak(r) - loaded(r)) / GIB:.2f} GiB | {r['rss_setup_peak'] / GIB:.2f} GiB"
         )
         tps = f"{r['answer_tokens_per_s']:.1f}" if r["answer_tokens_per_s"] else "?"
+        share = r["step_rss"]["peak_at_share"]
+        at = "?" if share is None else f"{share:.0%} of the step"
         lines.append(
             f"| {NAMES[r['system']]} | {r['mode']} | {gib} | {r['step_s']:.1f} | {tps} | "
             f"{'on' if r['gradient_checkpointing_active'] else 'off'} | "
-            f"{r['others_cpu_share']:.0%} |"
+            f"{r['others_cpu_share']:.0%} | {at} |"
         )
     lines += [
         "",
@@ -654,7 +680,24 @@ def tables(result: dict[str, Any]) -> str:
         f"{'on' if s['gradient_checkpointing'] else 'off'}.  \n"
         f"Each system alone: {alone}; the whole run took {result['total_s'] / 60:.1f} min.\n"
     )
-    return head + "\n" + "\n".join(lines) + "\n"
+    optimisers = sorted(
+        {
+            f"{NAMES[r['system']]}: {r['optimizer']['class']}"
+            + (" (fused)" if r["optimizer"]["fused"] else "")
+            for r in result["rows"]
+            if r["status"] == "ok"
+        }
+    )
+    notes = [
+        "",
+        "Peak: the step's own high-water mark (on CPU the RSS's, on a GPU "
+        "max_memory_allocated); loaded: after setup with every weight read once. Peak at: when "
+        "the RSS sampled every 0.2 s by the parent was highest, as a share of the step. Others' "
+        f"CPU: other processes' share of the machine's CPU time while the system ran; above "
+        f"{OTHERS_SHARE_LIMIT:.0%} its step time is slowed by them (memory is not).",
+        "Optimisers: " + "; ".join(optimisers) + ".",
+    ]
+    return head + "\n" + "\n".join(lines + notes) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
