@@ -73,11 +73,11 @@ class StackelbergConfig:
     """Set every dropout (LoRA's and the model's) to 0, so the log-probabilities scored for the
     loss are those of the policy that sampled the rollouts (in ``eval()`` mode) and the KL
     estimate is unbiased (TRL does the same). False keeps dropout on while scoring."""
-    logprob_chunk_tokens: int = 1024
+    logprob_chunk_tokens: int = 512
     """Answer positions per chunk when log-probabilities and entropies are computed: the output
     head runs on this many positions at a time, in float32, and is recomputed in the backward
     pass, so no ``(rows, tokens, vocabulary)`` tensor is ever materialised. A chunk's peak is
-    about 3 × positions × vocabulary × 4 bytes (1.7 GiB at 1024 for Qwen2.5's 151,936)."""
+    about 2-3 × positions × vocabulary × 4 bytes (0.6-0.9 GiB at 512 for Qwen2.5's 151,936)."""
     lora_r: int = 64
     """LoRA rank r."""
     lora_alpha: float = 128.0

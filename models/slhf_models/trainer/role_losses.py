@@ -45,6 +45,7 @@ from slhf_models.trainer.rollouts import (
     answer_logprobs,
     answer_logprobs_and_entropy,
 )
+from slhf_models.trainer.weights import release_freed_cpu_memory
 
 
 def objective_params(config: StackelbergConfig) -> ObjectiveParams:
@@ -192,12 +193,14 @@ class RoleLosses:
             foll = self._scored("follower", batch.follower)
             loss_f, stats_f = self.role_loss("follower", foll, prefs, None, batch.advantages)
             self.accelerator.backward(cfg.kappa * loss_f / batch.count)
+        release_freed_cpu_memory(self.accelerator.device)
         follower_kl = sequence_kl(foll, cfg.kl_estimator)  # detached
         with self._sync(batch.last), nullcontext() if update_leader else torch.no_grad():
             lead = self._scored("leader", batch.leader, update_leader)
             loss_l, stats = self.role_loss("leader", lead, prefs, follower_kl, batch.advantages)
             if update_leader:
                 self.accelerator.backward(loss_l / batch.count)
+        release_freed_cpu_memory(self.accelerator.device)
         total = cfg.kappa * loss_f.detach() + (loss_l.detach() if update_leader else 0.0)
         return stats | stats_f | _step_stats(prefs, total)
 
@@ -219,6 +222,7 @@ class RoleLosses:
                 if trained:
                     self.accelerator.backward(loss / batch.count)
                     trained_losses.append(loss.detach())
+            release_freed_cpu_memory(self.accelerator.device)
             stats |= role_stats
         total = sum(trained_losses[1:], start=trained_losses[0])  # the Follower always trains
         return stats | _step_stats(prefs, total)

@@ -141,7 +141,7 @@ def answer_logprobs_and_entropy(
     temperature: float,
     *,
     head_owner: Any | None = None,
-    chunk_tokens: int = 1024,
+    chunk_tokens: int = 512,
     chunked_head: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, T)`` answer log-probabilities (with grad when grad is on) and ``(B, T)`` entropies
@@ -204,8 +204,9 @@ def _chunk_logprobs(
     """Log-probability of each target and the entropy (no grad) of its distribution at the
     ``(rows, cols)`` positions of ``states``: hidden states through ``head``, or logits (``head``
     None). Only this chunk's float32 logits exist at a time."""
-    picked = states[rows, cols]  # (n, H) or (n, V)
-    logits = (picked if head is None else head(picked)).float() / temperature  # (n, V)
+    picked = states[rows, cols]  # (n, H) or (n, V): a copy (advanced indexing)
+    logits = (picked if head is None else head(picked)).float()  # (n, V), this chunk's own
+    logits.div_(temperature)  # in place: no second (n, V) tensor (no backward reads it)
     normaliser = torch.logsumexp(logits, dim=-1)
     logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - normaliser
     with torch.no_grad():  # H = log Z − Σ p·logit, without a second (n, V) product tensor

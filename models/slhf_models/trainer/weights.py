@@ -7,6 +7,9 @@ policy (shared, or one per role) or every weight, dropout off and gradient check
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from typing import Any
 
 import torch
@@ -95,3 +98,23 @@ def prepare_policy(model: Any, cfg: StackelbergConfig) -> Any:
     if cfg.disable_dropout:
         disable_dropout(model)
     return model.train()
+
+
+@functools.cache
+def _libc() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def release_freed_cpu_memory(device: torch.device) -> None:
+    """On a CPU, hand the heap pages freed by a backward pass back to the system (glibc's
+    ``malloc_trim``): glibc keeps them resident otherwise, and the next role's pass then adds
+    its activations on top of them. A no-op on other devices (their allocators reuse memory)
+    and where the C library has no ``malloc_trim``."""
+    libc = _libc() if device.type == "cpu" else None
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
