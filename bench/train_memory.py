@@ -335,7 +335,19 @@ def optimizer_info(optimizer: Any) -> dict[str, Any]:
     }
 
 
+def trainer_source() -> str:
+    """A hash of our trainer's source files as this process read them (the trainer may change
+    while the benchmark runs)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "models" / "slhf_models" / "trainer").glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def child(args: argparse.Namespace) -> int:
+    source = trainer_source()
     import torch
     from transformers import AutoTokenizer
 
@@ -396,6 +408,7 @@ def child(args: argparse.Namespace) -> int:
         "gradient_checkpointing_active": checkpointing_active(trainer),
         "optimizer": optimizer_info(trainer.optimizer),
         "threads": torch.get_num_threads(),
+        "trainer_source_sha256": source,
     }
     Path(args.result).write_text(json.dumps(result, indent=2) + "\n")
     return 0
@@ -659,7 +672,12 @@ def tables(result: dict[str, Any]) -> str:
     rendered = s["prompt_tokens_rendered_mean"]
     rendered = "?" if rendered is None else f"{rendered:.0f}"
     gpu = f", {m['gpu']}" if m["gpu"] else ""
-    modified = f" (trainer files modified: {', '.join(g['trainer_modified'])})"
+    sources = {r["trainer_source_sha256"] for r in result["rows"] if r["status"] == "ok"}
+    notes_git = [f"trainer files modified: {', '.join(g['trainer_modified'])}"]
+    notes_git = notes_git if g["trainer_modified"] else []
+    if len(sources) > 1:  # each child hashed the trainer's files as it read them
+        notes_git.append("THE TRAINER CHANGED DURING THE RUN (see trainer_source_sha256)")
+    modified = f" ({'; '.join(notes_git)})" if notes_git else ""
     alone = (
         "yes"
         if result["each_system_alone"]
@@ -671,7 +689,7 @@ def tables(result: dict[str, Any]) -> str:
         f"Date: {result['date']}; machine: {m['platform']}, {m['cpus']} CPUs, "
         f"{m['memory_gib']:.0f} GiB{gpu}; torch {v['torch']}, transformers "
         f"{v['transformers']}, trl {v['trl']}, peft {v['peft']}; commit {g['commit']}"
-        f"{modified if g['trainer_modified'] else ''}.  \n"
+        f"{modified}.  \n"
         f"Model: {s['shape']} ({s['parameters']:,} parameters, {s['num_layers']} layers), "
         f"{s['dtype']}; batch {s['batch_size']} prompts of ~{s['prompt_tokens']} tokens "
         f"({rendered} with the chat template), 2 answers of up to "
@@ -738,6 +756,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from slhf_models.shapes import SHAPES  # no torch in this process (see prepare)
 
+    git_start = git_state()
     if args.shape not in SHAPES:
         ap.error(f"--shape must be one of {', '.join(SHAPES)}")
     t_all = time.perf_counter()
@@ -758,7 +777,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine(info),
         "versions": versions(),
-        "git": git_state(),
+        "git": git_start,
+        "git_end": git_state(),
         "settings": {
             "shape": args.shape,
             "num_layers": info["num_layers"],
