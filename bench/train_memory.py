@@ -507,19 +507,24 @@ def run_child(
     return proc.returncode, samples, time.perf_counter() - t0
 
 
+#: The step's RSS is kept as at most this many points (the highest sample in each).
+TIMELINE_POINTS = 40
+
+
 def timeline(samples: list[tuple[float, int]], start: float, end: float) -> dict[str, Any]:
     """The sampled RSS during the step: its highest sample's time as a share of the step, and the
-    highest RSS in each second (GiB; seconds from the step's start)."""
-    during = [(t - start, r) for t, r in samples if start <= t <= end]
+    highest RSS (GiB) in each of ``TIMELINE_POINTS`` equal slices of the step."""
+    during = [((t - start) / (end - start), r) for t, r in samples if start <= t <= end]
     if not during:
-        return {"peak_at_share": None, "rss_gib_per_s": []}
+        return {"peak_at_share": None, "rss_gib_by_slice": []}
     at, _ = max(during, key=lambda x: x[1])
-    per_s: dict[int, int] = {}
-    for t, r in during:
-        per_s[int(t)] = max(per_s.get(int(t), 0), r)
+    slices = [0] * TIMELINE_POINTS
+    for share, r in during:
+        i = min(int(share * TIMELINE_POINTS), TIMELINE_POINTS - 1)
+        slices[i] = max(slices[i], r)
     return {
-        "peak_at_share": at / (end - start),
-        "rss_gib_per_s": [[k, round(v / GIB, 2)] for k, v in sorted(per_s.items())],
+        "peak_at_share": round(at, 3),
+        "rss_gib_by_slice": [round(r / GIB, 2) if r else None for r in slices],
     }
 
 
