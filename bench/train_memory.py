@@ -46,7 +46,7 @@ under 10% for every system.
 
 Run: ``.venv/bin/python bench/train_memory.py`` (defaults: qwen2.5-0.5b, batch 8, 64 new
 tokens, 64-token prompts, lora and full, ours/rloo/grpo; float32 on CPU, bfloat16 on a CUDA GPU
-with bf16). On 2 CPU cores: about 25 minutes. Writes ``bench/results/train_memory.json`` and
+with bf16). On 2 CPU cores: about 15 minutes, alone. Writes ``bench/results/train_memory.json`` and
 ``.md``; the children's logs go to ``runs/bench/train_memory/``.
 """
 
