@@ -108,20 +108,21 @@ def next_token_distributions(
     """``(N, V)`` float64 next-token distributions after each rendered prompt (no grad)."""
     import torch
 
-    from slhf_models.trainer.rollouts import encode_prompts
+    from slhf_models.trainer.rollouts import pad_left, stop_token_ids
 
+    special = not bool(tokenizer.chat_template)
+    pad = stop_token_ids(tokenizer).pad
     out = []
     with torch.no_grad():
         for i in range(0, len(prompt_texts), 256):
-            enc = encode_prompts(
-                tokenizer,
-                prompt_texts[i : i + 256],
-                add_special_tokens=not bool(tokenizer.chat_template),
-            ).to(model.device)
-            positions = (enc.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+            rows = [
+                tokenizer.encode(t, add_special_tokens=special) for t in prompt_texts[i : i + 256]
+            ]
+            ids, mask = (t.to(model.device) for t in pad_left(rows, pad))
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
             logits = model(
-                input_ids=enc.input_ids,
-                attention_mask=enc.attention_mask,
+                input_ids=ids,
+                attention_mask=mask,
                 position_ids=positions,
                 logits_to_keep=1,
             ).logits[:, -1]  # (n, V)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 CHECKPOINTS = "checkpoints"
+PENDING = "pending.pt"  # each process's next batch and its sampled Leader answers (one_call)
 SHARDED = "sharded"  # an fsdp2 run's parameters and optimizer state, every process's shards
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-step-"
@@ -90,6 +91,7 @@ def save_checkpoint(
     optimizer: dict[str, Any] | None = None,
     state: dict[str, Any],
     process_rngs: list[dict[str, Any]] | None = None,
+    pending: list[dict[str, Any] | None] | None = None,
     tmp: Path | None = None,
 ) -> Path:
     """Write ``step-N`` atomically and return its path.
@@ -97,7 +99,8 @@ def save_checkpoint(
     ``params`` and ``optimizer``: an unsharded run's; a sharded run passes ``tmp``, the
     ``temporary_folder`` whose ``sharded/`` every process has written. ``process_rngs``: every
     process's RNG states (multi-process runs), in ``rng_processes.pt``; ``rng.pt`` always holds
-    this (the main) process's states.
+    this (the main) process's states. ``pending``: every process's sampled but not yet trained
+    Leader answers (the ``one_call`` rollout schedule), in ``pending.pt``.
     """
     root = output_dir / CHECKPOINTS
     final = root / f"step-{step}"
@@ -110,6 +113,8 @@ def save_checkpoint(
         torch.save(rng_state(), tmp / "rng.pt")
         if process_rngs is not None:
             torch.save(process_rngs, tmp / "rng_processes.pt")
+        if pending is not None and any(p is not None for p in pending):
+            torch.save(pending, tmp / PENDING)
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
         for f in tmp.rglob("*"):
             if f.is_file():
@@ -122,6 +127,15 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def load_pending(path: Path, rank: int) -> dict[str, Any] | None:
+    """This process's pending Leader answers in checkpoint ``path`` (None: there are none)."""
+    file = path / PENDING
+    if not file.exists():
+        return None
+    per_process = torch.load(file, weights_only=True)
+    return per_process[rank] if rank < len(per_process) else None
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:

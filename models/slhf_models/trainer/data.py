@@ -95,22 +95,31 @@ def _prompt(row: Any, i: int, field: str, source: str) -> Prompt:
 
 
 class PromptSampler:
-    """Batches from a seeded permutation per epoch; ``position`` is its whole state."""
+    """Batches from a seeded permutation per epoch; ``position`` is its whole state.
+
+    The epoch's permutation is built once (O(N) per epoch, O(1) per prompt drawn) and is the
+    same shuffle as before it was cached, so older checkpoints resume onto the same prompts.
+    """
 
     def __init__(self, prompts: Sequence[Prompt], seed: int, position: int = 0) -> None:
         self.prompts = list(prompts)
         self.seed = seed
         self.position = position
+        self._epoch = -1
+        self._order: list[int] = []
 
-    def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.prompts)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
+    def order(self, epoch: int) -> list[int]:
+        """The permutation of ``epoch`` (cached while the sampler is in it)."""
+        if epoch != self._epoch:
+            order = list(range(len(self.prompts)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._epoch, self._order = epoch, order
+        return self._order
 
     def next_batch(self, batch_size: int) -> list[Prompt]:
         batch = []
         for _ in range(batch_size):
             epoch, index = divmod(self.position, len(self.prompts))
-            batch.append(self.prompts[self._order(epoch)[index]])
+            batch.append(self.prompts[self.order(epoch)[index]])
             self.position += 1
         return batch

@@ -15,17 +15,18 @@ from collections.abc import Callable, Sequence
 import torch
 
 from slhf_models.preferences import Preference
-from slhf_models.serving.templates import Prompt, Role, TemplateRenderer
-from slhf_models.trainer.rollouts import Rollout
+from slhf_models.serving.templates import Prompt
+from slhf_models.trainer.rollouts import RolloutPair
 
-RolloutFn = Callable[[Role, list[str]], Rollout]
+PairFn = Callable[[list[Prompt]], RolloutPair]
+"""Samples a batch's Leader answers, then its Follower answers on them (the trainer's
+``sample_pair``: the Follower prompt spliced as the server does)."""
 
 
 def follower_vs_leader(
     prompts: Sequence[Prompt],
     *,
-    renderer: TemplateRenderer,
-    rollout: RolloutFn,
+    sample_pair: PairFn,
     preference: Preference,
     batch_size: int,
     seed: int,
@@ -39,11 +40,8 @@ def follower_vs_leader(
         torch.manual_seed(seed)
         for i in range(0, len(prompts), batch_size):
             batch = list(prompts[i : i + batch_size])
-            leader = rollout("leader", [renderer.render_leader(x) for x in batch])
-            follower_prompts = [
-                renderer.render_follower(x, y) for x, y in zip(batch, leader.texts, strict=True)
-            ]
-            follower = rollout("follower", follower_prompts)
+            pair = sample_pair(batch)
+            leader, follower = pair.leader, pair.follower
             prefs = preference(batch, follower.texts, leader.texts)
             a, b = leader.answer_mask.sum(1).tolist(), follower.answer_mask.sum(1).tolist()
             rows += [(float(p), float(x), float(y)) for p, x, y in zip(prefs, a, b, strict=True)]

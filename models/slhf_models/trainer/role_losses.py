@@ -16,8 +16,12 @@ and its preferences; ``RoleLosses.accumulate`` does the rest of the gradient, pe
 The two weight topologies differ only in their passes and backward calls:
 
 - shared weights: the gradient of ``L_L + κ·L_F`` (``κ·L_F`` alone on steps without a Leader
-  update) as a pass and a backward per role, the Follower's first: one role's activations at a
-  time, each role's rows padded to its own length only (docs/trainer.md, "Memory");
+  update). Where the Follower's prompt was spliced from the Leader's sequence (the template
+  allows it: ``TemplateRenderer.follower_tail``), the Follower's rows ``T_L(x) + y + tail + y'``
+  hold the Leader's answers too: one policy pass, one reference pass and one backward over them
+  score and train both roles (docs/trainer.md, "Speed"). Otherwise a pass and a backward per
+  role, the Follower's first: one role's activations at a time, each role's rows padded to its
+  own length only (docs/trainer.md, "Memory");
 - separate adapters: each role's pass on its own adapter and a backward per role (the Follower's
   κ is in its learning rate). The Leader goes first, so the Follower's backward is the
   micro-batch's last one, and the Follower's KL in the Leader's reward (``leader_objective:
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -40,11 +44,7 @@ from slhf_models.serving.templates import ROLES, Role
 from slhf_models.trainer import objective
 from slhf_models.trainer.config import StackelbergConfig
 from slhf_models.trainer.objective import ObjectiveParams, RoleRollout, Stats, sequence_kl
-from slhf_models.trainer.rollouts import (
-    Rollout,
-    answer_logprobs,
-    answer_logprobs_and_entropy,
-)
+from slhf_models.trainer.rollouts import Rollout, RolloutPair, Span, score_spans
 from slhf_models.trainer.weights import release_freed_cpu_memory
 
 
@@ -72,8 +72,7 @@ class MicroBatch:
             (the leave-one-out baseline with several micro-batches); None: from these rows.
     """
 
-    leader: Rollout
-    follower: Rollout
+    rollouts: RolloutPair
     prefs: torch.Tensor
     count: int
     last: bool
@@ -120,17 +119,18 @@ class RoleLosses:
         return self.accelerator.unwrap_model(self.model)
 
     def accumulate(
-        self, leader: Rollout, follower: Rollout, prefs: torch.Tensor, update_leader: bool
-    ) -> dict[str, float]:
-        """Backward passes of a step, micro-batch by micro-batch; the stats' batch means."""
+        self, rollouts: RolloutPair, prefs: torch.Tensor, update_leader: bool
+    ) -> dict[str, torch.Tensor]:
+        """Backward passes of a step, micro-batch by micro-batch; the stats' batch means (0-d
+        tensors: nothing is read back to the host here)."""
         cfg = self.config
         n = cfg.gradient_accumulation_steps
         size = cfg.batch_size // n
         backward = self._shared if cfg.follower_weights == "shared" else self._separate
         step_advantages = None
         if cfg.baseline == "leave_one_out" and n > 1:
-            step_advantages = self._step_advantages(leader, follower, prefs, size)
-        totals: dict[str, float] = {}
+            step_advantages = self._step_advantages(rollouts, prefs, size)
+        totals: dict[str, torch.Tensor] = {}
         for i in range(n):
             rows = slice(i * size, (i + 1) * size)
             shared = (
@@ -138,21 +138,21 @@ class RoleLosses:
                 if step_advantages is None
                 else {r: a[rows] for r, a in step_advantages.items()}
             )
-            batch = MicroBatch(
-                leader.micro(rows), follower.micro(rows), prefs[rows], n, i == n - 1, shared
-            )
+            batch = MicroBatch(rollouts.micro(rows), prefs[rows], n, i == n - 1, shared)
             stats = backward(batch, update_leader)
             for key, value in stats.items():
-                totals[key] = totals.get(key, 0.0) + float(value) / n
+                part = value.detach().float() / n
+                totals[key] = totals[key] + part if key in totals else part
         return totals
 
     def _step_advantages(
-        self, leader: Rollout, follower: Rollout, prefs: torch.Tensor, size: int
+        self, rollouts: RolloutPair, prefs: torch.Tensor, size: int
     ) -> dict[Role, torch.Tensor]:
         """Both roles' leave-one-out advantages over the whole step, so that micro-batches
         share the baseline of the batch. The Leader's ``full`` objective needs every row's
         Follower KL first: one pass without grad over the Follower's micro-batches."""
         params = objective_params(self.config)
+        leader, follower = rollouts.leader, rollouts.follower
         follower_kl = None
         if params.leader_objective == "full":
             kls = []
@@ -184,19 +184,50 @@ class RoleLosses:
 
     # -- the two topologies ------------------------------------------------------------------------
     def _shared(self, batch: MicroBatch, update_leader: bool) -> Stats:
-        """The gradient of ``L_L + κ·L_F`` (``κ·L_F`` alone) as two backward passes, one per
-        role: the Follower's first (its KL is the Leader's reward term), then the Leader's, so
-        only one role's activations are alive at a time and the Leader's short rows are never
-        padded to the Follower's length. The sum of the two gradients is the combined loss's."""
-        cfg, prefs = self.config, batch.prefs
+        """The gradient of ``L_L + κ·L_F`` (``κ·L_F`` alone). Where the Follower's rows begin
+        with the Leader's sequence (spliced), one pass over them scores both roles and one
+        backward takes both losses; otherwise a pass and a backward per role."""
+        if batch.rollouts.leader_in_follower is not None:
+            return self._shared_one_pass(batch, update_leader)
+        return self._shared_per_role(batch, update_leader)
+
+    def _shared_one_pass(self, batch: MicroBatch, update_leader: bool) -> Stats:
+        """Both roles from the Follower's rows: the Leader's answer tokens are predicted by the
+        same states whether the row goes on with the Follower's tail or not (causal
+        attention), so the Leader's log-probabilities are those of its own rows, and the
+        Leader's pass is not run at all (docs/trainer.md, "Speed")."""
+        cfg, prefs, pair = self.config, batch.prefs, batch.rollouts
+        inside = pair.leader_in_follower
+        assert inside is not None
+        spans = [inside, pair.follower.span()]
+        with self._sync(batch.last):
+            (lead, foll) = self._scored_spans(pair.follower, spans, grad=True)
+            lead = _answers_of(lead, pair.leader)
+            foll = _answers_of(foll, pair.follower)
+            loss_f, stats_f = self.role_loss("follower", foll, prefs, None, batch.advantages)
+            follower_kl = sequence_kl(foll, cfg.kl_estimator)  # detached
+            if not update_leader:
+                lead = _detached(lead)
+            loss_l, stats = self.role_loss("leader", lead, prefs, follower_kl, batch.advantages)
+            total = cfg.kappa * loss_f + (loss_l if update_leader else 0.0)
+            self.accelerator.backward(total / batch.count)
+        release_freed_cpu_memory(self.accelerator.device)
+        return stats | stats_f | _step_stats(prefs, total.detach())
+
+    def _shared_per_role(self, batch: MicroBatch, update_leader: bool) -> Stats:
+        """A pass and a backward per role, the Follower's first (its KL is the Leader's reward
+        term), then the Leader's, so only one role's activations are alive at a time and the
+        Leader's short rows are never padded to the Follower's length. The sum of the two
+        gradients is the combined loss's."""
+        cfg, prefs, pair = self.config, batch.prefs, batch.rollouts
         with self._sync(batch.last and not update_leader):
-            foll = self._scored("follower", batch.follower)
+            foll = self._scored("follower", pair.follower)
             loss_f, stats_f = self.role_loss("follower", foll, prefs, None, batch.advantages)
             self.accelerator.backward(cfg.kappa * loss_f / batch.count)
         release_freed_cpu_memory(self.accelerator.device)
         follower_kl = sequence_kl(foll, cfg.kl_estimator)  # detached
         with self._sync(batch.last), nullcontext() if update_leader else torch.no_grad():
-            lead = self._scored("leader", batch.leader, update_leader)
+            lead = self._scored("leader", pair.leader, update_leader)
             loss_l, stats = self.role_loss("leader", lead, prefs, follower_kl, batch.advantages)
             if update_leader:
                 self.accelerator.backward(loss_l / batch.count)
@@ -209,11 +240,12 @@ class RoleLosses:
         cfg, prefs = self.config, batch.prefs
         follower_kl = None  # read by the Leader's score with leader_objective "full" only
         if cfg.leader_objective == "full" and batch.advantages is None:
-            follower = self._scored("follower", batch.follower, grad=False)
+            follower = self._scored("follower", batch.rollouts.follower, grad=False)
             follower_kl = sequence_kl(follower, cfg.kl_estimator)
         stats: Stats = {}
         trained_losses = []
-        for role, rollout in zip(ROLES, (batch.leader, batch.follower), strict=True):
+        pair = batch.rollouts
+        for role, rollout in zip(ROLES, (pair.leader, pair.follower), strict=True):
             trained = role == "follower" or update_leader
             with self._sync(batch.last and role == "follower"):
                 loss, role_stats = self.role_loss(
@@ -241,24 +273,51 @@ class RoleLosses:
             "chunked_head": not self.sharded,
         }
 
-    def _ref_logprobs(self, rollout: Rollout) -> torch.Tensor:
+    def _ref_scores(self, rows: Rollout, spans: list[Span]) -> list[torch.Tensor]:
         t = self.config.temperature
         with torch.no_grad():
             if self.ref_model is not None:
-                return answer_logprobs(self.ref_model, rollout, t, **self._chunking(self.ref_model))
-            with self.policy.disable_adapter():
-                return answer_logprobs(self.policy, rollout, t, **self._chunking(self.policy))
+                model, owner, adapters_off = self.ref_model, self.ref_model, nullcontext()
+            else:
+                model = owner = self.policy
+                adapters_off = self.policy.disable_adapter()
+            with adapters_off:
+                scored = score_spans(
+                    model, rows.input_ids, rows.attention_mask, spans, t, **self._chunking(owner)
+                )
+        return [logprobs for logprobs, _ in scored]
 
-    def _policy_logprobs(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        return answer_logprobs_and_entropy(
-            self.model, rollout, self.config.temperature, **self._chunking(self.policy)
-        )
+    def _scored_spans(self, rows: Rollout, spans: list[Span], grad: bool) -> list[RoleRollout]:
+        """Each span of ``rows`` scored by the policy (with grad when ``grad``) and the
+        reference: one pass of each over the rows. ``mask`` and ``missing_eos`` are left to the
+        caller (``_answers_of``)."""
+        with nullcontext() if grad else torch.no_grad():
+            scored = score_spans(
+                self.model,
+                rows.input_ids,
+                rows.attention_mask,
+                spans,
+                self.config.temperature,
+                **self._chunking(self.policy),
+            )
+        refs = self._ref_scores(rows, spans)
+        return [
+            RoleRollout(lp, ref, span.mask, rows.missing_eos, ent)
+            for (lp, ent), ref, span in zip(scored, refs, spans, strict=True)
+        ]
 
     def _scored(self, role: Role, rollout: Rollout, grad: bool = True) -> RoleRollout:
-        with as_role(self.policy, self.adapters[role]), nullcontext() if grad else torch.no_grad():
-            logprobs, entropy = self._policy_logprobs(rollout)
-        ref = self._ref_logprobs(rollout)
-        return RoleRollout(logprobs, ref, rollout.answer_mask, rollout.missing_eos, entropy)
+        with as_role(self.policy, self.adapters[role]):
+            return self._scored_spans(rollout, [rollout.span()], grad)[0]
+
+
+def _answers_of(scored: RoleRollout, rollout: Rollout) -> RoleRollout:
+    """``scored`` with ``rollout``'s answer mask and missing-EOS flags."""
+    return replace(scored, mask=rollout.answer_mask, missing_eos=rollout.missing_eos)
+
+
+def _detached(scored: RoleRollout) -> RoleRollout:
+    return replace(scored, logprobs=scored.logprobs.detach())
 
 
 def _step_stats(prefs: torch.Tensor, loss: torch.Tensor) -> Stats:

@@ -1,12 +1,21 @@
-"""Rollouts with Hugging Face ``generate`` and per-token log-probabilities of the answers.
+"""Rollouts from token ids, the splice of the Follower prompt, and answer log-probabilities.
 
-A ``Rollout`` keeps one role's batch as the model saw it: the left-padded prompt ids (rendered by
-``TemplateRenderer``, the server's templates) followed by the sampled answer ids, with a mask
-that is 1 on answer tokens up to and including the first EOS. The same tensors are then scored
-by the policy (with grad) and by the reference (without), so both see identical inputs.
+A ``Rollout`` keeps one role's batch as the model saw it: the left-padded prompt ids followed by
+the sampled answer ids, with a mask that is 1 on answer tokens up to and including the first
+stop token. The same tensors are then scored by the policy (with grad) and by the reference
+(without), so both see identical inputs.
 
-``encode_prompts`` is the one prompt tokenization of both rollout backends (vllm_rollouts.py
-samples from the same ids) and ``to_rollout`` the one way answers become a ``Rollout``.
+Prompts are token ids, rendered and encoded by the server's ``TemplateRenderer`` (the one place
+that decides special tokens), and both rollout backends (``generate`` here, vllm_rollouts.py)
+take ids and return the sampled ids. ``follower_prompt_ids`` builds ``T_F(x, y)`` the way the
+server does (server/slhf_server/prompts.py): the Leader's prompt ids, the answer's sampled ids
+and the template's fixed tail, where the template has that shape. The Follower's row then
+begins with the Leader's whole sequence, so one forward pass over it scores both roles
+(``Span``, ``score_spans``), and training sees the ids serving sees.
+
+Stops: an answer ends at the first of the model's stop ids (``stop_token_ids``: the tokenizer's
+EOS and every id of the generation config's ``eos_token_id``); padding is the tokenizer's pad
+id, or the first stop id when it has none (padding is masked, its value is never read).
 
 Log-probabilities are taken at the sampling temperature (logits / T), i.e. of the distribution
 the answers were drawn from (top-k truncation aside).
@@ -14,7 +23,7 @@ the answers were drawn from (top-k truncation aside).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -23,17 +32,44 @@ import torch
 import torch.utils.checkpoint
 
 
+@dataclass(frozen=True)
+class Tokens:
+    """The ids that end and pad answers: ``stop`` (every id that ends one, EOS first) and
+    ``pad``."""
+
+    stop: tuple[int, ...]
+    pad: int
+
+
+def stop_token_ids(tokenizer: Any, generation_config: Any | None = None) -> Tokens:
+    """The tokenizer's EOS and the generation config's ``eos_token_id`` (an int or a list, as
+    Llama 3 and Qwen2.5 ship several), and the pad id (the first stop id when the tokenizer has
+    none)."""
+    ids: list[int] = []
+    for value in (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(generation_config, "eos_token_id", None),
+    ):
+        for i in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    if not ids:
+        raise ValueError("the tokenizer and the generation config name no EOS token id")
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return Tokens(stop=tuple(ids), pad=ids[0] if pad is None else int(pad))
+
+
 @dataclass
 class Rollout:
     """One role's prompts and sampled answers.
 
     Attributes:
-        input_ids: ``(B, P + T)`` left-padded prompt ids, then answer ids (padded after EOS).
+        input_ids: ``(B, P + T)`` left-padded prompt ids, then answer ids (padded after the stop).
         attention_mask: ``(B, P + T)`` 1 on real prompt tokens and on answer tokens.
-        answer_mask: ``(B, T)`` 1 on answer tokens up to and including the first EOS.
+        answer_mask: ``(B, T)`` 1 on answer tokens up to and including the first stop token.
         texts: the decoded answers (special tokens dropped), what the next role and the
             preference see.
-        missing_eos: ``(B,)`` True where the answer hit max_new_tokens without EOS.
+        missing_eos: ``(B,)`` True where the answer hit max_new_tokens without a stop token.
     """
 
     input_ids: torch.Tensor
@@ -46,6 +82,11 @@ class Rollout:
     def prompt_len(self) -> int:
         return self.input_ids.shape[1] - self.answer_mask.shape[1]
 
+    @property
+    def answers(self) -> torch.Tensor:
+        """``(B, T)`` the answer ids (padding after the stop token)."""
+        return self.input_ids[:, self.prompt_len :]
+
     def micro(self, rows: slice) -> Rollout:
         return Rollout(
             self.input_ids[rows],
@@ -55,77 +96,168 @@ class Rollout:
             self.missing_eos[rows],
         )
 
+    def prompt_ids(self) -> list[list[int]]:
+        """Each row's prompt ids without padding."""
+        p = self.prompt_len
+        rows = zip(self.input_ids[:, :p], self.attention_mask[:, :p], strict=True)
+        return [ids[mask.bool()].tolist() for ids, mask in rows]
 
-def _answer_mask(answers: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, T)`` mask up to and including the first EOS, and ``(B,)`` missing-EOS flags."""
-    is_eos = answers == eos_token_id
-    after_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0  # strictly after the 1st EOS
-    return (~after_eos).long(), ~is_eos.any(dim=1)
+    def answer_ids(self) -> list[list[int]]:
+        """Each row's sampled ids, its stop token included (the checkpointed form)."""
+        rows = zip(self.answers, self.answer_mask, strict=True)
+        return [ids[mask.bool()].tolist() for ids, mask in rows]
+
+    def spoken_ids(self) -> list[list[int]]:
+        """Each row's answer ids without its stop token: the ids that detokenize to its text,
+        which the Follower's prompt splices (as the server's ``answer_ids``)."""
+        rows = zip(self.answer_ids(), self.missing_eos.tolist(), strict=True)
+        return [ids if missing else ids[:-1] for ids, missing in rows]
+
+    def span(self) -> Span:
+        """The answers as a ``Span`` of this rollout's own rows."""
+        b = self.input_ids.shape[0]
+        start = torch.full((b,), self.prompt_len, dtype=torch.long, device=self.input_ids.device)
+        return Span(start, self.answers, self.answer_mask)
 
 
-def encode_prompts(tokenizer: Any, prompt_texts: list[str], *, add_special_tokens: bool) -> Any:
-    """The rendered prompts as one left-padded batch: the token ids every backend samples from."""
-    tokenizer.padding_side = "left"
-    return tokenizer(
-        prompt_texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
-    )
+@dataclass(frozen=True)
+class Span:
+    """One role's answer tokens inside scored rows: row ``b``'s answer token ``j`` is at column
+    ``start[b] + j`` (so the state at column ``start[b] + j − 1`` predicts it) and is
+    ``targets[b, j]``, where ``mask[b, j]`` is 1. The column of a stop token may hold another id
+    (the Follower row continues with the template's tail): only the state before it is read."""
+
+    start: torch.Tensor  # (B,) long
+    targets: torch.Tensor  # (B, T) long
+    mask: torch.Tensor  # (B, T)
+
+    def micro(self, rows: slice) -> Span:
+        return Span(self.start[rows], self.targets[rows], self.mask[rows])
 
 
-def prompt_token_ids(enc: Any) -> list[list[int]]:
-    """Each row of ``encode_prompts``'s batch without its left padding."""
-    rows = zip(enc.input_ids, enc.attention_mask, strict=True)
-    return [ids[mask.bool()].tolist() for ids, mask in rows]
+@dataclass(frozen=True)
+class RolloutPair:
+    """A batch's Leader and Follower rollouts, row for row. ``leader_in_follower``: where the
+    Follower's prompt was spliced from the Leader's sequence, the Leader's answers inside the
+    Follower's rows (one pass over those rows scores both roles); None where it was rendered."""
+
+    leader: Rollout
+    follower: Rollout
+    leader_in_follower: Span | None = None
+
+    def micro(self, rows: slice) -> RolloutPair:
+        inside = self.leader_in_follower
+        return RolloutPair(
+            self.leader.micro(rows),
+            self.follower.micro(rows),
+            None if inside is None else inside.micro(rows),
+        )
 
 
-def to_rollout(tokenizer: Any, enc: Any, answers: torch.Tensor, lengths: torch.Tensor) -> Rollout:
-    """A ``Rollout`` from the prompt batch and ``(B, T)`` answer ids of which each row's first
-    ``lengths`` were sampled (the rest is padding); both on the same device."""
-    answer_mask, missing = _answer_mask(answers, tokenizer.eos_token_id)
-    positions = torch.arange(answers.shape[1], device=answers.device)
-    sampled = positions[None, :] < lengths.to(answers.device)[:, None]
-    answer_mask = answer_mask * sampled.long()
-    answers = answers.masked_fill(answer_mask == 0, tokenizer.pad_token_id)
+def pad_left(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, L)`` left-padded ids and their attention mask."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def cut_at_stop(ids: Sequence[int], stop: Sequence[int]) -> list[int]:
+    """``ids`` up to and including the first stop id (all of them if none)."""
+    stops = set(stop)
+    for i, token in enumerate(ids):
+        if token in stops:
+            return list(ids[: i + 1])
+    return list(ids)
+
+
+def to_rollout(
+    tokenizer: Any,
+    tokens: Tokens,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    device: torch.device | str = "cpu",
+) -> Rollout:
+    """A ``Rollout`` of prompt ids and sampled answer ids (each cut at its first stop id)."""
+    cut = [cut_at_stop(a, tokens.stop) for a in answers]
+    stops = set(tokens.stop)
+    missing = torch.tensor([not a or a[-1] not in stops for a in cut], dtype=torch.bool)
+    prompt_ids, prompt_mask = pad_left(prompts, tokens.pad)
+    width = max(1, max((len(a) for a in cut), default=0))
+    answer_ids = torch.full((len(cut), width), tokens.pad, dtype=torch.long)
+    answer_mask = torch.zeros((len(cut), width), dtype=torch.long)
+    for i, a in enumerate(cut):
+        answer_ids[i, : len(a)] = torch.tensor(a, dtype=torch.long)
+        answer_mask[i, : len(a)] = 1
+    spoken = [a if m else a[:-1] for a, m in zip(cut, missing.tolist(), strict=True)]
     return Rollout(
-        input_ids=torch.cat([enc.input_ids, answers], dim=1),
-        attention_mask=torch.cat([enc.attention_mask, answer_mask], dim=1),
-        answer_mask=answer_mask,
-        texts=tokenizer.batch_decode(answers, skip_special_tokens=True),
-        missing_eos=missing,
+        input_ids=torch.cat([prompt_ids, answer_ids], dim=1).to(device),
+        attention_mask=torch.cat([prompt_mask, answer_mask], dim=1).to(device),
+        answer_mask=answer_mask.to(device),
+        texts=tokenizer.batch_decode(spoken, skip_special_tokens=True),
+        missing_eos=missing.to(device),
     )
+
+
+def follower_prompt_ids(
+    leader: Rollout, tail: Sequence[int] | None, render: Any
+) -> tuple[list[list[int]], torch.Tensor | None]:
+    """Each row's ``T_F(x, y)`` and, where it is spliced, the column of the Leader's answer in
+    the Follower rollout's rows (before left padding is known: the offset of ``y`` in each
+    prompt). ``tail``: the template's ids after the answer (``TemplateRenderer.follower_tail``),
+    or None where the splice does not hold; then ``render(b, text)`` gives row ``b``'s rendered
+    ids and no offsets are returned."""
+    if tail is None:
+        return [render(b, text) for b, text in enumerate(leader.texts)], None
+    prompts, spoken = leader.prompt_ids(), leader.spoken_ids()
+    rows = [[*p, *y, *tail] for p, y in zip(prompts, spoken, strict=True)]
+    return rows, torch.tensor([len(p) for p in prompts], dtype=torch.long)
+
+
+def leader_span(leader: Rollout, follower: Rollout, offsets: torch.Tensor) -> Span:
+    """The Leader's answers inside the spliced Follower rows (see ``follower_prompt_ids``)."""
+    prompt_lengths = follower.attention_mask[:, : follower.prompt_len].sum(dim=1)
+    pads = follower.prompt_len - prompt_lengths  # left padding of each Follower row
+    start = pads + offsets.to(pads.device)
+    return Span(start, leader.answers, leader.answer_mask)
 
 
 @torch.no_grad()
 def generate(
     model: Any,
-    tokenizer: Any,
-    prompt_texts: list[str],
+    tokens: Tokens,
+    prompts: Sequence[Sequence[int]],
     *,
-    add_special_tokens: bool,
     max_new_tokens: int,
     temperature: float,
     top_k: int,
     synced: bool = False,
-) -> Rollout:
-    """Sample one answer per prompt text (left padding; torch's global RNG). ``synced``: every
-    process runs the same number of forward passes until all are done (a sharded model needs
-    all of them in each one); a process whose answers ended early runs on without sampling."""
-    enc = encode_prompts(tokenizer, prompt_texts, add_special_tokens=add_special_tokens)
+) -> list[list[int]]:
+    """Sample one answer per prompt (left padding; torch's global RNG); each answer's ids up to
+    and including its first stop id. ``synced``: every process runs the same number of forward
+    passes until all are done (a sharded model needs all of them in each one); a process whose
+    answers ended early runs on without sampling."""
+    ids, mask = pad_left(prompts, tokens.pad)
     was_training = model.training
     model.eval()
     out = model.generate(
-        **enc.to(model.device),
+        input_ids=ids.to(model.device),
+        attention_mask=mask.to(model.device),
         do_sample=True,
         temperature=temperature,
         top_k=top_k,
         top_p=1.0,
         max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokens.pad,
+        eos_token_id=list(tokens.stop),
         synced_gpus=synced,
     )  # (B, P + T'), T' ≤ max_new_tokens
     model.train(was_training)
-    answers = out[:, enc.input_ids.shape[1] :]  # (B, T'); rows end at EOS, then padding
-    return to_rollout(tokenizer, enc, answers, torch.full((len(answers),), answers.shape[1]))
+    return [cut_at_stop(row, tokens.stop) for row in out[:, ids.shape[1] :].tolist()]
 
 
 def answer_logprobs(
@@ -136,55 +268,84 @@ def answer_logprobs(
 
 
 def answer_logprobs_and_entropy(
+    model: Any, rollout: Rollout, temperature: float, **chunking: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, T)`` answer log-probabilities and entropies of ``rollout``'s own rows
+    (``score_spans`` with one span)."""
+    return score_spans(
+        model, rollout.input_ids, rollout.attention_mask, [rollout.span()], temperature, **chunking
+    )[0]
+
+
+def score_spans(
     model: Any,
-    rollout: Rollout,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    spans: Sequence[Span],
     temperature: float,
     *,
     head_owner: Any | None = None,
     chunk_tokens: int = 512,
     chunked_head: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, T)`` answer log-probabilities (with grad when grad is on) and ``(B, T)`` entropies
-    (detached) of the sampling distribution at each answer position, both 0 on padding.
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per span, ``(B, T)`` answer log-probabilities (with grad when grad is on) and ``(B, T)``
+    entropies (detached) of the sampling distribution at each answer position, both 0 on
+    padding, from one forward pass over the rows (the Follower's row scores both roles).
 
-    Memory (docs/trainer.md, "Memory"): only the ``T`` positions that predict answer tokens
-    leave the decoder (``logits_to_keep``), and no ``(B, T, vocabulary)`` tensor is built. With
-    ``chunked_head`` the output head itself runs on ``chunk_tokens`` answer positions at a time
-    (padding skipped), in float32, inside activation checkpointing, so the backward pass
-    recomputes a chunk's logits instead of keeping them: the peak is one chunk's logits, not
-    every row's (TRL's ``selective_log_softmax`` still materialises the model's logits). Without
-    it (a model whose head is sharded by FSDP, or one that post-processes its logits) the model
-    returns its logits and only the float32 log-softmax is chunked.
+    Memory (docs/trainer.md, "Memory"): only the positions from the first one that predicts an
+    answer token leave the decoder (``logits_to_keep``), and no ``(B, T, vocabulary)`` tensor is
+    built. With ``chunked_head`` the output head itself runs on ``chunk_tokens`` answer
+    positions at a time (padding skipped), in float32, inside activation checkpointing, so the
+    backward pass recomputes a chunk's logits instead of keeping them: the peak is one chunk's
+    logits, not every row's (TRL's ``selective_log_softmax`` still materialises the model's
+    logits). Without it (a model whose head is sharded by FSDP, or one that post-processes its
+    logits) the model returns its logits and only the float32 log-softmax is chunked.
 
     ``head_owner`` is the model without its DDP wrapper (where the output head is found);
     ``model`` is what is called (maybe DDP/FSDP-wrapped).
     """
     owner = model if head_owner is None else head_owner
-    mask = rollout.attention_mask
-    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate() numbers left padding
-    t = rollout.answer_mask.shape[1]
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate() numbers them
+    width = input_ids.shape[1]
+    firsts = [
+        int((s.start - 1).min()) for s in spans if s.mask.numel() and s.start.numel()
+    ]  # the first column whose state predicts an answer token
+    first = max(0, min(firsts, default=width - 1))
+    keep = width - first
     chunked_head = chunked_head and _plain_head(owner)
     head = owner.get_output_embeddings() if chunked_head else None
     with _head_returns_input(head):
         states = model(
-            input_ids=rollout.input_ids,
-            attention_mask=mask,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
             position_ids=position_ids,
-            logits_to_keep=t + 1,
-        ).logits[:, :-1]  # (B, T, H) hidden states or (B, T, V) logits of the answer tokens
-    targets = rollout.input_ids[:, -t:]  # (B, T)
-    rows, cols = rollout.answer_mask.nonzero(as_tuple=True)  # the answer positions only
+            logits_to_keep=keep,
+        ).logits  # (B, keep, H) hidden states or (B, keep, V) logits from column `first`
+    return [_score_span(states, first, span, head, temperature, chunk_tokens) for span in spans]
+
+
+def _score_span(
+    states: torch.Tensor,
+    first: int,
+    span: Span,
+    head: Any | None,
+    temperature: float,
+    chunk_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = span.mask.nonzero(as_tuple=True)  # the answer positions only
+    at = span.start[rows] + cols - 1 - first  # the column (in ``states``) that predicts each
+    targets = span.targets[rows, cols]
     logprobs, entropy = [], []
     for start in range(0, len(rows), chunk_tokens):
         part = slice(start, start + chunk_tokens)
-        args = (states, rows[part], cols[part], targets[rows[part], cols[part]], head, temperature)
+        args = (states, rows[part], at[part], targets[part], head, temperature)
         if torch.is_grad_enabled():  # keep only the inputs; recompute the chunk in backward
             lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
         else:
             lp, ent = _chunk_logprobs(*args)
         logprobs.append(lp)
         entropy.append(ent)
-    zeros = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+    zeros = torch.zeros(span.mask.shape, dtype=torch.float32, device=states.device)
     if not logprobs:
         return zeros, zeros
     return (

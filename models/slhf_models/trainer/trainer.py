@@ -36,7 +36,12 @@ KL still to come (k1 by default; the paper's small runs used k3 as a reward, who
 gradient is not the KL's); the Leader's reward includes τF·KL̂_F; an optional warm-up and decay
 of the learning rate; log-probabilities are taken at the sampling temperature; dropout is off
 while scoring; the leave-one-out baseline is the whole step's, also with gradient accumulation.
-Rollouts: HF ``generate``, or vLLM with weight sync (``rollout_backend``; vllm_rollouts.py).
+Rollouts: HF ``generate``, or vLLM with weight sync (``rollout_backend``; vllm_rollouts.py),
+from the ids the server's templates give (the Follower prompt spliced from the Leader's
+sequence where the template allows it, as the server does), ended by any of the model's stop
+ids. With shared weights one generation call per step samples this batch's Follower answers and
+the next batch's Leader answers (``rollout_schedule``; the Leader's answers are one step stale:
+docs/algorithm.md, "One generation call per step").
 
 Several processes (accelerate, no launcher of ours; distributed.py, docs/trainer.md): DDP through
 ``accelerator.prepare``, or FSDP2 under accelerate's FSDP environment, sharded here with
@@ -64,6 +69,7 @@ import sys
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,7 +87,15 @@ from slhf_models.trainer.console import Console, preference_error_rate
 from slhf_models.trainer.data import PromptSampler
 from slhf_models.trainer.reporting import METRICS_FILE, MetricsReporter
 from slhf_models.trainer.role_losses import RoleLosses, as_role
-from slhf_models.trainer.rollouts import Rollout, generate
+from slhf_models.trainer.rollouts import (
+    Rollout,
+    RolloutPair,
+    follower_prompt_ids,
+    generate,
+    leader_span,
+    stop_token_ids,
+    to_rollout,
+)
 
 if TYPE_CHECKING:  # imported at run time only for rollout_backend: vllm (in __init__)
     from slhf_models.trainer.vllm_rollouts import VllmRollouts
@@ -125,6 +139,11 @@ class StackelbergTrainer:
             tokenizer, TemplateConfig(config.follower_instruction, config.template_layout)
         )
         self.sampler = PromptSampler(train_dataset, config.seed)
+        # the ids that end an answer (every EOS of the generation config) and pad one
+        self.tokens = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+        # T_F(x, y) = T_L(x) + y + tail, where the template has that shape (as the server)
+        self.follower_tail, _ = self.renderer.follower_tail()
+        self.pending: _Pending | None = None  # one_call: the next batch's Leader answers
         torch.manual_seed(config.seed)  # LoRA initialisation: the same on every process
         model = weights.prepare_policy(model, config)
         self.adapters: dict[Role, str | None] = {"leader": None, "follower": None}
@@ -156,14 +175,14 @@ class StackelbergTrainer:
             self.accelerator,
             config,
             self.adapters,
-            tokenizer.pad_token_id,
+            self.tokens.pad,
             sharded=self.mode == "fsdp2",
         )
         self.vllm: VllmRollouts | None = None  # rollout_backend vllm
         if config.rollout_backend == "vllm":
             from slhf_models.trainer.vllm_rollouts import VllmRollouts
 
-            self.vllm = VllmRollouts(config, tokenizer, num_processes=self.world)
+            self.vllm = VllmRollouts(config, self.tokens, num_processes=self.world)
             self._sync_rollout_weights()
 
     # -- setup -----------------------------------------------------------------------------------
@@ -180,22 +199,18 @@ class StackelbergTrainer:
     def _step(self, step: int) -> dict[str, Any]:
         cfg = self.config
         t0 = time.perf_counter()
-        # 1. a batch of prompts: this process's slice of the global batch
         b = cfg.batch_size
-        prompts = self.sampler.next_batch(b * self.world)[self.rank * b : (self.rank + 1) * b]
-        # 2. Leader rollouts y ~ π(·|T_L(x))
-        leader = self._rollout("leader", [self.renderer.render_leader(x) for x in prompts])
-        # 3. Follower rollouts y' ~ π(·|T_F(x, y))
-        pairs = zip(prompts, leader.texts, strict=True)
-        follower = self._rollout("follower", [self.renderer.render_follower(*p) for p in pairs])
+        # 1.-3. a batch of prompts, Leader answers y ~ π(·|T_L(x)), Follower answers
+        # y' ~ π(·|T_F(x, y)) (one generation call with the next batch's Leader answers)
+        prompts, pair = self._next_pair()
         # 4. preferences p = p(y ≻ y' | x); a failed query is ½, counted, and too many stop the run
-        values = self.preference(prompts, leader.texts, follower.texts)
+        values = self.preference(prompts, pair.leader.texts, pair.follower.texts)
         error_rate = self._preference_error_rate(step, values)
         prefs = torch.tensor([float(v) for v in values], device=self.accelerator.device)  # (B,)
         # 5.-6. log-probabilities of policy and reference, losses, backward per micro-batch
         update_leader = step % cfg.leader_update_every == 0
         self.optimizer.zero_grad(set_to_none=True)
-        stats = self._accumulate(leader, follower, prefs, update_leader)
+        stats = self.losses.accumulate(pair, prefs, update_leader)  # 0-d tensors
         # 7. clip, schedule the learning rate and step
         if cfg.max_grad_norm is not None:
             params = list(self.params.values())
@@ -203,24 +218,89 @@ class StackelbergTrainer:
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             else:
                 norm = self.accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            stats["grad_norm"] = float(distributed.local(norm))
+            stats["grad_norm"] = distributed.local(norm).detach().float()
         factor = cfg.lr_factor(step)  # a function of the step: a resumed run needs no state
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * factor
-        stats["lr"] = self.base_lrs[0] * factor
-        stats["preference_error_rate"] = error_rate  # the same on every process
         self.optimizer.step()
         self._sync_rollout_weights()
-        stats = self._mean_over_processes(stats)
+        logged = self._to_host(stats)  # the step's one device-to-host copy
+        logged["lr"] = self.base_lrs[0] * factor
+        logged["preference_error_rate"] = error_rate  # the same on every process
         elapsed = time.perf_counter() - t0
         return {
             "step": step,
             "leader_update": update_leader,
-            **stats,
+            **logged,
             "time_s": elapsed,
             "steps_per_s": 1.0 / elapsed,
             "prompts_per_s": b * self.world / elapsed,
         }
+
+    def _draw(self) -> list[Prompt]:
+        """This process's slice of the next global batch."""
+        b = self.config.batch_size
+        return self.sampler.next_batch(b * self.world)[self.rank * b : (self.rank + 1) * b]
+
+    def _next_pair(self) -> tuple[list[Prompt], RolloutPair]:
+        """The batch this step trains on, with both roles' answers.
+
+        ``sequential``: draw a batch, sample its Leader answers, then its Follower answers.
+        ``one_call``: the batch is the one whose Leader answers the previous step sampled (the
+        first step samples them here); one generation call samples its Follower answers and
+        the next batch's Leader answers together (docs/algorithm.md)."""
+        if self.pending is None:
+            prompts = self._draw()
+            leader = self._leader_rollout(prompts)
+        else:
+            prompts, leader = self.pending.prompts, self.pending.leader
+            self.pending = None
+        ids, offsets = self._follower_prompts(prompts, leader)
+        if not self.config.one_call_rollouts:
+            follower = self._to_rollout(ids, self._generate("follower", ids))
+        else:  # shared weights: one set of weights plays both roles in one call
+            upcoming = self._draw()
+            upcoming_ids = [self.renderer.encode_role("leader", x, None) for x in upcoming]
+            answers = self._generate("follower", ids + upcoming_ids)
+            follower = self._to_rollout(ids, answers[: len(ids)])
+            self.pending = _Pending(upcoming, self._to_rollout(upcoming_ids, answers[len(ids) :]))
+        inside = None if offsets is None else leader_span(leader, follower, offsets)
+        return prompts, RolloutPair(leader, follower, inside)
+
+    def sample_pair(self, prompts: list[Prompt]) -> RolloutPair:
+        """Leader answers, then Follower answers on them, from the current weights (two
+        generation calls; evaluation and the ``sequential`` schedule)."""
+        leader = self._leader_rollout(prompts)
+        ids, offsets = self._follower_prompts(prompts, leader)
+        follower = self._to_rollout(ids, self._generate("follower", ids))
+        inside = None if offsets is None else leader_span(leader, follower, offsets)
+        return RolloutPair(leader, follower, inside)
+
+    def _leader_rollout(self, prompts: list[Prompt]) -> Rollout:
+        ids = [self.renderer.encode_role("leader", x, None) for x in prompts]
+        return self._to_rollout(ids, self._generate("leader", ids))
+
+    def _follower_prompts(
+        self, prompts: list[Prompt], leader: Rollout
+    ) -> tuple[list[list[int]], torch.Tensor | None]:
+        """``T_F(x, y)`` per row: spliced from the Leader's ids (and the offsets of its
+        answers), or rendered from its text where the template does not allow the splice."""
+
+        def render(row: int, text: str) -> list[int]:
+            return self.renderer.encode_role("follower", prompts[row], text)
+
+        return follower_prompt_ids(leader, self.follower_tail, render)
+
+    def _to_rollout(self, prompts: list[list[int]], answers: list[list[int]]) -> Rollout:
+        return to_rollout(self.tokenizer, self.tokens, prompts, answers, self.accelerator.device)
+
+    def _to_host(self, stats: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The step's stats as floats in one copy (averaged over processes first: one
+        all-reduce)."""
+        values = torch.stack([v.to(self.accelerator.device).float() for v in stats.values()])
+        if self.world > 1:
+            values = self.accelerator.reduce(values, reduction="mean")
+        return dict(zip(stats, values.tolist(), strict=True))
 
     def _preference_error_rate(self, step: int, values: Sequence[float]) -> float:
         """The share of the step's preference queries (all processes) that failed; raises above
@@ -241,36 +321,22 @@ class StackelbergTrainer:
         if self.vllm is not None:
             self.vllm.sync(self.policy, self.adapters)
 
-    def _rollout(self, role: Role, prompt_texts: list[str]) -> Rollout:
-        cfg, special = self.config, not self.renderer.uses_chat
+    def _generate(self, role: Role, prompts: list[list[int]]) -> list[list[int]]:
+        """One generation call with ``role``'s weights: each prompt's answer ids, cut at its
+        first stop id."""
+        cfg = self.config
         if self.vllm is not None:
-            return self.vllm.generate(
-                role, prompt_texts, add_special_tokens=special, device=self.accelerator.device
-            )
+            return self.vllm.generate(role, prompts)
         with self._as_role(role):
             return generate(
                 self.policy,
-                self.tokenizer,
-                prompt_texts,
-                add_special_tokens=special,
+                self.tokens,
+                prompts,
                 max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature,
                 top_k=cfg.top_k,
                 synced=self.mode == "fsdp2",
             )
-
-    def _accumulate(
-        self, leader: Rollout, follower: Rollout, prefs: torch.Tensor, update_leader: bool
-    ) -> dict[str, float]:
-        """The step's backward passes and stats, per micro-batch (``RoleLosses``)."""
-        return self.losses.accumulate(leader, follower, prefs, update_leader)
-
-    def _mean_over_processes(self, stats: dict[str, float]) -> dict[str, float]:
-        if self.world == 1:
-            return stats
-        values = torch.tensor(list(stats.values()), device=self.accelerator.device)
-        mean = self.accelerator.reduce(values, reduction="mean").tolist()
-        return dict(zip(stats, mean, strict=True))
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> list[dict[str, Any]]:
@@ -318,8 +384,7 @@ class StackelbergTrainer:
             prompts = prompts + [self.eval_dataset[0]] * pad
         rows = evaluation.follower_vs_leader(
             prompts,
-            renderer=self.renderer,
-            rollout=self._rollout,
+            sample_pair=self.sample_pair,
             preference=self.preference,
             batch_size=self.config.batch_size,
             seed=self.config.seed + 7919 * step + self.rank,
@@ -334,6 +399,9 @@ class StackelbergTrainer:
         out = Path(self.config.output_dir)
         path = out / checkpoint.CHECKPOINTS / f"step-{step}"
         rngs = gather_object([checkpoint.rng_state()]) if self.world > 1 else None
+        pending = [self._pending_state()]
+        if self.world > 1:
+            pending = gather_object(pending)
         main = self.accelerator.is_main_process
         state = {
             "data_position": self.sampler.position,
@@ -350,7 +418,9 @@ class StackelbergTrainer:
             )
             self.accelerator.wait_for_everyone()
             if main:
-                checkpoint.save_checkpoint(out, step, state=state, process_rngs=rngs, tmp=folder)
+                checkpoint.save_checkpoint(
+                    out, step, state=state, process_rngs=rngs, pending=pending, tmp=folder
+                )
         elif main:
             checkpoint.save_checkpoint(
                 out,
@@ -359,6 +429,7 @@ class StackelbergTrainer:
                 optimizer=self.optimizer.state_dict(),
                 state=state,
                 process_rngs=rngs,
+                pending=pending,
             )
         self.accelerator.wait_for_everyone()
         return path
@@ -379,8 +450,23 @@ class StackelbergTrainer:
             mode=self.mode,
             load_shards=load_shards,
         )
+        saved = checkpoint.load_pending(path, self.rank)
+        if saved is not None:
+            self.pending = _Pending(
+                saved["prompts"], self._to_rollout(saved["prompt_ids"], saved["answer_ids"])
+            )
         self._sync_rollout_weights()
         return step
+
+    def _pending_state(self) -> dict[str, Any] | None:
+        if self.pending is None:
+            return None
+        leader = self.pending.leader
+        return {
+            "prompts": self.pending.prompts,
+            "prompt_ids": leader.prompt_ids(),
+            "answer_ids": leader.answer_ids(),
+        }
 
     # -- the trained artefact ----------------------------------------------------------------------
     def save_model(
@@ -438,5 +524,14 @@ class StackelbergTrainer:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+@dataclass
+class _Pending:
+    """The next batch (this process's prompts) and its Leader answers, sampled by the previous
+    step's generation call (``rollout_schedule`` one_call); checkpoints keep it."""
+
+    prompts: list[Prompt]
+    leader: Rollout
+
+
 def _compact(values: dict[str, float]) -> str:
     return " | ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in values.items())

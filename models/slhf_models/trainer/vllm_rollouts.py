@@ -2,10 +2,10 @@
 
 ``config.rollout_backend: vllm`` swaps Hugging Face ``generate`` for a ``vllm.LLM`` on the same
 base model (``config.model``). Only the sampling moves: prompts are rendered and tokenized by the
-same code as the HF path (``rollouts.encode_prompts``; vLLM receives those token ids, never
-text), and the answers come back as the same ``Rollout`` (left-padded prompt ids, answer ids,
-answer mask up to and including the first EOS, missing-EOS flags), so log-probabilities, losses
-and the optimiser step do not change. Each answer gets its own sampling seed, drawn from torch's
+same code as the HF path (the trainer's ``TemplateRenderer``; vLLM receives those token ids,
+never text), and the answers come back as ids cut at the first of the model's stop ids, which
+the trainer turns into the same ``Rollout`` as the HF path's, so log-probabilities, losses and
+the optimiser step do not change. Each answer gets its own sampling seed, drawn from torch's
 global RNG (seeded per process by the trainer and saved in checkpoints), so runs are
 reproducible and resumable like the HF path's.
 
@@ -52,7 +52,7 @@ import torch
 from slhf_models.serving import vllm_cpu
 from slhf_models.serving.templates import ROLES, Role
 from slhf_models.trainer.config import StackelbergConfig
-from slhf_models.trainer.rollouts import Rollout, encode_prompts, prompt_token_ids, to_rollout
+from slhf_models.trainer.rollouts import Tokens, cut_at_stop
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
 _SEED_BOUND = 2**31 - 1
@@ -75,7 +75,7 @@ class VllmRollouts:
         lora: each role's current ``LoRARequest`` (None without LoRA).
     """
 
-    def __init__(self, config: StackelbergConfig, tokenizer: Any, *, num_processes: int = 1):
+    def __init__(self, config: StackelbergConfig, tokens: Tokens, *, num_processes: int = 1):
         if num_processes > 1:
             raise ValueError(
                 f"rollout_backend 'vllm' supports one training process; got {num_processes}. "
@@ -92,7 +92,7 @@ class VllmRollouts:
                 "engine; unset VLLM_ENABLE_V1_MULTIPROCESSING or set it to 0"
             )
         self.config = config
-        self.tokenizer = tokenizer
+        self.tokens = tokens
         kwargs: dict[str, Any] = dict(
             model=config.model,
             seed=config.seed,
@@ -111,21 +111,14 @@ class VllmRollouts:
 
     # -- sampling ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(
-        self,
-        role: Role,
-        prompt_texts: list[str],
-        *,
-        add_special_tokens: bool,
-        device: torch.device | str = "cpu",
-    ) -> Rollout:
-        """Sample one answer per prompt with ``role``'s weights; tensors on ``device``."""
+    def generate(self, role: Role, prompts: list[list[int]]) -> list[list[int]]:
+        """Sample one answer per prompt (token ids) with ``role``'s weights; each answer's ids
+        up to and including its first stop id (every id of ``tokens.stop`` ends it)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         cfg = self.config
-        enc = encode_prompts(self.tokenizer, prompt_texts, add_special_tokens=add_special_tokens)
-        seeds = torch.randint(0, _SEED_BOUND, (len(prompt_texts),)).tolist()  # trainer's RNG
+        seeds = torch.randint(0, _SEED_BOUND, (len(prompts),)).tolist()  # trainer's RNG
         params = [
             SamplingParams(
                 temperature=cfg.temperature,
@@ -133,18 +126,14 @@ class VllmRollouts:
                 top_p=1.0,
                 max_tokens=cfg.max_new_tokens,
                 seed=seed,
+                stop_token_ids=list(self.tokens.stop),
                 detokenize=False,
             )
             for seed in seeds
         ]
-        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids(enc)]
-        outputs = self.llm.generate(prompts, params, lora_request=self.lora[role], use_tqdm=False)
-        answers = [list(out.outputs[0].token_ids) for out in outputs]
-        lengths = torch.tensor([len(a) for a in answers])
-        width = max(1, int(lengths.max()))
-        pad = self.tokenizer.pad_token_id
-        padded = torch.tensor([a + [pad] * (width - len(a)) for a in answers])
-        return to_rollout(self.tokenizer, enc.to(device), padded.to(device), lengths)
+        requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts]
+        outputs = self.llm.generate(requests, params, lora_request=self.lora[role], use_tqdm=False)
+        return [cut_at_stop(out.outputs[0].token_ids, self.tokens.stop) for out in outputs]
 
     # -- weight sync -------------------------------------------------------------------------------
     def sync(self, policy: Any, adapters: dict[Role, str | None]) -> None:

@@ -70,6 +70,25 @@ def test_sampler_is_seeded_and_resumes_from_its_position() -> None:
     assert [resumed.next_batch(3) for _ in range(2)] == batches[2:]
 
 
+def test_the_sampler_shuffles_once_per_epoch_not_per_prompt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import random
+
+    prompts = [f"p{i}" for i in range(1000)]
+    want = list(range(1000))
+    random.Random(7 * 1_000_003 + 1).shuffle(want)  # epoch 1's order, as written in checkpoints
+    shuffles = []
+    real = random.Random.shuffle
+    monkeypatch.setattr(
+        random.Random, "shuffle", lambda self, x: shuffles.append(1) or real(self, x)
+    )
+    sampler = PromptSampler(prompts, seed=7)
+    drawn = [sampler.next_batch(250) for _ in range(8)]  # two epochs
+    assert len(shuffles) == 2
+    assert drawn[4] + drawn[5] + drawn[6] + drawn[7] == [prompts[i] for i in want]
+
+
 def longer_wins(x: Any, a: str, b: str) -> float:
     return float(len(a) >= len(b))
 

@@ -41,7 +41,7 @@ from slhf_models.token_game import (
     token_game,
 )
 from slhf_models.trainer.config import StackelbergConfig
-from slhf_models.trainer.rollouts import encode_prompts
+from slhf_models.trainer.rollouts import pad_left
 from slhf_models.trainer.trainer import StackelbergTrainer
 
 #: The run: LoRA on the warm-started model, κ = 5, temperature 1, no top-k, a cosine schedule
@@ -70,8 +70,8 @@ STEPS = {0.5: 50, 0.1: 100}
 def copy_warm_start(model: Any, renderer: TemplateRenderer, game: TokenGame, steps: int) -> None:
     """Soft copying on the Follower template: ½ on the given answer, ¼ on each other answer."""
     texts = [renderer.render_follower(DEFAULT_PROMPT, t) for t in game.answer_texts]
-    enc = encode_prompts(renderer.tokenizer, texts, add_special_tokens=False)
-    positions = (enc.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    input_ids, attention_mask = pad_left([renderer.encode(t) for t in texts], 0)
+    positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     ids = list(game.answer_ids)
     target = torch.zeros(len(ids), game.vocab_size)
     for row, answer in enumerate(ids):
@@ -80,8 +80,8 @@ def copy_warm_start(model: Any, renderer: TemplateRenderer, game: TokenGame, ste
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(steps):
         logits = model(
-            input_ids=enc.input_ids,
-            attention_mask=enc.attention_mask,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
             position_ids=positions,
             logits_to_keep=1,
         ).logits[:, -1]  # (3, V)

@@ -4,6 +4,7 @@ torch.distributed: tests/integration/models/trainer/test_distributed.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -30,19 +31,34 @@ def make_trainer(model_dir: Path, out: Path, **overrides: Any) -> StackelbergTra
     return tiny_trainer(cfg, PROMPTS, eval_dataset=PROMPTS[:3] if cfg.eval_every else None)
 
 
-def grads_after_accumulate(trainer: StackelbergTrainer, micro_batches: int) -> dict[str, Any]:
+def grads_after_accumulate(
+    trainer: StackelbergTrainer, micro_batches: int, *, spliced: bool = True
+) -> dict[str, Any]:
     torch.manual_seed(0)
-    renderer = trainer.renderer
-    leader = trainer._rollout("leader", [renderer.render_leader(x) for x in PROMPTS])
-    follower_prompts = [
-        renderer.render_follower(x, y) for x, y in zip(PROMPTS, leader.texts, strict=True)
-    ]
-    follower = trainer._rollout("follower", follower_prompts)
+    pair = trainer.sample_pair(list(PROMPTS))
+    if not spliced:  # score the Leader from its own rows (a template without the splice)
+        pair = dataclasses.replace(pair, leader_in_follower=None)
     prefs = torch.tensor([0.9, 0.2, 0.5, 0.7], device=trainer.accelerator.device)
     trainer.config.gradient_accumulation_steps = micro_batches
     trainer.optimizer.zero_grad(set_to_none=True)
-    trainer._accumulate(leader, follower, prefs, update_leader=True)
+    trainer.losses.accumulate(pair, prefs, update_leader=True)
     return {n: p.grad.clone() for n, p in trainer.params.items()}
+
+
+@pytest.mark.parametrize("leader_objective", ["full", "paper"])
+def test_both_roles_scored_from_the_follower_row_give_the_gradients_of_two_passes(
+    tiny: Path, tmp_path: Path, leader_objective: str
+) -> None:
+    """Shared weights, the Follower prompt spliced from the Leader's sequence: one pass and one
+    backward over the Follower's rows give the gradient of a pass and a backward per role."""
+    trainer = make_trainer(tiny, tmp_path, batch_size=4, leader_objective=leader_objective)
+    assert trainer.sample_pair(list(PROMPTS)).leader_in_follower is not None
+    one_pass = grads_after_accumulate(trainer, 1)
+    per_role = grads_after_accumulate(trainer, 1, spliced=False)
+    assert any(g.abs().sum() > 0 for g in one_pass.values())
+    atol = 1e-4 if trainer.accelerator.device.type == "cuda" else 1e-6
+    for name in one_pass:
+        torch.testing.assert_close(one_pass[name], per_role[name], rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize("baseline", ["constant", "leave_one_out"])

@@ -4,11 +4,11 @@ setting, dropout off while scoring, gradient checkpointing that changes no gradi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
+from slhf_models.trainer.rollouts import RolloutPair
 from slhf_models.trainer.trainer import StackelbergTrainer
 from slhf_models.trainer.weights import torch_dtype
 from tests.trainer_helpers import tiny_config, tiny_trainer
@@ -17,12 +17,9 @@ PROMPTS = ["What is the map?", "Tell me about the river.", "Why does it rain?", 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def rollouts(trainer: StackelbergTrainer) -> tuple[Any, Any]:
+def rollouts(trainer: StackelbergTrainer) -> RolloutPair:
     torch.manual_seed(0)
-    r = trainer.renderer
-    leader = trainer._rollout("leader", [r.render_leader(x) for x in PROMPTS])
-    pairs = zip(PROMPTS, leader.texts, strict=True)
-    return leader, trainer._rollout("follower", [r.render_follower(*p) for p in pairs])
+    return trainer.sample_pair(list(PROMPTS))
 
 
 def test_dtype_auto_is_float32_without_a_bf16_gpu() -> None:
@@ -41,14 +38,14 @@ def test_scoring_in_train_mode_is_deterministic_only_with_dropout_off(
 ) -> None:
     cfg = tiny_config(tiny, tmp_path, lora_dropout=0.3, disable_dropout=disable, batch_size=4)
     trainer = tiny_trainer(cfg, PROMPTS)
-    leader, _ = rollouts(trainer)
+    leader = rollouts(trainer).leader
     with torch.no_grad():  # LoRA's B starts at 0, which hides the dropout before it
         for name, param in trainer.params.items():
             param.normal_(0.0, 0.2) if "lora_B" in name else None
     assert trainer.policy.training  # scoring runs in train() mode
     with torch.no_grad():
-        a = trainer.losses._policy_logprobs(leader)[0]
-        b = trainer.losses._policy_logprobs(leader)[0]
+        a = trainer.losses._scored("leader", leader).logprobs
+        b = trainer.losses._scored("leader", leader).logprobs
     assert torch.equal(a, b) is disable
     dropouts = [m.p for m in trainer.policy.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and all((p == 0.0) is disable for p in dropouts)
@@ -66,10 +63,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(
         )  # fmt: skip
         trainer = tiny_trainer(cfg, PROMPTS)
         assert trainer.policy.is_gradient_checkpointing is checkpointing
-        leader, follower = rollouts(trainer)
+        pair = rollouts(trainer)
         prefs = torch.tensor([0.9, 0.2, 0.5, 0.7])
         trainer.optimizer.zero_grad(set_to_none=True)
-        trainer._accumulate(leader, follower, prefs, update_leader=True)
+        trainer.losses.accumulate(pair, prefs, update_leader=True)
         grads.append({n: p.grad.clone() for n, p in trainer.params.items()})
     assert any(g.abs().sum() > 0 for g in grads[0].values())
     for name, grad in grads[0].items():
