@@ -236,20 +236,23 @@ class RoleLosses:
         return stats | stats_f | _step_stats(prefs, total)
 
     def _separate(self, batch: MicroBatch, update_leader: bool) -> Stats:
-        """A pass and a backward per role on its adapter, the Leader's first (if it trains)."""
-        cfg, prefs = self.config, batch.prefs
+        """A pass and a backward per role on its adapter, the Leader's first (if it trains).
+        The reference (adapters off) scores both roles once: from the Follower's rows in one
+        pass where they were spliced from the Leader's sequence."""
+        cfg, prefs, pair = self.config, batch.prefs, batch.rollouts
+        refs = self._pair_refs(pair)
         follower_kl = None  # read by the Leader's score with leader_objective "full" only
         if cfg.leader_objective == "full" and batch.advantages is None:
-            follower = self._scored("follower", batch.rollouts.follower, grad=False)
+            follower = self._scored("follower", pair.follower, False, refs["follower"])
             follower_kl = sequence_kl(follower, cfg.kl_estimator)
         stats: Stats = {}
         trained_losses = []
-        pair = batch.rollouts
         for role, rollout in zip(ROLES, (pair.leader, pair.follower), strict=True):
             trained = role == "follower" or update_leader
             with self._sync(batch.last and role == "follower"):
+                scored = self._scored(role, rollout, trained, refs[role])
                 loss, role_stats = self.role_loss(
-                    role, self._scored(role, rollout, trained), prefs, follower_kl, batch.advantages
+                    role, scored, prefs, follower_kl, batch.advantages
                 )
                 if trained:
                     self.accelerator.backward(loss / batch.count)
@@ -258,6 +261,18 @@ class RoleLosses:
             stats |= role_stats
         total = sum(trained_losses[1:], start=trained_losses[0])  # the Follower always trains
         return stats | _step_stats(prefs, total)
+
+    def _pair_refs(self, pair: RolloutPair) -> dict[Role, torch.Tensor]:
+        """Both roles' reference log-probabilities: one pass over the Follower's rows where the
+        Leader's answers are in them, else one pass per role."""
+        if pair.leader_in_follower is not None:
+            spans = [pair.leader_in_follower, pair.follower.span()]
+            leader, follower = self._ref_scores(pair.follower, spans)
+            return {"leader": leader, "follower": follower}
+        return {
+            role: self._ref_scores(rollout, [rollout.span()])[0]
+            for role, rollout in zip(ROLES, (pair.leader, pair.follower), strict=True)
+        }
 
     # -- scoring -----------------------------------------------------------------------------------
     def _sync(self, last: bool) -> AbstractContextManager[Any]:
@@ -287,10 +302,16 @@ class RoleLosses:
                 )
         return [logprobs for logprobs, _ in scored]
 
-    def _scored_spans(self, rows: Rollout, spans: list[Span], grad: bool) -> list[RoleRollout]:
+    def _scored_spans(
+        self,
+        rows: Rollout,
+        spans: list[Span],
+        grad: bool,
+        refs: list[torch.Tensor] | None = None,
+    ) -> list[RoleRollout]:
         """Each span of ``rows`` scored by the policy (with grad when ``grad``) and the
-        reference: one pass of each over the rows. ``mask`` and ``missing_eos`` are left to the
-        caller (``_answers_of``)."""
+        reference (``refs`` where they are already known): one pass of each over the rows.
+        ``mask`` and ``missing_eos`` are left to the caller (``_answers_of``)."""
         with nullcontext() if grad else torch.no_grad():
             scored = score_spans(
                 self.model,
@@ -300,15 +321,21 @@ class RoleLosses:
                 self.config.temperature,
                 **self._chunking(self.policy),
             )
-        refs = self._ref_scores(rows, spans)
+        if refs is None:
+            refs = self._ref_scores(rows, spans)
         return [
             RoleRollout(lp, ref, span.mask, rows.missing_eos, ent)
             for (lp, ent), ref, span in zip(scored, refs, spans, strict=True)
         ]
 
-    def _scored(self, role: Role, rollout: Rollout, grad: bool = True) -> RoleRollout:
+    def _scored(
+        self, role: Role, rollout: Rollout, grad: bool = True, ref: torch.Tensor | None = None
+    ) -> RoleRollout:
+        """``rollout``'s answers scored with ``role``'s weights (``ref``: the reference's
+        log-probabilities when already known)."""
         with as_role(self.policy, self.adapters[role]):
-            return self._scored_spans(rollout, [rollout.span()], grad)[0]
+            refs = None if ref is None else [ref]
+            return self._scored_spans(rollout, [rollout.span()], grad, refs)[0]
 
 
 def _answers_of(scored: RoleRollout, rollout: Rollout) -> RoleRollout:

@@ -73,7 +73,10 @@ def test_two_cpu_processes_split_the_global_batch_and_only_the_main_one_writes(
     assert all(math.isfinite(m["loss"]) for m in lines)
     assert lines[0]["prompts_per_s"] > 0
     state = json.loads((tmp_path / "run/checkpoints/step-2/state.json").read_text())
-    assert state["num_processes"] == 2 and state["data_position"] == 8  # 2 steps × 2 × 2
+    # 2 steps × 2 processes × batch 2, and the next batch whose Leader answers step 2 sampled
+    assert state["num_processes"] == 2 and state["data_position"] == 12
+    pending = torch.load(tmp_path / "run/checkpoints/step-2/pending.pt", weights_only=True)
+    assert len(pending) == 2 and pending[0]["prompts"] != pending[1]["prompts"]  # its own slice
     assert state["distributed"] == "ddp"
     rngs = torch.load(tmp_path / "run/checkpoints/step-2/rng_processes.pt", weights_only=False)
     assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
