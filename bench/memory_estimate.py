@@ -10,9 +10,9 @@ The model of one StackelbergGDA step with shared weights (the default), per proc
 - what trains: LoRA adapters in float32 (weights, gradients, AdamW's two moments: 16 bytes per
   parameter), or every weight (gradients and two moments in ``dtype``, as torch's AdamW keeps
   them in the parameter's dtype), sharded under FSDP;
-- activations of the scoring pass: ``2 × batch / accumulation`` rows (Leader and Follower
-  stacked), each as long as the longest Follower row (prompt, Leader answer, template tail,
-  Follower answer). With gradient checkpointing each decoder layer keeps its input (``H`` values
+- activations of the scoring pass: ``batch / accumulation`` Follower rows, each as long as the
+  longest Follower row (prompt, Leader answer, template tail, Follower answer), which score both
+  roles in one pass (the Follower prompt spliced from the Leader's sequence). With gradient checkpointing each decoder layer keeps its input (``H`` values
   per token) and one layer's activations are live again during its backward; without it every
   layer keeps about ``12·H + 4·I`` values per token (projections' inputs and outputs, norms,
   residuals, LoRA's inputs, the MLP's gate, up and product; SDPA attention keeps no T×T
@@ -20,7 +20,8 @@ The model of one StackelbergGDA step with shared weights (the default), per proc
 - the output head's chunk (``logprob_chunk_tokens`` positions × vocabulary in float32: logits,
   their softmax for the entropy, their gradient); under FSDP the head is sharded and the model's
   own logits of the answer positions (and their gradient) exist in ``dtype`` instead;
-- generation's KV cache (``batch`` rows of the Follower's length, K and V per layer).
+- generation's KV cache (``2 × batch`` rows of the Follower's length, K and V per layer: one
+  call samples this batch's Follower answers and the next batch's Leader answers).
 
 It leaves out allocator fragmentation, CUDA context (~0.5 GB) and framework buffers; the CPU
 check below shows how far that goes.
@@ -104,7 +105,7 @@ def estimate(shape: Shape, run: Run) -> dict[str, float]:
         parts["reference"] = params * b / shard
         parts["trainable (grads, AdamW in dtype)"] = 3 * params * b / shard
     follower_len = run.prompt_tokens + run.max_new_tokens + run.template_tail + run.max_new_tokens
-    rows = 2 * run.batch_size // run.gradient_accumulation_steps
+    rows = run.batch_size // run.gradient_accumulation_steps  # Follower rows score both roles
     tokens = rows * follower_len
     per_token_layer = (12 * shape.hidden + 4 * shape.intermediate) * b
     if run.gradient_checkpointing:
@@ -112,10 +113,12 @@ def estimate(shape: Shape, run: Run) -> dict[str, float]:
     else:
         parts["activations"] = tokens * shape.layers * per_token_layer
     parts["output head chunk"] = run.logprob_chunk_tokens * shape.vocab * 4 * 3
-    if run.fsdp:  # the head is sharded: the model's logits of the answer rows, and their gradient
-        parts["output head chunk"] += rows * (run.max_new_tokens + 1) * shape.vocab * b * 2
+    if run.fsdp:  # the head is sharded: the model's logits from the Leader's answer to the end of
+        # the Follower's (both roles' answer positions), and their gradient
+        answers = 2 * run.max_new_tokens + run.template_tail + 1
+        parts["output head chunk"] += rows * answers * shape.vocab * b * 2
     kv = 2 * shape.kv_heads * shape.head_dim * b * shape.layers
-    parts["generation KV cache"] = run.batch_size * follower_len * kv
+    parts["generation KV cache"] = 2 * run.batch_size * follower_len * kv  # one call, both roles
     out = {k: v / GIB for k, v in parts.items()}
     out["total"] = sum(out.values())
     return out
