@@ -182,7 +182,9 @@ class StackelbergTrainer:
         if config.rollout_backend == "vllm":
             from slhf_models.trainer.vllm_rollouts import VllmRollouts
 
-            self.vllm = VllmRollouts(config, self.tokens, num_processes=self.world)
+            self.vllm = VllmRollouts(
+                config, self.tokens, rank=self.rank, num_processes=self.world, mode=self.mode
+            )
             self._sync_rollout_weights()
 
     # -- setup -----------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
 """vLLM rollouts for StackelbergTrainer (``rollout_backend: vllm``) on in-process CPU engines.
 
-One LoRA trainer (with its engine) is shared by the module; the full fine-tune check starts a
-second engine. Engines run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) with a 1 GiB
-CPU KV cache.
+Two LoRA trainers (with their engines) are shared by the module: shared weights (merged,
+in-memory sync) and separate adapters (a LoRA adapter per role); the full fine-tune check starts
+a third engine, and two CPU processes under torchrun each build their own. Engines run in the
+training process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) with a 1 GiB CPU KV cache.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterator
@@ -21,8 +23,9 @@ pytest.importorskip("vllm")
 from slhf_models.serving.templates import ROLES
 from slhf_models.tiny import build_tiny_model
 from slhf_models.trainer.config import StackelbergConfig
-from slhf_models.trainer.rollouts import encode_prompts, generate, prompt_token_ids
+from slhf_models.trainer.rollouts import Tokens
 from slhf_models.trainer.trainer import StackelbergTrainer
+from tests.integration.models.trainer.test_distributed import run_config, torchrun
 from tests.trainer_helpers import tiny_config, tiny_trainer
 
 pytestmark = pytest.mark.integration
@@ -62,19 +65,24 @@ def lora_trainer(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Stacke
     return make_trainer(tiny, tmp_path_factory.mktemp("run"), follower_weights="separate_adapter")
 
 
+@pytest.fixture(scope="module")
+def shared_trainer(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> StackelbergTrainer:
+    return make_trainer(tiny, tmp_path_factory.mktemp("shared"))
+
+
+def leader_prompts(trainer: StackelbergTrainer) -> list[list[int]]:
+    return [trainer.renderer.encode_role("leader", x, None) for x in PROMPTS]
+
+
 def greedy_ids(trainer: StackelbergTrainer, role: str, n: int = 8) -> list[list[int]]:
     """vLLM's greedy answers (top_k 1) to the Leader prompts, ``n`` tokens at most."""
     cfg = trainer.config
     saved = cfg.top_k, cfg.max_new_tokens
     cfg.top_k, cfg.max_new_tokens = 1, n
     try:
-        texts = [trainer.renderer.render_leader(x) for x in PROMPTS]
-        rollout = trainer.vllm.generate(
-            role, texts, add_special_tokens=not trainer.renderer.uses_chat
-        )
+        return trainer.vllm.generate(role, leader_prompts(trainer))
     finally:
         cfg.top_k, cfg.max_new_tokens = saved
-    return rollout.input_ids[:, rollout.prompt_len :].tolist()
 
 
 def adapter_state(trainer: StackelbergTrainer, role: str) -> dict[str, torch.Tensor]:
@@ -133,49 +141,65 @@ def test_a_sync_changes_vllm_rollouts_only_once_it_happens(
     assert moved("leader", leader_before) < 0.05  # the leader adapter did not move
 
 
-def test_both_backends_sample_from_the_same_prompt_token_ids(
-    lora_trainer: StackelbergTrainer,
+def test_shared_lora_syncs_merged_weights_in_memory(shared_trainer: StackelbergTrainer) -> None:
+    """Shared weights: the engine has no LoRA support; each sync loads ``W + scaling·B·A`` from
+    memory (no folder), and the training model's own weights are not touched by it."""
+    trainer = shared_trainer
+    assert trainer.vllm.llm.llm_engine.vllm_config.lora_config is None
+    assert trainer.vllm.lora == {"leader": None, "follower": None}
+    stale_before, _ = logprob_gap(trainer)
+    assert stale_before < 0.15  # the adapters start at B = 0: the engine holds the base model
+    with torch.no_grad():
+        for name, p in trainer.params.items():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    base = {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if "lora_" not in n}
+    stale_mean, _ = logprob_gap(trainer)
+    trainer.vllm.sync(trainer.policy, trainer.adapters)
+    synced_mean, synced_max = logprob_gap(trainer)
+    assert stale_mean > 1.0
+    assert synced_mean < 0.15 and synced_max < 1.0, (synced_mean, synced_max)
+    for name, p in trainer.policy.named_parameters():  # merged into new tensors, not in place
+        if "lora_" not in name:
+            assert torch.equal(p, base[name]), name
+    assert trainer.vllm._tmp is None  # nothing was written to disk
+    history = trainer.train()  # two steps with the one-call schedule and the synced engine
+    assert [m["step"] for m in history] == [1, 2]
+    assert all(math.isfinite(m["loss"]) for m in history)
+    assert trainer.vllm.sync_id == 4 and trainer.pending is not None
+
+
+def test_vllm_answers_end_at_every_stop_id(shared_trainer: StackelbergTrainer) -> None:
+    trainer = shared_trainer
+    saved = trainer.vllm.tokens
+    stop = tuple(range(3, trainer.policy.config.vocab_size, 3))  # a third of the vocabulary
+    trainer.vllm.tokens = Tokens(stop=stop, pad=saved.pad)
+    try:
+        torch.manual_seed(0)
+        answers = trainer.vllm.generate("leader", leader_prompts(trainer))
+    finally:
+        trainer.vllm.tokens = saved
+    for a in answers:
+        assert a and all(t not in stop for t in a[:-1])
+    assert any(a[-1] in stop for a in answers)
+
+
+def test_vllm_rollouts_are_reproducible_from_torchs_rng(
+    shared_trainer: StackelbergTrainer,
 ) -> None:
-    trainer = lora_trainer
-    tok, special = trainer.tokenizer, not trainer.renderer.uses_chat
-    texts = [trainer.renderer.render_leader(x) for x in PROMPTS]
-    texts += [trainer.renderer.render_follower(x, "An answer.") for x in PROMPTS]
-    expected = [tok(t, add_special_tokens=special).input_ids for t in texts]
-    enc = encode_prompts(tok, texts, add_special_tokens=special)
-    assert prompt_token_ids(enc) == expected
-    with trainer._as_role("leader"):
-        hf = generate(
-            trainer.policy,
-            tok,
-            texts,
-            add_special_tokens=special,
-            max_new_tokens=2,
-            temperature=1.0,
-            top_k=0,
-        )
-    vl = trainer.vllm.generate("leader", texts, add_special_tokens=special)
-    assert torch.equal(hf.input_ids[:, : hf.prompt_len], vl.input_ids[:, : vl.prompt_len])
-    assert torch.equal(hf.attention_mask[:, : hf.prompt_len], vl.attention_mask[:, : vl.prompt_len])
-    assert vl.answer_mask.shape[1] <= trainer.config.max_new_tokens
+    trainer = shared_trainer
+    prompts = leader_prompts(trainer)
 
-
-def test_vllm_rollouts_are_reproducible_from_torchs_rng(lora_trainer: StackelbergTrainer) -> None:
-    trainer = lora_trainer
-    texts = [trainer.renderer.render_leader(x) for x in PROMPTS]
-    special = not trainer.renderer.uses_chat
-
-    def sample(seed: int) -> Any:
+    def sample(seed: int) -> list[list[int]]:
         torch.manual_seed(seed)  # the trainer seeds torch per process; vLLM's seeds come from it
-        return trainer.vllm.generate("follower", texts, add_special_tokens=special)
+        return trainer.vllm.generate("follower", prompts)
 
     a, b, c = sample(3), sample(3), sample(4)
-    assert torch.equal(a.input_ids, b.input_ids) and a.texts == b.texts
-    assert not torch.equal(a.input_ids, c.input_ids)
-    eos, pad = trainer.tokenizer.eos_token_id, trainer.tokenizer.pad_token_id
-    answers = a.input_ids[:, a.prompt_len :]
-    assert torch.equal(a.attention_mask[:, a.prompt_len :], a.answer_mask)
-    assert bool((answers[a.answer_mask == 0] == pad).all())
-    assert torch.equal(a.missing_eos, ~((answers == eos) & (a.answer_mask == 1)).any(dim=1))
+    assert a == b and a != c
+    stops = set(trainer.tokens.stop)
+    for answer in a:  # cut at the first stop id, or max_new_tokens long
+        assert all(t not in stops for t in answer[:-1])
+        assert answer[-1] in stops or len(answer) == trainer.config.max_new_tokens
 
 
 def test_a_resumed_trainer_syncs_the_restored_adapters(
@@ -202,9 +226,7 @@ def test_a_resumed_trainer_syncs_the_restored_adapters(
 
 def scored_sequence(trainer: StackelbergTrainer) -> list[int]:
     """The first Leader prompt followed by fixed tokens: a sequence to score on both sides."""
-    text = trainer.renderer.render_leader(PROMPTS[0])
-    enc = encode_prompts(trainer.tokenizer, [text], add_special_tokens=False)
-    return enc.input_ids[0].tolist() + list(range(5, 45))
+    return leader_prompts(trainer)[0] + list(range(5, 45))
 
 
 def vllm_logprobs(trainer: StackelbergTrainer, role: str, ids: list[int]) -> torch.Tensor:
@@ -253,12 +275,31 @@ def test_full_fine_tune_sync_loads_the_trained_weights(tiny: Path, tmp_path: Pat
     assert math.isfinite(history[0]["loss"]) and trainer.vllm.sync_id == 4
 
 
-def test_several_processes_and_unknown_lora_ranks_are_refused(tiny: Path) -> None:
+def test_fsdp_and_unknown_lora_ranks_are_refused(tiny: Path) -> None:
     from slhf_models.trainer.vllm_rollouts import VllmRollouts, max_lora_rank
 
     cfg = StackelbergConfig(model=str(tiny), dataset="unused", rollout_backend="vllm")
-    with pytest.raises(ValueError, match="supports one training process; got 2"):
-        VllmRollouts(cfg, None, num_processes=2)
+    with pytest.raises(ValueError, match="under FSDP each process would gather"):
+        VllmRollouts(cfg, Tokens((2,), 0), num_processes=2, mode="fsdp2")
     assert [max_lora_rank(r) for r in (1, 4, 8, 9, 64, 500)] == [1, 8, 8, 16, 64, 512]
     with pytest.raises(ValueError, match="above vLLM's largest max_lora_rank"):
         max_lora_rank(513)
+
+
+def test_two_cpu_processes_each_sample_with_their_own_engine(tmp_path: Path) -> None:
+    """DDP over gloo, one in-process engine per process (vLLM's world is the trainer's process
+    group), merged in-memory syncs; the group survives the engines and their teardown."""
+    settings = (
+        f"output_dir: {tmp_path / 'run'}\nmax_new_tokens: 8\nsteps: 2\n"
+        "rollout_backend: vllm\nvllm_max_model_len: 256\nvllm_enforce_eager: true\n"
+    )
+    done = torchrun(run_config(tmp_path, settings), ACCELERATE_USE_CPU="1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    assert all(math.isfinite(m["loss"]) for m in lines)
+    step = tmp_path / "run/checkpoints/step-2"
+    assert json.loads((step / "state.json").read_text())["num_processes"] == 2
+    pending = torch.load(step / "pending.pt", weights_only=True)
+    assert len(pending) == 2 and pending[0]["prompts"] != pending[1]["prompts"]
+    assert (tmp_path / "run" / "final" / "slhf.json").exists()
