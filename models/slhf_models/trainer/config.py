@@ -134,11 +134,11 @@ class StackelbergConfig:
     softmax at ``temperature``, so truncated sampling would be off-policy (the paper's
     refinement used top-k 50 at inference only; the server takes it per request)."""
     rollout_backend: Literal["hf", "vllm"] = "hf"
-    """Who samples the rollouts: Hugging Face ``generate`` on the training model, or an in-process
-    vLLM engine on the same base model whose weights are synced after every optimiser step (see
-    models/slhf_models/trainer/vllm_rollouts.py; needs vllm installed and one process).
-    Log-probabilities
-    are always computed by the training model."""
+    """Who samples the rollouts: Hugging Face ``generate`` on the training model, or a vLLM
+    engine in each training process on the same base model, whose weights are synced in memory
+    after every optimiser step (models/slhf_models/trainer/vllm_rollouts.py; needs vllm
+    installed; one process or DDP, not FSDP). Log-probabilities are always computed by the
+    training model."""
     rollout_schedule: Literal["auto", "one_call", "sequential"] = "auto"
     """``one_call``: one generation call per step samples this batch's Follower answers
     together with the next batch's Leader answers, so each Leader answer is trained one step
