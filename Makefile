@@ -153,6 +153,7 @@ bench: bench-install
 	$(PY) bench/drafting.py $(DRAFTING) --model $(COPY_MODEL) --temperature 0 \
 		--out bench/results/drafting_copy_greedy_ag10
 	$(PY) bench/train_throughput.py --repeats 2
+	$(PY) bench/train_throughput.py --shape qwen2.5-0.5b
 	$(PY) bench/train_memory.py
 	$(PY) bench/serve_overhead.py --requests 20
 	$(PY) bench/openai_stream.py

@@ -12,11 +12,11 @@ The model of one StackelbergGDA step with shared weights (the default), per proc
   them in the parameter's dtype), sharded under FSDP;
 - activations of the scoring pass: ``batch / accumulation`` Follower rows, each as long as the
   longest Follower row (prompt, Leader answer, template tail, Follower answer), which score both
-  roles in one pass (the Follower prompt spliced from the Leader's sequence). With gradient checkpointing each decoder layer keeps its input (``H`` values
-  per token) and one layer's activations are live again during its backward; without it every
-  layer keeps about ``12·H + 4·I`` values per token (projections' inputs and outputs, norms,
-  residuals, LoRA's inputs, the MLP's gate, up and product; SDPA attention keeps no T×T
-  matrix);
+  roles in one pass (the Follower prompt spliced from the Leader's sequence). With gradient
+  checkpointing each decoder layer keeps its input (``H`` values per token) and one layer's
+  activations are live again during its backward; without it every layer keeps about
+  ``12·H + 4·I`` values per token (projections' inputs and outputs, norms, residuals, LoRA's
+  inputs, the MLP's gate, up and product; SDPA attention keeps no T×T matrix);
 - the output head's chunk (``logprob_chunk_tokens`` positions × vocabulary in float32: logits,
   their softmax for the entropy, their gradient); under FSDP the head is sharded and the model's
   own logits of the answer positions (and their gradient) exist in ``dtype`` instead;
