@@ -139,6 +139,11 @@ class StackelbergConfig:
     after every optimiser step (models/slhf_models/trainer/vllm_rollouts.py; needs vllm
     installed; one process or DDP, not FSDP). Log-probabilities are always computed by the
     training model."""
+    merge_lora_for_generation: bool = True
+    """HF rollouts with LoRA: sample with the adapter merged into a copy of the adapted base
+    weights (plain linear layers, no per-token LoRA matmuls; the trained weights are restored
+    bit for bit afterwards). Costs one copy of the adapted weights during generation; off: the
+    adapter layers run as they train. Not under FSDP."""
     rollout_schedule: Literal["auto", "one_call", "sequential"] = "auto"
     """``one_call``: one generation call per step samples this batch's Follower answers
     together with the next batch's Leader answers, so each Leader answer is trained one step

@@ -32,6 +32,7 @@ Under several processes gradients are averaged only on a step's last backward pa
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -113,9 +114,9 @@ class RoleLosses:
         self.adapters = adapters
         self.pad_token_id = pad_token_id
 
-    @property
+    @functools.cached_property
     def policy(self) -> Any:
-        """The model without its DDP/FSDP wrapper."""
+        """The model without its DDP/FSDP wrapper (unwrapped once: it does not change)."""
         return self.accelerator.unwrap_model(self.model)
 
     def accumulate(

@@ -226,7 +226,6 @@ def leader_span(leader: Rollout, follower: Rollout, offsets: torch.Tensor) -> Sp
     return Span(start, leader.answers, leader.answer_mask)
 
 
-@torch.no_grad()
 def generate(
     model: Any,
     tokens: Tokens,
@@ -240,22 +239,24 @@ def generate(
     """Sample one answer per prompt (left padding; torch's global RNG); each answer's ids up to
     and including its first stop id. ``synced``: every process runs the same number of forward
     passes until all are done (a sharded model needs all of them in each one); a process whose
-    answers ended early runs on without sampling."""
+    answers ended early runs on without sampling. Runs in ``torch.inference_mode`` (cheaper
+    than ``no_grad``), except under FSDP, whose gathered parameters serve training later."""
     ids, mask = pad_left(prompts, tokens.pad)
     was_training = model.training
     model.eval()
-    out = model.generate(
-        input_ids=ids.to(model.device),
-        attention_mask=mask.to(model.device),
-        do_sample=True,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=1.0,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokens.pad,
-        eos_token_id=list(tokens.stop),
-        synced_gpus=synced,
-    )  # (B, P + T'), T' ≤ max_new_tokens
+    with torch.inference_mode(not synced):
+        out = model.generate(
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
+            do_sample=True,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokens.pad,
+            eos_token_id=list(tokens.stop),
+            synced_gpus=synced,
+        )  # (B, P + T'), T' ≤ max_new_tokens
     model.train(was_training)
     return [cut_at_stop(row, tokens.stop) for row in out[:, ids.shape[1] :].tolist()]
 

@@ -63,6 +63,7 @@ Run::
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import sys
@@ -188,9 +189,10 @@ class StackelbergTrainer:
             self._sync_rollout_weights()
 
     # -- setup -----------------------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def policy(self) -> Any:
-        """The model without its DDP/FSDP wrapper: for generate, adapters and saving."""
+        """The model without its DDP/FSDP wrapper: for generate, adapters and saving (unwrapped
+        once: the wrapper does not change after ``__init__``)."""
         return self.accelerator.unwrap_model(self.model)
 
     def _as_role(self, role: Role) -> AbstractContextManager[None]:
@@ -329,7 +331,8 @@ class StackelbergTrainer:
         cfg = self.config
         if self.vllm is not None:
             return self.vllm.generate(role, prompts)
-        with self._as_role(role):
+        merge = cfg.use_lora and cfg.merge_lora_for_generation and self.mode != "fsdp2"
+        with self._as_role(role), weights.merged_lora(self.policy, enabled=merge):
             return generate(
                 self.policy,
                 self.tokens,

@@ -65,6 +65,7 @@ from slhf_models.serving import vllm_cpu
 from slhf_models.serving.templates import ROLES, Role
 from slhf_models.trainer.config import StackelbergConfig
 from slhf_models.trainer.rollouts import Tokens, cut_at_stop
+from slhf_models.trainer.weights import lora_layers, merged_weight
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
 _SEED_BOUND = 2**31 - 1
@@ -217,22 +218,11 @@ def _state_pairs(model: Any) -> list[tuple[str, torch.Tensor]]:
 def merged_weights(policy: Any) -> list[tuple[str, torch.Tensor]]:
     """A LoRA policy's weights as the base model's checkpoint would hold them with the active
     adapter merged: ``(name, tensor)`` pairs under the base model's names, each LoRA-targeted
-    weight ``W + scaling·B·A`` in a new tensor (peft's ``get_delta_weight``), the training
-    model untouched. Linear LoRA layers only (what ``weights.with_lora`` builds)."""
-    from peft.tuners.lora import LoraLayer
-
-    merged: dict[str, torch.Tensor] = {}
-    layers: list[tuple[str, Any]] = [
-        (name, module) for name, module in policy.named_modules() if isinstance(module, LoraLayer)
-    ]
-    for module_name, module in layers:
-        base = module.get_base_layer()
-        weight = base.weight.detach()
-        for adapter in module.active_adapters:
-            if adapter in module.lora_A:
-                delta = module.get_delta_weight(adapter).to(weight.dtype)
-                weight = weight + delta
-        merged[_base_name(module_name) + ".weight"] = weight
+    weight ``W + scaling·B·A`` in a new tensor (``weights.merged_weight``), the training model
+    untouched. Linear LoRA layers only (what ``weights.with_lora`` builds)."""
+    merged = {
+        _base_name(name) + ".weight": merged_weight(layer) for name, layer in lora_layers(policy)
+    }
     pairs = []
     for name, tensor in policy.state_dict().items():
         if "lora_" in name:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -98,6 +100,50 @@ def prepare_policy(model: Any, cfg: StackelbergConfig) -> Any:
     if cfg.disable_dropout:
         disable_dropout(model)
     return model.train()
+
+
+def lora_layers(policy: Any) -> list[tuple[str, Any]]:
+    """The policy's LoRA layers (peft ``LoraLayer``), with their module names."""
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, m) for name, m in policy.named_modules() if isinstance(m, LoraLayer)]
+
+
+@torch.no_grad()
+def merged_weight(layer: Any) -> torch.Tensor:
+    """A LoRA layer's base weight with its active adapter merged, ``W + scaling·B·A``, as a new
+    tensor in ``W``'s dtype (peft's ``get_delta_weight``); the layer is not changed."""
+    base = layer.get_base_layer()
+    weight = base.weight.detach()
+    for adapter in layer.active_adapters:
+        if adapter in layer.lora_A:
+            weight = weight + layer.get_delta_weight(adapter).to(weight.dtype)
+    return weight
+
+
+@contextmanager
+def merged_lora(policy: Any, enabled: bool = True) -> Iterator[None]:
+    """While open, the policy computes with its active LoRA adapter merged into the base
+    weights and the adapter layers off: plain linear layers, as fast as the base model (sampling
+    decodes token by token, and each LoRA layer adds two matmuls and an add to every step).
+    The merged weights are new tensors; on exit every base weight gets its own tensor back, bit
+    for bit (merging and unmerging in place would leave ``W + Δ − Δ ≠ W``, drifting every step).
+    Costs one copy of the adapted weights while open. Not under FSDP (sharded DTensors)."""
+    if not enabled:
+        yield
+        return
+    saved = []
+    try:
+        for _, layer in lora_layers(policy):
+            weight = layer.get_base_layer().weight
+            merged = merged_weight(layer)
+            saved.append((weight, weight.data))
+            weight.data = merged
+        with policy.disable_adapter():
+            yield
+    finally:
+        for weight, data in saved:
+            weight.data = data
 
 
 @functools.cache

@@ -71,3 +71,33 @@ def test_gradient_checkpointing_gives_the_same_gradients(
     assert any(g.abs().sum() > 0 for g in grads[0].values())
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_merged_lora_computes_as_the_adapter_and_gives_every_weight_back(
+    tiny: Path, tmp_path: Path
+) -> None:
+    """Sampling runs with the adapter merged into new tensors (weights.merged_lora): the same
+    logits as the adapter layers, and on exit each base weight is its own tensor again."""
+    from slhf_models.trainer.weights import lora_layers, merged_lora
+
+    trainer = tiny_trainer(tiny_config(tiny, tmp_path, batch_size=4), PROMPTS)
+    policy = trainer.policy
+    with torch.no_grad():
+        for name, param in trainer.params.items():
+            param.normal_(0.0, 0.3) if "lora_B" in name else None
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    before = {n: (p, p.data.clone()) for n, p in policy.named_parameters()}
+    with torch.no_grad():
+        want = policy(input_ids=ids).logits
+        with policy.disable_adapter():
+            base = policy(input_ids=ids).logits
+        with merged_lora(policy):
+            got = policy(input_ids=ids).logits
+            layer = lora_layers(policy)[0][1]
+            assert layer.disable_adapters  # plain linear layers while merged
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (want - base).abs().max() > 1e-2  # the adapter matters here
+    for name, param in policy.named_parameters():
+        assert param is before[name][0] and torch.equal(param.data, before[name][1]), name
+    with torch.no_grad():
+        torch.testing.assert_close(policy(input_ids=ids).logits, want)  # adapters on again
