@@ -23,7 +23,7 @@ the answers were drawn from (top-k truncation aside).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -204,7 +204,7 @@ def to_rollout(
 
 
 def follower_prompt_ids(
-    leader: Rollout, tail: Sequence[int] | None, render: Any
+    leader: Rollout, tail: Sequence[int] | None, render: Callable[[int, str], list[int]]
 ) -> tuple[list[list[int]], torch.Tensor | None]:
     """Each row's ``T_F(x, y)`` and, where it is spliced, the column of the Leader's answer in
     the Follower rollout's rows (before left padding is known: the offset of ``y`` in each

@@ -139,7 +139,7 @@ def test_the_leader_scored_in_the_spliced_follower_row_is_scored_as_in_its_own_r
         tok, tokens, [[5, 6, 7], [8], [9, 10]], [[11, 12, 2], [13, 14, 15, 16], [2]]
     )  # stopped, cut off at max_new_tokens, empty
     tail = [3, 4]
-    ids, offsets = follower_prompt_ids(leader, tail, render=None)
+    ids, offsets = follower_prompt_ids(leader, tail, render=lambda row, text: [])
     assert ids == [[5, 6, 7, 11, 12, 3, 4], [8, 13, 14, 15, 16, 3, 4], [9, 10, 3, 4]]
     follower = to_rollout(tok, tokens, ids, [[17, 2], [18, 19, 20], [2]])
     assert offsets is not None
