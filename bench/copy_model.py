@@ -59,10 +59,11 @@ def check_copies(folder: Path, n: int, seed: int) -> dict[str, Any]:
 
     from bench.drafting import workload
     from slhf_models.serving.templates import TemplateRenderer
+    from slhf_models.sft import source_manifest
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    renderer = TemplateRenderer(tokenizer)
+    renderer = TemplateRenderer(tokenizer, source_manifest(folder).template.to_config())
     same = 0
     for body in workload(n, seed):
         prompt, given = body["prompt"], body["response"]

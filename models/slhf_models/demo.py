@@ -94,7 +94,7 @@ def warm_start(family: str, seed: int, steps: int, demos: Path, out: Path) -> Pa
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slhf_models.sft import read_rows, save_sft, train_sft
+    from slhf_models.sft import read_rows, save_sft, source_manifest, train_sft
     from slhf_models.tiny import build_tiny_model
 
     target = out / f"sft-{family}"
@@ -105,7 +105,8 @@ def warm_start(family: str, seed: int, steps: int, demos: Path, out: Path) -> Pa
     tokenizer = AutoTokenizer.from_pretrained(init)
     model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
     config = SFTConfig(**{**asdict(SFT), "seed": seed, "steps": steps})
-    losses = train_sft(model, tokenizer, read_rows(demos), config)
+    template = source_manifest(init).template.to_config()
+    losses = train_sft(model, tokenizer, read_rows(demos), config, template)
     return save_sft(model, tokenizer, init, target, config, demos=str(demos), final_loss=losses[-1])
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slhf_models.serving.manifest import Manifest, ManifestError
-from slhf_models.serving.templates import TemplateRenderer
+from slhf_models.serving.templates import TemplateConfig, TemplateRenderer
 
 if TYPE_CHECKING:
     import torch
@@ -95,10 +95,24 @@ def _collate(
     return ids, labels, mask
 
 
+def source_manifest(source: str | Path) -> Manifest:
+    """The manifest the fine-tuned folder inherits: ``source``'s, or a plain model's."""
+    try:
+        return Manifest.load(source)
+    except ManifestError:
+        return Manifest.for_plain_model(f"{Path(source).name}-sft")
+
+
 def train_sft(
-    model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], config: SFTConfig
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[dict[str, Any]],
+    config: SFTConfig,
+    template: TemplateConfig | None = None,
 ) -> list[float]:
-    """Fine-tune ``model`` in place on ``rows``; return the loss of every step."""
+    """Fine-tune ``model`` in place on ``rows``; return the loss of every step. ``template``:
+    how prompts are rendered and encoded (the BOS rule included), which must be what the saved
+    folder's manifest records (``source_manifest(...).template.to_config()``)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -106,7 +120,7 @@ def train_sft(
         raise ValueError("no demonstrations to train on")
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    renderer = TemplateRenderer(tokenizer)
+    renderer = TemplateRenderer(tokenizer, template)
     examples = [encode_row(renderer, tokenizer, r, config.max_length) for r in rows]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     optimizer = torch.optim.AdamW(
@@ -153,10 +167,7 @@ def save_sft(
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    try:
-        manifest = Manifest.load(source)
-    except ManifestError:
-        manifest = Manifest.for_plain_model(f"{Path(source).name}-sft")
+    manifest = source_manifest(source)
     provenance = {**manifest.provenance, "sft": {**asdict(config), **info, "source": str(source)}}
     name = manifest.name if manifest.name.endswith("-sft") else f"{manifest.name}-sft"
     manifest.model_copy(update={"name": name, "base_model": ".", "provenance": provenance}).save(
@@ -190,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if torch.cuda.is_available():
         model.to("cuda")
     rows = read_rows(args.demos)
-    losses = train_sft(model, tokenizer, rows, config)
+    template = source_manifest(args.model).template.to_config()
+    losses = train_sft(model, tokenizer, rows, config, template)
     info = {"demos": args.demos, "final_loss": losses[-1]}
     print(save_sft(model, tokenizer, args.model, args.out_dir, config, **info))
     return 0

@@ -103,22 +103,18 @@ def decoded_tokens(tokenizer: Any, vocab_size: int) -> list[str]:
 
 
 def next_token_distributions(
-    model: Any, tokenizer: Any, prompt_texts: list[str], *, temperature: float = 1.0
+    model: Any, tokenizer: Any, prompts: list[list[int]], *, temperature: float = 1.0
 ) -> np.ndarray:
-    """``(N, V)`` float64 next-token distributions after each rendered prompt (no grad)."""
+    """``(N, V)`` float64 next-token distributions after each prompt's ids (no grad)."""
     import torch
 
     from slhf_models.trainer.rollouts import pad_left, stop_token_ids
 
-    special = not bool(tokenizer.chat_template)
     pad = stop_token_ids(tokenizer).pad
     out = []
     with torch.no_grad():
-        for i in range(0, len(prompt_texts), 256):
-            rows = [
-                tokenizer.encode(t, add_special_tokens=special) for t in prompt_texts[i : i + 256]
-            ]
-            ids, mask = (t.to(model.device) for t in pad_left(rows, pad))
+        for i in range(0, len(prompts), 256):
+            ids, mask = (t.to(model.device) for t in pad_left(prompts[i : i + 256], pad))
             positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
             logits = model(
                 input_ids=ids,
@@ -139,23 +135,31 @@ def policies(
     temperature: float = 1.0,
     rows: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``π(·|T_L(x))`` ``(V,)`` and ``ω(·|T_F(x, y))`` ``(V, V)`` for every token ``y``.
+    """``π(·|T_L(x))`` ``(V,)`` and ``ω(·|T_F(x, y))`` ``(V, V)`` for every token ``y``, on the
+    ids the trainer samples from (``renderer.encode``; the Follower's prompt spliced from the
+    Leader's ids where the template allows it, as the trainer and the server build it).
 
     With ``rows`` only those Follower rows are computed; the others are NaN (enough for
     ``distances`` and ``summary``, which read the answers' rows).
     """
+    from slhf_models.trainer.rollouts import stop_token_ids
+
     vocab = model.config.vocab_size
     texts = decoded_tokens(tokenizer, vocab)
     wanted = list(range(vocab)) if rows is None else list(rows)
-    leader = next_token_distributions(
-        model, tokenizer, [renderer.render_leader(prompt)], temperature=temperature
-    )[0]
+    lead = renderer.encode_role("leader", prompt, None)
+    tail, _ = renderer.follower_tail()
+    stops = set(stop_token_ids(tokenizer).stop)
+
+    def follower_ids(y: int) -> list[int]:
+        if tail is None:
+            return renderer.encode_role("follower", prompt, texts[y])
+        return [*lead, *([] if y in stops else [y]), *tail]  # a stop token is not in the text
+
+    leader = next_token_distributions(model, tokenizer, [lead], temperature=temperature)[0]
     follower = np.full((vocab, vocab), np.nan)
     follower[wanted] = next_token_distributions(
-        model,
-        tokenizer,
-        [renderer.render_follower(prompt, texts[y]) for y in wanted],
-        temperature=temperature,
+        model, tokenizer, [follower_ids(y) for y in wanted], temperature=temperature
     )
     return leader, follower
 

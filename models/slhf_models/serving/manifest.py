@@ -74,12 +74,17 @@ class TemplateSpec(_Strict):
     layout: Literal["auto", "chat", "plain"] = "auto"
     follower_instruction: str = Field(DEFAULT_FOLLOWER_INSTRUCTION, min_length=1)
     plain_separator: str = Field(DEFAULT_PLAIN_SEPARATOR, min_length=1)
+    bos: Literal["ensure", "as_rendered"] = "as_rendered"
+    """The BOS rule the weights were trained with (``TemplateConfig.bos``). Absent: what
+    ``slhf train`` wrote before the field existed (``as_rendered``); ``slhf train`` now writes
+    ``ensure``, and a folder without a manifest is served with ``ensure`` (the paper's)."""
 
     def to_config(self) -> TemplateConfig:
         return TemplateConfig(
             follower_instruction=self.follower_instruction,
             layout=self.layout,
             plain_separator=self.plain_separator,
+            bos=self.bos,
         )
 
 
@@ -126,7 +131,12 @@ class Manifest(_Strict):
     @classmethod
     def for_plain_model(cls, name: str, base_model: str = ".") -> Manifest:
         """The manifest of a model folder or HF id that has none: topology "shared"."""
-        return cls(name=name, base_model=base_model, provenance={"producer": "implicit"})
+        return cls(
+            name=name,
+            base_model=base_model,
+            template=TemplateSpec(bos="ensure"),  # the paper's released models: BOS once
+            provenance={"producer": "implicit"},
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Manifest:

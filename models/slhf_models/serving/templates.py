@@ -66,11 +66,20 @@ class TemplateConfig:
             ``"plain"`` uses the plain-text layout; ``"auto"`` picks chat when the tokenizer has
             a chat template, plain otherwise.
         plain_separator: separator between parts in the plain-text layout.
+        bos: how a rendered prompt becomes ids. ``"ensure"`` (the paper's reference pipeline,
+            TRL's ``tokenize_row``): the text is tokenized without special tokens, then the
+            tokenizer's BOS is put first unless the ids already start with it, so the prompt
+            has BOS exactly once whether or not the template writes it (Llama 3's tokenizer with
+            the Tulu template, which does not) and none where the tokenizer has no BOS (Qwen).
+            ``"as_rendered"`` (what ``slhf train`` used before 2026-12-06, and what a manifest
+            without the field means): a chat template's text as it is, plain text with the
+            tokenizer's own special tokens.
     """
 
     follower_instruction: str = DEFAULT_FOLLOWER_INSTRUCTION
     layout: Literal["auto", "chat", "plain"] = "auto"
     plain_separator: str = DEFAULT_PLAIN_SEPARATOR
+    bos: Literal["ensure", "as_rendered"] = "ensure"
 
     def __post_init__(self) -> None:
         if not self.follower_instruction.strip():
@@ -79,6 +88,8 @@ class TemplateConfig:
             raise TemplateError(f"layout must be 'auto', 'chat' or 'plain'; got {self.layout!r}")
         if not self.plain_separator:
             raise TemplateError("plain_separator must not be empty")
+        if self.bos not in ("ensure", "as_rendered"):
+            raise TemplateError(f"bos must be 'ensure' or 'as_rendered'; got {self.bos!r}")
 
 
 def to_messages(prompt: Prompt) -> list[Message]:
@@ -177,8 +188,15 @@ class TemplateRenderer:
 
     # -- token ids --------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        # A chat template writes BOS/EOS itself; plain text gets the tokenizer's specials.
-        return list(self.tokenizer.encode(text, add_special_tokens=not self.uses_chat))
+        """A rendered prompt's ids, under the config's BOS rule (``TemplateConfig.bos``): the
+        one place the server, the trainer's rollouts and ``slhf eval`` turn prompts into ids."""
+        if self.config.bos == "as_rendered":  # a chat template's specials, or the tokenizer's
+            return list(self.tokenizer.encode(text, add_special_tokens=not self.uses_chat))
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if isinstance(bos, int) and ids[:1] != [bos]:
+            ids.insert(0, bos)
+        return ids
 
     def encode_role(self, role: Role, prompt: Prompt, answer: str | None) -> list[int]:
         return self.encode(self.render(role, prompt, answer))

@@ -176,6 +176,7 @@ def manifest(
         template=TemplateSpec(
             layout="chat" if uses_chat else "plain",
             follower_instruction=cfg.follower_instruction,
+            bos=cfg.resolved_template_bos(),
         ),
         provenance={
             "producer": "slhf train",

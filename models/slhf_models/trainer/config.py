@@ -174,6 +174,12 @@ class StackelbergConfig:
     """Prompt layout: the tokenizer's chat template, plain text, or chat when there is one."""
     log_every: int = 10
     """Log the loss stats every n steps."""
+    template_bos: Literal["auto", "ensure", "as_rendered"] = "auto"
+    """How rendered prompts become ids (models/slhf_models/serving/templates.py,
+    ``TemplateConfig.bos``): ``ensure`` puts the tokenizer's BOS first exactly once, as the
+    paper's reference pipeline did; ``auto``: the rule ``model``'s own ``slhf.json`` records
+    (weights an earlier slhf run made keep their rule), ``ensure`` for a model without one.
+    Recorded in the artefact's ``slhf.json`` for the server."""
     report_to: Literal["none", "jsonl", "tensorboard", "wandb"] = "jsonl"
     """Where stats go besides the console: ``jsonl`` writes output_dir/log.jsonl; ``tensorboard``
     writes it too, plus output_dir/tensorboard (needs ``pip install tensorboard``); ``wandb`` is
@@ -293,6 +299,17 @@ class StackelbergConfig:
             f"lora_r {self.lora_r} is above vLLM's largest max_lora_rank 512; "
             "lower lora_r or set rollout_backend: hf",
         )
+
+    def resolved_template_bos(self) -> Literal["ensure", "as_rendered"]:
+        """``template_bos`` with ``auto`` resolved against ``model``'s manifest."""
+        if self.template_bos != "auto":
+            return self.template_bos
+        from slhf_models.serving.manifest import Manifest, ManifestError
+
+        try:
+            return Manifest.load(self.model).template.bos
+        except (ManifestError, OSError):  # a Hub id, or a folder without slhf.json
+            return "ensure"
 
     @property
     def one_call_rollouts(self) -> bool:

@@ -63,6 +63,7 @@ Run::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import random
@@ -129,6 +130,8 @@ class StackelbergTrainer:
         self.accelerator = accelerator or distributed.make_accelerator(
             find_unused_parameters=separate
         )
+        # the BOS rule of the prompts' ids, resolved once (and recorded in the artefact)
+        config = dataclasses.replace(config, template_bos=config.resolved_template_bos())
         self.mode = distributed.mode_of(self.accelerator)  # none, ddp or fsdp2
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
@@ -137,7 +140,12 @@ class StackelbergTrainer:
         self.preference = preference
         self.eval_dataset = list(eval_dataset or [])
         self.renderer = TemplateRenderer(
-            tokenizer, TemplateConfig(config.follower_instruction, config.template_layout)
+            tokenizer,
+            TemplateConfig(
+                config.follower_instruction,
+                config.template_layout,
+                bos=config.resolved_template_bos(),
+            ),
         )
         self.sampler = PromptSampler(train_dataset, config.seed)
         # the ids that end an answer (every EOS of the generation config) and pad one

@@ -191,3 +191,26 @@ def test_lr_schedules_warm_up_then_decay_to_the_floor() -> None:
     assert cosine.lr_factor(6) == pytest.approx(0.5)  # half-way: cos(π/2) = 0
     assert cosine.lr_factor(10) == pytest.approx(0.0)
     assert [make(steps=10).lr_factor(s) for s in (1, 10)] == [1.0, 1.0]
+
+
+def test_template_bos_auto_follows_the_models_manifest(tiny: Path, tmp_path: Path) -> None:
+    """``auto``: weights an earlier slhf run wrote keep the BOS rule they were trained with (a
+    manifest without the field: ``as_rendered``); a model without a manifest gets the paper's
+    reference rule (``ensure``), which the artefact then records for the server."""
+    import shutil
+
+    from slhf_models.serving.manifest import RoleSpec
+    from slhf_models.serving.templates import ROLES
+    from slhf_models.trainer.artefact import manifest
+
+    assert StackelbergConfig(model=str(tiny), dataset="x").resolved_template_bos() == "as_rendered"
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny, plain)
+    (plain / "slhf.json").unlink()
+    cfg = StackelbergConfig(model=str(plain), dataset="x")
+    assert cfg.resolved_template_bos() == "ensure"
+    assert StackelbergConfig(model="org/name", dataset="x").resolved_template_bos() == "ensure"
+    explicit = StackelbergConfig(model=str(tiny), dataset="x", template_bos="ensure")
+    assert explicit.resolved_template_bos() == "ensure"
+    roles = {role: RoleSpec() for role in ROLES}
+    assert manifest(cfg, roles, base_model=".", uses_chat=True).template.bos == "ensure"

@@ -108,7 +108,10 @@ def warm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Warm]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: a second thread only adds contention
     path = build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
-    renderer = TemplateRenderer(AutoTokenizer.from_pretrained(path), TemplateConfig(INSTRUCTION))
+    # the tiny model's manifest predates the BOS rule: the trainer (template_bos auto) encodes
+    # prompts as rendered, and so does this renderer
+    config = TemplateConfig(INSTRUCTION, bos="as_rendered")
+    renderer = TemplateRenderer(AutoTokenizer.from_pretrained(path), config)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     game = token_game(renderer.tokenizer, model.config.vocab_size)
     torch.manual_seed(0)
