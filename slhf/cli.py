@@ -47,11 +47,29 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", choices=["json", "text"], help="SLHF_LOG_FORMAT")
+    p.add_argument(
+        "--help-engine",
+        action="store_true",
+        help="list vLLM's engine flags, which slhf serve also takes (SLHF_ENGINE_ARGS)",
+    )
 
 
 def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings the command line sets (over the environment's), by settings field name."""
-    given = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+    """The settings the command line sets (over the environment's), by settings field name:
+    slhf's flags, then vLLM's engine flags (``args.engine_fields``, server/slhf_server/
+    engine_flags.py) routed to the slhf setting of the same meaning or to ``engine_args``."""
+    from slhf_server.engine_flags import route
+
+    skip = {"command", "engine_fields", "help_engine"}
+    given = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+    as_settings, engine_args = route(getattr(args, "engine_fields", {}) or {})
+    for field, value in as_settings.items():
+        name = "model_flag" if field == "model" else field
+        if name in given and given[name] != value:
+            raise ValueError(f"{field} given twice: {given[name]!r} and {value!r}")
+        given[name] = value
+    if engine_args:
+        given["engine_args"] = engine_args
     flag = given.pop("model_flag", None)
     if flag is not None and given.get("model", flag) != flag:
         raise ValueError(f"two models given: {given['model']} and --model {flag}")
@@ -82,7 +100,7 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         settings = ServerSettings(**serve_overrides(args))
-    except ValueError as e:  # pydantic's ValidationError is a ValueError
+    except ValueError as e:  # pydantic's ValidationError is a ValueError (EngineFlagError too)
         print(f"slhf serve: invalid settings:\n{e}", file=sys.stderr)
         return 2
     try:
@@ -200,8 +218,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     _train_parser(sub)
     _eval_parser(sub)
     _refine_parser(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    engine_fields: dict[str, Any] = {}
+    if argv[:1] == ["serve"]:  # vLLM's engine flags first (they take values: see engine_flags)
+        from slhf_server.engine_flags import split_serve_argv
+
+        engine_fields, rest = split_serve_argv(argv[1:])
+        argv = ["serve", *rest]
     args = parser.parse_args(argv)
     if args.command == "serve":
+        if args.help_engine:
+            from slhf_server.engine_flags import engine_parser
+
+            engine_parser().print_help()
+            return 0
+        args.engine_fields = engine_fields
         return serve(args)
     if args.command == "game":
         return game(args)

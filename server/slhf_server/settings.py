@@ -7,7 +7,7 @@ the app and routes get it through a dependency.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -74,6 +74,12 @@ class ServerSettings(BaseSettings):
     """"ngram": the longest run of last tokens looked up (the longest match wins)."""
     enforce_eager: bool = False
     max_lora_rank: int = Field(64, ge=1)
+    engine_args: dict[str, Any] = {}  # pydantic copies a mutable default per instance
+    """More of vLLM's engine arguments (``AsyncEngineArgs`` field names → values, a JSON object
+    in ``SLHF_ENGINE_ARGS``; ``slhf serve`` fills it from ``vllm serve``'s engine flags), given
+    to every engine the topology starts: e.g. ``{"kv_cache_dtype": "fp8",
+    "max_num_batched_tokens": 8192}``. Fields slhf has a setting for, or that the topology
+    decides, are refused at start (server/slhf_server/engine_flags.py)."""
     engine_metrics: bool = True
     """Export vLLM's own ``vllm:*`` Prometheus metrics at ``/metrics``."""
     seed: int = 0

@@ -46,6 +46,7 @@ from slhf_server.engine import (
     GenerationDelta,
     GenerationParams,
 )
+from slhf_server.engine_flags import EngineFlagError, check_engine_args
 from slhf_server.errors import REQUEST_REJECTIONS
 from slhf_server.settings import ServerSettings
 
@@ -90,11 +91,25 @@ def _engine_args(
     if settings.kv_block_size is not None:
         kwargs["block_size"] = settings.kv_block_size
     spec = speculative_config(settings)
+    if spec is not None and "speculative_config" in settings.engine_args:
+        raise EngineFlagError(
+            "two drafting configurations: SLHF_SPECULATIVE and the engine's speculative_config; "
+            "set one"
+        )
     if spec is not None:
         kwargs.update(speculative_config=spec, per_request_spec_decode_metrics="summary")
+    if "speculative_config" in settings.engine_args:  # slhf's draft counters read these
+        kwargs["per_request_spec_decode_metrics"] = "summary"
+    check_engine_args(settings.engine_args)
+    if vllm_cpu.on_cpu() and settings.engine_args.get("enable_chunked_prefill"):
+        raise EngineFlagError(
+            "--enable-chunked-prefill is refused on vLLM's CPU build: vllm-cpu 0.32 kills the "
+            "engine when a seeded request is prefilled in chunks (docs/architecture.md)"
+        )
+    kwargs |= settings.engine_args
     if enable_lora:
         kwargs.update(enable_lora=True, max_loras=2, max_lora_rank=settings.max_lora_rank)
-    kwargs |= vllm_cpu.platform_engine_args(settings.gpu_memory_utilization * memory_share)
+    kwargs = vllm_cpu.platform_engine_args(settings.gpu_memory_utilization * memory_share) | kwargs
     return AsyncEngineArgs(**kwargs)
 
 

@@ -25,9 +25,11 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "slhf_server": ("slhf_models.serving",),
     "slhf": ("slhf_server", "slhf_models", "slhf_client"),
 }
-# the modules that may import vLLM (the server's engine; the models' CPU fixes and vLLM rollouts)
+# the modules that may import vLLM (the server's engine and its engine flags; the models' CPU
+# fixes and vLLM rollouts)
 VLLM_IMPORTERS = {
     "slhf_server.vllm_engine",
+    "slhf_server.engine_flags",
     "slhf_models.serving.vllm_cpu",
     "slhf_models.trainer.vllm_rollouts",
 }

@@ -62,3 +62,36 @@ def test_many_seeded_long_prompts_at_once_keep_the_engine_alive(
     errors = [r for r in results if isinstance(r, BaseException)]
     assert errors == [], errors[:2]
     assert all(len(r.rounds) == 1 for r in results)
+
+
+def test_vllm_engine_flags_reach_a_running_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``slhf serve MODEL --max-num-batched-tokens 1024 --max-num-seqs 5 --kv-cache-dtype auto
+    --disable-sliding-window``: vLLM's flags, routed (engine_flags), configure the engine that
+    starts, and it answers."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    from slhf_server.engine_flags import route, split_serve_argv
+    from slhf_server.vllm_engine import VllmEngine
+
+    fields, rest = split_serve_argv(
+        ["--max-num-batched-tokens", "1024", "--max-num-seqs", "5", "--kv-cache-dtype", "auto",
+         "--disable-sliding-window", "--port", "9"]
+    )  # fmt: skip
+    assert rest == ["--port", "9"]
+    as_settings, engine_args = route(fields)
+    settings = ServerSettings(max_model_len=512, engine_args=engine_args, **as_settings)
+    weights = resolve_weights(build_tiny_model(tmp_path / "tiny", family="llama"))
+    engine = VllmEngine.start(weights, settings)
+    try:
+        config = engine._llms[0].vllm_config
+        assert config.scheduler_config.max_num_batched_tokens == 1024
+        assert config.scheduler_config.max_num_seqs == 5
+        assert config.model_config.disable_sliding_window is True
+        ids = engine.tokenizer("leader").encode("Hello", add_special_tokens=False)
+        params = GenerationParams(max_tokens=4, temperature=0.0)
+        out = asyncio.run(engine.generate("leader", list(ids), params, "r0"))
+        assert out.prompt_tokens == len(ids) and out.completion_tokens >= 1
+    finally:
+        asyncio.run(engine.shutdown())
