@@ -105,5 +105,6 @@ def test_chunked_prefill_is_refused_on_vllms_cpu_build() -> None:
     settings = ServerSettings(engine_args={"enable_chunked_prefill": True})
     if not vllm_cpu.on_cpu():
         pytest.skip("a GPU build of vLLM: chunked prefill is allowed")
-    with pytest.raises(EngineFlagError, match="enable-chunked-prefill is refused on vLLM.s CPU build"):
+    refused = "enable-chunked-prefill is refused on vLLM's CPU build"
+    with pytest.raises(EngineFlagError, match=refused):
         _engine_args("m", settings, max_model_len=512, enable_lora=False, memory_share=1.0)
