@@ -210,6 +210,25 @@ def refine(args: argparse.Namespace) -> int:
     return run_refine(args)
 
 
+def _engine_flags_first(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """``slhf serve`` with flags slhf does not know: vLLM's engine parser takes its flags first
+    (they take values, which slhf's parser would read as the model), slhf's parser the rest.
+    Importing vLLM prints; with JSON logs the pipe goes in first, so those lines are JSON too."""
+    import os
+
+    json_logs = os.environ.get("SLHF_LOG_FORMAT", "").lower() == "json"
+    if "--log-format" in argv:
+        json_logs = argv[argv.index("--log-format") + 1 :][:1] == ["json"]
+    if json_logs or "--log-format=json" in argv:
+        from slhf_server import log_pipe
+
+        log_pipe.install()
+    from slhf_server.engine_flags import split_serve_argv
+
+    fields, rest = split_serve_argv(argv[1:])
+    return fields, ["serve", *rest]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slhf", description="SLHF refinement server and tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -220,11 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _refine_parser(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
     engine_fields: dict[str, Any] = {}
-    if argv[:1] == ["serve"]:  # vLLM's engine flags first (they take values: see engine_flags)
-        from slhf_server.engine_flags import split_serve_argv
-
-        engine_fields, rest = split_serve_argv(argv[1:])
-        argv = ["serve", *rest]
+    if argv[:1] == ["serve"] and parser.parse_known_args(argv)[1]:
+        engine_fields, argv = _engine_flags_first(argv)
     args = parser.parse_args(argv)
     if args.command == "serve":
         if args.help_engine:

@@ -108,3 +108,23 @@ def test_chunked_prefill_is_refused_on_vllms_cpu_build() -> None:
     refused = "enable-chunked-prefill is refused on vLLM's CPU build"
     with pytest.raises(EngineFlagError, match=refused):
         _engine_args("m", settings, max_model_len=512, enable_lora=False, memory_share=1.0)
+
+
+def test_engine_flags_are_parsed_only_when_given_and_under_json_logs_after_the_pipe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Importing vLLM prints (e.g. Triton's notice): with JSON logs the log pipe must be in
+    first, and without engine flags vLLM is not imported before ``serve`` at all."""
+    import slhf.cli as cli
+    from slhf_server import log_pipe
+
+    calls: list[str] = []
+    monkeypatch.setattr(log_pipe, "install", lambda: calls.append("pipe"))
+    monkeypatch.delenv("SLHF_LOG_FORMAT", raising=False)
+    fields, argv = cli._engine_flags_first(["serve", "m", "--max-num-seqs", "3"])
+    assert (fields, argv, calls) == ({"max_num_seqs": 3}, ["serve", "m"], [])
+    cli._engine_flags_first(["serve", "--log-format", "json", "--max-num-seqs", "3"])
+    assert calls == ["pipe"]
+    monkeypatch.setenv("SLHF_LOG_FORMAT", "json")
+    cli._engine_flags_first(["serve", "--max-num-seqs", "3"])
+    assert calls == ["pipe", "pipe"]
