@@ -122,6 +122,7 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"slhf train: {e}", file=sys.stderr)
         return 1
     print(trainer.save_model(merged=args.merged))
+    trainer.close()
     return 0
 
 

@@ -527,6 +527,18 @@ class StackelbergTrainer:
         self.accelerator.wait_for_everyone()
         return out
 
+    def close(self) -> None:
+        """End the run: remove the vLLM engine's temporary folders, and under several processes
+        (without vLLM, whose engine holds groups of its own until it exits) destroy the process
+        group once every process is here; a gloo group left to the interpreter's exit can abort
+        it ("terminate called without an active exception")."""
+        if self.vllm is not None:
+            self.vllm.close()
+            return
+        if self.world > 1 and torch.distributed.is_initialized():
+            self.accelerator.wait_for_everyone()
+            torch.distributed.destroy_process_group()
+
     def _rebuild(self, model_config: Any) -> Any:
         """The policy's architecture, with the same adapters, empty (for ``unsharded_copy``)."""
         from transformers import AutoModelForCausalLM
