@@ -109,6 +109,21 @@ def make_prompts(tokenizer: Any, n: int, tokens: int, seed: int) -> list[str]:
     return prompts
 
 
+def rendered_lengths(tokenizer: Any, prompts: list[str]) -> list[int]:
+    """Each prompt's length in tokens once the chat template has rendered it as a user turn."""
+    return [
+        len(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+            )["input_ids"]
+        )
+        for p in prompts
+    ]
+
+
 def rss() -> int:
     """This process's resident set, bytes."""
     import psutil
@@ -354,17 +369,7 @@ def child(args: argparse.Namespace) -> int:
     rss_imports = rss()
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     prompts = make_prompts(tokenizer, args.batch_size, args.prompt_tokens, args.seed)
-    rendered = [
-        len(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}],
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=True,
-            )["input_ids"]
-        )
-        for p in prompts
-    ]
+    rendered = rendered_lengths(tokenizer, prompts)
     torch.manual_seed(args.seed)
     build = build_ours if args.system == "ours" else build_trl
     with tempfile.TemporaryDirectory(prefix=f"train-memory-{args.system}-") as tmp:

@@ -283,7 +283,7 @@ def prepare(shape: str, args: argparse.Namespace, tmp: Path) -> tuple[Path, list
         return folder, PROMPTS, "slhf_models.tiny llama (2 layers, hidden 128), float32"
     from transformers import AutoTokenizer
 
-    from bench.train_memory import make_prompts
+    from bench.train_memory import make_prompts, rendered_lengths
     from slhf_models.shapes import SHAPES, build_shaped_model, parameter_count
 
     layers = SHAPES[shape].config["num_hidden_layers"]
@@ -292,17 +292,7 @@ def prepare(shape: str, args: argparse.Namespace, tmp: Path) -> tuple[Path, list
     )
     tokenizer: Any = AutoTokenizer.from_pretrained(folder)
     prompts = make_prompts(tokenizer, args.batch, args.prompt_tokens, seed=0)
-    rendered = [
-        len(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}],
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=True,
-            )["input_ids"]
-        )
-        for p in prompts
-    ]
+    rendered = rendered_lengths(tokenizer, prompts)
     args.prompt_tokens_rendered_mean = sum(rendered) / len(rendered)
     what = (
         f"{shape} shape ({SHAPES[shape].description}; {parameter_count(shape):,} parameters, "

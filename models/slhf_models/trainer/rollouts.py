@@ -261,13 +261,6 @@ def generate(
     return [cut_at_stop(row, tokens.stop) for row in out[:, ids.shape[1] :].tolist()]
 
 
-def answer_logprobs(
-    model: Any, rollout: Rollout, temperature: float, **chunking: Any
-) -> torch.Tensor:
-    """``(B, T)`` log-probabilities of the answer tokens under ``model`` (0 on padding)."""
-    return answer_logprobs_and_entropy(model, rollout, temperature, **chunking)[0]
-
-
 def answer_logprobs_and_entropy(
     model: Any, rollout: Rollout, temperature: float, **chunking: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
