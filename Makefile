@@ -42,7 +42,7 @@ $(VENV)/.installed-$(EXTRA): pyproject.toml | $(PY)
 	touch $@
 
 $(VENV)/.installed-$(EXTRA)-dev: pyproject.toml | $(PY)
-	$(PIP) install $(PIPFLAGS) -e '.[$(EXTRA),train,dev,bench]'
+	$(PIP) install $(PIPFLAGS) -e '.[$(EXTRA),train,dev,bench,otel]'
 	$(post_install)
 	touch $@ $(VENV)/.installed-$(EXTRA)
 endif

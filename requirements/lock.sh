@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Refresh the install locks (`make lock`): resolve pyproject.toml's ranges in a fresh virtual
 # environment, apply the same post-install step as the Makefile, and freeze what is installed.
-#   requirements/cpu-dev.txt  the CPU development set: .[cpu,train,dev,bench] (what `make test`
+#   requirements/cpu-dev.txt  the CPU development set: .[cpu,train,dev,bench,otel] (what `make test`
 #                             and `make bench` run)
 #   requirements/cpu.txt      the CPU serving set: .[cpu], resolved inside cpu-dev.txt's versions
 # `make install` / `make install-dev` install exactly these files (pip --no-deps), and
@@ -31,5 +31,5 @@ freeze() {  # $1: extras, $2: output file, $3: optional constraints file
   echo "wrote $2 ($(grep -vc '^#' "$2") packages)"
 }
 
-freeze cpu,train,dev,bench requirements/cpu-dev.txt
+freeze cpu,train,dev,bench,otel requirements/cpu-dev.txt
 freeze cpu requirements/cpu.txt requirements/cpu-dev.txt
