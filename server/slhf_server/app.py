@@ -6,6 +6,7 @@ loaded, and a model that fails to load stops the process with the reason in the 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -26,6 +27,7 @@ from slhf_server.routes import router
 from slhf_server.routes_openai import router as openai_router
 from slhf_server.service import Service
 from slhf_server.settings import ServerSettings
+from slhf_server.tracing import Tracing
 from slhf_server.upstream import UpstreamClient
 
 logger = logging.getLogger("slhf_server")
@@ -57,9 +59,12 @@ def create_app(
     *,
     engine_factory: EngineFactory | None = None,
     weights: ServedWeights | None = None,
+    tracing: Tracing | None = None,
 ) -> FastAPI:
-    """Build the app. Tests pass a fake ``engine_factory`` (and ``weights``)."""
+    """Build the app. Tests pass a fake ``engine_factory`` (and ``weights``), and a ``tracing``
+    on their own span exporter; otherwise ``SLHF_OTLP_TRACES_ENDPOINT`` decides."""
     settings = settings or ServerSettings()
+    tracing = tracing or Tracing.from_settings(settings)
     factory = engine_factory or _vllm_engine
     metrics = ServiceMetrics()
     admission = Admission(settings.max_inflight_generations, metrics)
@@ -87,6 +92,8 @@ def create_app(
             if upstream is not None:
                 await upstream.aclose()
             await engine.shutdown()
+            if tracing is not None:  # the last spans out, off the event loop
+                await asyncio.to_thread(tracing.shutdown)
 
     app = FastAPI(title="SLHF refinement server", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
@@ -109,5 +116,6 @@ def create_app(
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
     )
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)  # added last: outermost
+    # added last: outermost
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, tracing=tracing)
     return app

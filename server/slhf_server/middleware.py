@@ -33,6 +33,7 @@ from slhf_server.errors import (
 )
 from slhf_server.logs import request_id_var
 from slhf_server.metrics import ServiceMetrics
+from slhf_server.tracing import Tracing, request_headers
 
 logger = logging.getLogger("slhf.access")
 
@@ -57,9 +58,13 @@ def _route_label(scope: Scope) -> str:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: ServiceMetrics, tracing: Tracing | None = None
+    ) -> None:
         self.app = app
         self.metrics = metrics
+        self.tracing = tracing
+        """With traces on, each request's span (slhf_server.tracing)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,6 +75,10 @@ class RequestContextMiddleware:
         token = request_id_var.set(rid)
         status = 499  # until a response starts: the client left (or the task was cancelled)
         started = time.perf_counter()
+        traced = None
+        if self.tracing is not None and str(scope.get("path", "")).startswith("/v1/"):
+            headers = request_headers(scope.get("headers", []))
+            traced = self.tracing.start_request(scope["method"], scope["path"], headers, rid)
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -101,6 +110,8 @@ class RequestContextMiddleware:
                 elapsed * 1000,
                 extra={"status": status, "route": route, "duration_ms": round(elapsed * 1000, 1)},
             )
+            if traced is not None:
+                traced.end(scope["method"], route, status)
             request_id_var.reset(token)
 
 

@@ -32,6 +32,7 @@ from typing import TypeVar
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from slhf_server import tracing
 from slhf_server.admission import Ticket
 from slhf_server.lifecycle import check_health, guarded_stream, run_guarded
 from slhf_server.plan import Plan
@@ -44,6 +45,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # -- 2. admit -----------------------------------------------------------------------------------
 async def admit(service: Service, plan: Plan) -> Ticket:
     """Admit the plan's weight, or raise 503 (engine dead, draining) / 429 (at capacity)."""
+    tracing.annotate_request(plan.model, plan.rounds, len(plan.jobs), plan.request_id)
     if not service.admission.draining:
         await check_health(service.engine)
     return service.admission.acquire(len(plan.jobs) * (plan.rounds + 1))
@@ -57,8 +59,9 @@ async def run(service: Service, request: Request, plan: Plan) -> list[RefineOutc
         outcomes = await run_guarded(request, ticket, run_jobs(service.refiner, plan.jobs))
     finally:
         ticket.release()
+    observe = tracing.observing(service.metrics.observe_outcome)
     for outcome in outcomes:
-        service.metrics.observe_outcome(outcome)
+        observe(outcome)
     return outcomes
 
 
@@ -88,7 +91,9 @@ async def stream(
     ticket = await admit(service, plan)
     try:
         lines = await run_guarded(
-            request, ticket, open_stream(plan, service.refiner, service.metrics.observe_outcome)
+            request,
+            ticket,
+            open_stream(plan, service.refiner, tracing.observing(service.metrics.observe_outcome)),
         )
     except BaseException:
         ticket.release()

@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple, Protocol, TypeVar
 
 from slhf_models.serving.templates import Message, Role, TemplateRenderer
+from slhf_server import tracing
 from slhf_server.engine import DraftCounts, Engine, FinishReason, Generation, GenerationParams
 from slhf_server.errors import (
     REQUEST_REJECTIONS,
@@ -333,13 +334,16 @@ class Refiner:
         request_id = f"{job.request_id}-{round_index}"
         sink = live(round_index) if live is not None else None
         start = time.perf_counter()
-        try:
-            if sink is None:
-                gen = await self.engine.generate(role, ids, params, request_id)
-            else:
-                gen = await self._stream(role, ids, params, request_id, round_index, sink)
-        except REQUEST_REJECTIONS as e:
-            raise request_rejected(e, f"the {role} engine") from e
+        with tracing.round_span(role, round_index, request_id, len(ids), params) as span:
+            try:
+                if sink is None:
+                    gen = await self.engine.generate(role, ids, params, request_id)
+                else:
+                    gen = await self._stream(role, ids, params, request_id, round_index, sink)
+            except REQUEST_REJECTIONS as e:
+                raise request_rejected(e, f"the {role} engine") from e
+            if span is not None:
+                tracing.record_generation(span, gen)
         return gen, (time.perf_counter() - start) * 1000.0
 
     async def _stream(

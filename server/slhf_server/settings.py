@@ -103,6 +103,14 @@ class ServerSettings(BaseSettings):
     """"json": every line the server writes is one JSON object (ours with the request id;
     uvicorn's, vLLM's and any other output wrapped); "text": plain lines."""
 
+    otlp_traces_endpoint: str | None = None
+    """OpenTelemetry traces: the OTLP/HTTP (protobuf) collector to send spans to, e.g.
+    ``http://otel-collector:4318`` (``/v1/traces`` is added to a URL without a path); unset: no
+    tracing. One span per request (joining the caller's W3C ``traceparent``), one per round, one
+    for the upstream call; vLLM's engine sends its own request spans there too, as children of
+    the rounds, unless its ``otlp_traces_endpoint`` engine argument names another. Needs the
+    ``otel`` extra. See docs/observability.md."""
+
     # -- admission control and limits -------------------------------------------------------
     max_inflight_generations: int = Field(64, ge=1)
     """Admission bound: the in-flight work, in generations. A request weighs
@@ -155,6 +163,7 @@ class ServerSettings(BaseSettings):
         "upstream_api_key",
         "api_keys",
         "api_keys_file",
+        "otlp_traces_endpoint",
         mode="before",
     )
     @classmethod

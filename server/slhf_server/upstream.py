@@ -25,6 +25,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from slhf_models.serving.templates import Message, to_messages
+from slhf_server import tracing
 from slhf_server.engine import FinishReason, Generation, GenerationParams
 from slhf_server.errors import UpstreamError, UpstreamTimeoutError, printable
 from slhf_server.protocol import Text
@@ -145,9 +146,21 @@ class UpstreamClient:
             body["seed"] = params.seed
         if params.stop:
             body["stop"] = list(params.stop)
+        with tracing.upstream_span(self.base_url, self.model) as span:
+            status, raw = await self._answer(body)
+            if span is not None:
+                span.set_attribute("http.response.status_code", status)
+        if status != 200:
+            raise UpstreamError(
+                f"{self.where} answered {status}: {_error_message(raw)}", code="upstream_error"
+            )
+        return await asyncio.to_thread(parse_answer, raw, self.where)
+
+    async def _answer(self, body: dict[str, Any]) -> tuple[int, bytes]:
+        """The status and body of the upstream's answer within the deadline."""
         try:
             async with asyncio.timeout(self.timeout_s):
-                status, raw = await self._post(body)
+                return await self._post(body, tracing.trace_headers())
         except (TimeoutError, httpx.TimeoutException) as e:
             raise UpstreamTimeoutError(
                 f"{self.where} did not answer within {self.timeout_s:g} s "
@@ -159,15 +172,15 @@ class UpstreamClient:
                 f"{self.where} could not be reached: {type(e).__name__}: {e}",
                 code="upstream_error",
             ) from e
-        if status != 200:
-            raise UpstreamError(
-                f"{self.where} answered {status}: {_error_message(raw)}", code="upstream_error"
-            )
-        return await asyncio.to_thread(parse_answer, raw, self.where)
 
-    async def _post(self, body: dict[str, Any]) -> tuple[int, bytes]:
-        """The status and the body, read up to the byte cap (``ERROR_BODY_BYTES`` of an error)."""
-        async with self._client.stream("POST", "/chat/completions", json=body) as resp:
+    async def _post(
+        self, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes]:
+        """The status and the body, read up to the byte cap (``ERROR_BODY_BYTES`` of an error);
+        ``headers``: the trace context, when traced."""
+        async with self._client.stream(
+            "POST", "/chat/completions", json=body, headers=headers
+        ) as resp:
             cap = self.max_bytes if resp.status_code == 200 else ERROR_BODY_BYTES
             declared = resp.headers.get("content-length", "")
             if resp.status_code == 200 and declared.isdigit() and int(declared) > cap:

