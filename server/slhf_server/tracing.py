@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from slhf_server.settings import ServerSettings
 
 SERVICE_NAME = "slhf"
+ENGINE_SERVICE_NAME = "vllm"
+"""``service.name`` of vLLM's own spans, unless ``OTEL_SERVICE_NAME`` says otherwise."""
 TRACES_PATH = "/v1/traces"
 TRACE_HEADERS = ("traceparent", "tracestate")
 _PROTOCOL_ENV = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
@@ -57,16 +59,18 @@ def traces_url(endpoint: str) -> str:
 
 def engine_args(settings: ServerSettings) -> dict[str, Any]:
     """vLLM engine arguments that send vLLM's own request spans where ours go: the same
-    endpoint, over OTLP/HTTP. Nothing when tracing is off or when the engine arguments name
-    their own ``otlp_traces_endpoint`` (``slhf serve --otlp-traces-endpoint``: that one, with
-    vLLM's own protocol choice, wins)."""
+    endpoint, over OTLP/HTTP, as service "vllm". Nothing when tracing is off or when the engine
+    arguments name their own ``otlp_traces_endpoint`` (``slhf serve --otlp-traces-endpoint``:
+    that one, with vLLM's own protocol choice, wins)."""
     endpoint = settings.otlp_traces_endpoint
     if endpoint is None or "otlp_traces_endpoint" in settings.engine_args:
         return {}
     import os
 
-    # vLLM reads its exporter's protocol from the environment (gRPC unless told otherwise)
+    # vLLM reads its exporter's protocol (gRPC unless told otherwise) and its service name
+    # from the environment; ours are set in code ("slhf" names our spans whatever this says)
     os.environ.setdefault(_PROTOCOL_ENV, "http/protobuf")
+    os.environ.setdefault("OTEL_SERVICE_NAME", ENGINE_SERVICE_NAME)
     return {"otlp_traces_endpoint": traces_url(endpoint)}
 
 

@@ -262,11 +262,14 @@ def test_an_endpoint_without_a_path_is_the_collectors_base(endpoint: str, url: s
 def test_the_engine_traces_to_our_endpoint_unless_told_otherwise(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", raising=False)
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_SERVICE_NAME"):
+        monkeypatch.setenv(name, "")  # restored (removed) after the test: engine_args sets it
+        monkeypatch.delenv(name)
     assert tracing.engine_args(ServerSettings()) == {}
     ours = ServerSettings(otlp_traces_endpoint="http://collector:4318")
     assert tracing.engine_args(ours) == {"otlp_traces_endpoint": "http://collector:4318/v1/traces"}
     assert os.environ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "http/protobuf"
+    assert os.environ["OTEL_SERVICE_NAME"] == "vllm"
     theirs = ServerSettings(
         otlp_traces_endpoint="http://collector:4318",
         engine_args={"otlp_traces_endpoint": "grpc://other:4317"},
