@@ -43,6 +43,8 @@ ENGINE_SERVICE_NAME = "vllm"
 """``service.name`` of vLLM's own spans, unless ``OTEL_SERVICE_NAME`` says otherwise."""
 TRACES_PATH = "/v1/traces"
 TRACE_HEADERS = ("traceparent", "tracestate")
+SHUTDOWN_FLUSH_S = 2.0
+"""How long the spans still queued at shutdown may take to leave."""
 _PROTOCOL_ENV = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
 
 
@@ -115,7 +117,10 @@ class Tracing:
                 f"packages are not installed ({e}); install the 'otel' extra: "
                 "pip install 'slhf[otel]'"
             ) from e
-        provider = TracerProvider(resource=Resource.create({"service.name": SERVICE_NAME}))
+        provider = TracerProvider(
+            resource=Resource.create({"service.name": SERVICE_NAME}),
+            shutdown_on_exit=False,  # the app's lifespan flushes, within a bound
+        )
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(traces_url(endpoint))))
         return cls(provider)
 
@@ -137,9 +142,15 @@ class Tracing:
         otel_token = otel_context.attach(trace.set_span_in_context(span, parent))
         return RequestTrace(span, otel_token, _ACTIVE.set(_Request(self, span)))
 
-    def shutdown(self) -> None:
-        """Export what is still queued and stop the exporter (blocks: call it off the loop)."""
-        self.provider.shutdown()
+    def shutdown(self, timeout_s: float = SHUTDOWN_FLUSH_S) -> None:
+        """Export what is still queued and stop the exporter, waiting ``timeout_s`` at most (a
+        collector that does not answer never holds the server's exit). Blocks: call it off the
+        event loop."""
+        import threading
+
+        done = threading.Thread(target=self.provider.shutdown, name="slhf-trace-flush", daemon=True)
+        done.start()
+        done.join(timeout_s)
 
 
 @dataclass(frozen=True)

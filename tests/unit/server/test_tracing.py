@@ -8,13 +8,14 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -297,3 +298,21 @@ def test_a_round_cancelled_by_the_deadline_is_marked(exporter: InMemorySpanExpor
     assert follower.attributes["slhf.cancelled"] is True
     assert "slhf.cancelled" not in leader.attributes
     assert "gen_ai.usage.output_tokens" not in follower.attributes
+
+
+class StuckExporter(InMemorySpanExporter):
+    """A collector that never answers: each export takes 30 s."""
+
+    def export(self, spans):  # type: ignore[no-untyped-def]
+        time.sleep(30)
+        return super().export(spans)
+
+
+def test_a_collector_that_does_not_answer_never_holds_the_shutdown() -> None:
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(StuckExporter()))
+    traced = Tracing(provider)
+    traced.tracer.start_span("queued").end()
+    started = time.monotonic()
+    traced.shutdown(timeout_s=0.2)
+    assert time.monotonic() - started < 2
