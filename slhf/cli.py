@@ -97,6 +97,7 @@ def serve(args: argparse.Namespace) -> int:
         vllm_cpu_build,
     )
     from slhf_server.settings import ServerSettings
+    from slhf_server.tracing import check_tracing
 
     try:
         settings = ServerSettings(**serve_overrides(args))
@@ -113,6 +114,7 @@ def serve(args: argparse.Namespace) -> int:
         cpu = vllm_cpu_build()
         check_block_size(settings.kv_block_size, cpu=cpu)
         check_drafting(settings.speculative, cpu=cpu)
+        check_tracing(settings)
         sock = bind_socket(settings.host, settings.port)
     except StartupError as e:
         print(f"slhf serve: {e}", file=sys.stderr)

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from slhf_server.preflight import StartupError
+
 if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.sdk.trace import TracerProvider
@@ -48,8 +50,31 @@ SHUTDOWN_FLUSH_S = 2.0
 _PROTOCOL_ENV = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
 
 
-class TracingUnavailableError(RuntimeError):
-    """Tracing is asked for, but the OpenTelemetry packages are not installed."""
+class TracingError(StartupError):
+    """Tracing is asked for, but cannot be: not an http(s) endpoint, or the OpenTelemetry
+    packages are not installed."""
+
+
+def check_tracing(settings: ServerSettings) -> None:
+    """Raise ``TracingError`` when ``SLHF_OTLP_TRACES_ENDPOINT`` is set but cannot be used."""
+    endpoint = settings.otlp_traces_endpoint
+    if endpoint is None:
+        return
+    url = urlsplit(endpoint)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        raise TracingError(
+            f"SLHF_OTLP_TRACES_ENDPOINT={endpoint} is not an http(s) URL; give the collector's "
+            "OTLP/HTTP endpoint, e.g. http://otel-collector:4318"
+        )
+    try:
+        import opentelemetry.exporter.otlp.proto.http.trace_exporter
+        import opentelemetry.sdk.trace  # noqa: F401
+    except ImportError as e:
+        raise TracingError(
+            f"SLHF_OTLP_TRACES_ENDPOINT={endpoint} asks for traces, but the OpenTelemetry "
+            f"packages are not installed ({e}); install the 'otel' extra: "
+            "pip install 'slhf[otel]'"
+        ) from e
 
 
 def traces_url(endpoint: str) -> str:
@@ -102,21 +127,16 @@ class Tracing:
     @classmethod
     def from_settings(cls, settings: ServerSettings) -> Tracing | None:
         """The OTLP/HTTP exporting tracer ``SLHF_OTLP_TRACES_ENDPOINT`` asks for; None when
-        unset. Raises ``TracingUnavailableError`` when the packages are missing."""
+        unset. Raises ``TracingError`` when it cannot be (``check_tracing``)."""
         endpoint = settings.otlp_traces_endpoint
         if endpoint is None:
             return None
-        try:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-            from opentelemetry.sdk.resources import Resource
-            from opentelemetry.sdk.trace import TracerProvider
-            from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        except ImportError as e:
-            raise TracingUnavailableError(
-                f"SLHF_OTLP_TRACES_ENDPOINT={endpoint} asks for traces, but the OpenTelemetry "
-                f"packages are not installed ({e}); install the 'otel' extra: "
-                "pip install 'slhf[otel]'"
-            ) from e
+        check_tracing(settings)
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
         provider = TracerProvider(
             resource=Resource.create({"service.name": SERVICE_NAME}),
             shutdown_on_exit=False,  # the app's lifespan flushes, within a bound

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -19,11 +20,12 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from slhf.launcher import clean_env, serve_command
 from slhf_server import tracing
 from slhf_server.app import create_app
 from slhf_server.engine import Generation, GenerationParams
 from slhf_server.settings import ServerSettings
-from slhf_server.tracing import Tracing, TracingUnavailableError, traces_url
+from slhf_server.tracing import Tracing, TracingError, traces_url
 from slhf_server.upstream import UpstreamClient
 from tests.fakes import ScriptedEngine, numbered_script
 from tests.unit.server.test_routes import WEIGHTS
@@ -244,8 +246,14 @@ def test_tracing_without_the_packages_is_a_clear_start_up_error(
 ) -> None:
     monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter", None)
     settings = ServerSettings(otlp_traces_endpoint="http://collector:4318")
-    with pytest.raises(TracingUnavailableError, match=r"slhf\[otel\]"):
+    with pytest.raises(TracingError, match=r"slhf\[otel\]"):
         create_app(settings, weights=WEIGHTS, engine_factory=lambda w, s: ScriptedEngine(str))
+
+
+@pytest.mark.parametrize("endpoint", ["otel-collector:4318", "grpc://collector:4317", "/v1/traces"])
+def test_an_endpoint_that_is_not_an_http_url_is_refused_at_start(endpoint: str) -> None:
+    with pytest.raises(TracingError, match="not an http"):
+        Tracing.from_settings(ServerSettings(otlp_traces_endpoint=endpoint))
 
 
 @pytest.mark.parametrize(
@@ -316,3 +324,15 @@ def test_a_collector_that_does_not_answer_never_holds_the_shutdown() -> None:
     started = time.monotonic()
     traced.shutdown(timeout_s=0.2)
     assert time.monotonic() - started < 2
+
+
+def test_slhf_serve_refuses_an_unusable_endpoint_in_one_line() -> None:
+    env = clean_env(SLHF_OTLP_TRACES_ENDPOINT="otel-collector:4318", SLHF_PORT="0")
+    done = subprocess.run(
+        serve_command(), env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "slhf serve: SLHF_OTLP_TRACES_ENDPOINT=otel-collector:4318 is not an http(s) URL; give "
+        "the collector's OTLP/HTTP endpoint, e.g. http://otel-collector:4318"
+    ]
