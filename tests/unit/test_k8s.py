@@ -27,8 +27,8 @@ import pytest
 import yaml
 
 from slhf.cli import _serve_parser
-from slhf_server.metrics import ServiceMetrics
 from slhf_server.settings import ServerSettings
+from tests.unit.test_deploy_files import exported_metrics, vllm_metric_names
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "docker" / "k8s"
@@ -435,27 +435,6 @@ def test_configmap_references_resolve(overlay: str) -> None:
 
 
 # -- monitoring, autoscaling, routing -------------------------------------------------------
-def exported_metrics() -> set[str]:
-    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
-    return {
-        m.name + suffix
-        for m in ServiceMetrics().registry.collect()
-        for suffix in suffixes.get(m.type, [""])
-    }
-
-
-def vllm_metric_names() -> set[str]:
-    """vLLM's metric names as its Prometheus logger declares them (read from its source, not
-    imported), with the suffixes Prometheus adds."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("vllm")
-    assert spec is not None and spec.origin is not None
-    text = (Path(spec.origin).parent / "v1" / "metrics" / "loggers.py").read_text()
-    names = set(re.findall(r'"(vllm:[a-z_]+)"', text))
-    return {n + s for n in names for s in ("", "_total", "_bucket", "_sum", "_count")}
-
-
 def metric_names(expr: str) -> set[str]:
     return set(re.findall(r"\b(?:slhf_[a-z_]+|vllm:[a-z_]+)", expr))
 
