@@ -512,6 +512,9 @@ def test_the_training_job_launches_slhf_train_under_accelerate_against_the_judge
 
     docs = rendered("train")
     config = yaml.safe_load(one(docs, "ConfigMap")["data"]["train.yaml"])
+    # the same example run as compose's train profile (kustomize reads no file outside the
+    # overlay's folder, so it is a copy)
+    assert config == yaml.safe_load((REPO / "docker" / "train" / "train.yaml").read_text())
     cfg = StackelbergConfig(**config)
     judge = build_preference(cfg.preference)
     host, port = judge.url.removeprefix("http://").split("/")[0].split(":")  # type: ignore[attr-defined]
