@@ -398,6 +398,9 @@ def test_cache_staging_rollout_disruption_and_spread(overlay: str) -> None:
             if v.get("persistentVolumeClaim", {}).get("claimName") == claim
         )
         mount = mounts[cache_volume["name"]]
+        assert mount["readOnly"] is True
+        (wait,) = pod["spec"]["initContainers"]  # waits for the staging Job, offline
+        assert env_of(wait)["HF_HUB_OFFLINE"] == "1" and "local_files_only=True" in wait["args"][0]
         assert mount["mountPath"] == env_of(container(pod, "slhf"))["HF_HOME"]
         assert env_of(stager)["HF_HOME"] == mount["mountPath"]
     pdb = one(docs, "PodDisruptionBudget")
