@@ -258,6 +258,8 @@ def test_the_grace_period_covers_drain_prestop_abort_and_teardown(
     assert pods, f"{overlay} runs no `slhf serve`"
     settings = settings_map(docs)
     for pod in pods:
+        # the Service named slhf would otherwise inject SLHF_PORT=tcp://... and friends
+        assert pod["spec"]["enableServiceLinks"] is False
         grace = pod["spec"]["terminationGracePeriodSeconds"]
         c = container(pod, "slhf")
         # an overlay that patches the grace must repeat the replacement (base/shutdown-budget.yaml)
@@ -351,7 +353,7 @@ def test_server_settings_are_valid_and_fit_the_overlay(
         worker = lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]
         assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) == gpus
         assert "--distributed-executor-backend ray" in c["args"][0]
-        assert "$LWS_LEADER_ADDRESS:6379" in worker["args"][0]
+        assert 'ray start --address="$LWS_LEADER_ADDRESS:6379"' in worker["args"][0]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
