@@ -51,6 +51,7 @@ class Admission:
         self.weight = 0
         self.draining = False
         self.tickets: set[Ticket] = set()
+        metrics.admission_limit.set(bound)
         self._mean_s = 1.0
         """Moving average of admitted requests' durations: the Retry-After estimate."""
 

@@ -84,6 +84,11 @@ class ServiceMetrics:
             "Admitted in-flight work, in generations (n x (rounds + 1))",
             registry=r,
         )
+        self.admission_limit = Gauge(
+            "slhf_admission_limit_generations",
+            "Admission bound (SLHF_MAX_INFLIGHT_GENERATIONS): saturation is inflight / limit",
+            registry=r,
+        )
         self.admitted_requests = Gauge(
             "slhf_admission_inflight_requests", "Admitted in-flight requests", registry=r
         )

@@ -1,6 +1,7 @@
-"""Static checks of the Dockerfiles, docker-compose.yml, Prometheus/Grafana config and the
-Kubernetes example (no Docker engine here): they must agree with the server's settings, CLI,
-routes and metrics, so a renamed setting or subcommand breaks this test, not a deployment."""
+"""Static checks of the Dockerfiles, docker-compose.yml and the Prometheus/Grafana config (no
+Docker engine here): they must agree with the server's settings, CLI, routes and metrics, so a
+renamed setting or subcommand breaks this test, not a deployment. The Kubernetes package has
+its own tests (tests/unit/test_k8s.py)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "Dockerfile.cpu"]
 COMPOSE = REPO / "docker-compose.yml"
-K8S = DOCKER / "k8s" / "slhf.yaml"
 SETTINGS = {f"SLHF_{name.upper()}" for name in ServerSettings.model_fields}
 NOT_SERVER_SETTINGS = {
     # where the shipped tiny model is built; the trainer's LLM judge
@@ -45,10 +45,6 @@ def compose() -> dict[str, Any]:
     return yaml.safe_load(COMPOSE.read_text())
 
 
-def k8s_docs() -> list[dict[str, Any]]:
-    return list(yaml.safe_load_all(K8S.read_text()))
-
-
 def cli(subcommand: str, args: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="slhf")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,7 +53,7 @@ def cli(subcommand: str, args: list[str]) -> argparse.Namespace:
 
 
 # -- names ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("path", [*DOCKERFILES, COMPOSE, K8S], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [*DOCKERFILES, COMPOSE], ids=lambda p: p.name)
 def test_every_slhf_name_is_a_server_setting(path: Path) -> None:
     unknown = set(SLHF_NAME.findall(uncommented(path))) - SETTINGS - set(NOT_SERVER_SETTINGS)
     assert not unknown, f"{path.name} uses {sorted(unknown)}, not fields of ServerSettings"
@@ -81,9 +77,12 @@ def test_compose_defaults_give_valid_server_settings(monkeypatch: pytest.MonkeyP
 
 
 def interpolated(env: dict[str, Any]) -> dict[str, str]:
-    """Compose's ``${VAR:-default}`` with nothing set in the environment."""
+    """Compose's ``${VAR:-default}`` with nothing set in the environment (a name without a value
+    is passed through from the shell: absent here)."""
     out: dict[str, str] = {}
     for k, v in env.items():
+        if v is None:
+            continue
         text = str(v)
         for m in INTERPOLATION.finditer(text):
             text = text.replace(m.group(0), m.group(3) if m.group(2) in (":-", "-") else "")
@@ -195,13 +194,83 @@ def test_compose_commands_parse_with_the_slhf_cli() -> None:
     for name in ("slhf", "slhf-cpu"):
         assert services[name]["command"] == ["serve"]
         cli("serve", services[name]["command"][1:])
-    train = services["train"]["command"]
-    args = cli("train", train[1:])
-    assert train[0] == "train" and args.config == "/config/train.yaml"
-    assert "output_dir=/runs/slhf" in args.overrides
     # the weights the train profile writes are mounted where the servers can load them
     assert "runs:/runs" in services["train"]["volumes"]
     assert "runs:/runs:ro" in services["slhf"]["volumes"]
+
+
+def train_launch() -> tuple[str, list[str]]:
+    """The train service's shell command, and the trainer's own arguments in it."""
+    train = compose()["services"]["train"]
+    assert train["entrypoint"] == ["/bin/sh", "-c"]
+    (script,) = train["command"]
+    return script, script.split("-m slhf_models.trainer.cli", 1)[1].split()
+
+
+def test_the_train_profile_runs_slhf_train_under_accelerate_in_bf16() -> None:
+    from slhf_models.trainer.config import StackelbergConfig
+
+    script, argv = train_launch()
+    launch = re.search(r"accelerate launch --config_file /opt/slhf/(\S+)", script)
+    assert launch and (REPO / launch.group(1)).exists(), script
+    assert "COPY recipes ./recipes" in (DOCKER / "Dockerfile").read_text()
+    assert '--num_processes "$$GPUS"' in script  # one process per GPU the container got
+    args = cli("train", argv)
+    assert args.config == "/config/train.yaml"
+    assert "output_dir=/runs/slhf" in args.overrides and "dtype=bfloat16" in args.overrides
+    cfg = StackelbergConfig.from_yaml(DOCKER / "train" / "train.yaml", args.overrides)
+    assert cfg.dtype == "bfloat16"
+
+
+def gpu_ids(service: dict[str, Any]) -> list[str]:
+    (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+    assert "count" not in device, "a GPU count may overlap the other service's GPU"
+    return list(device["device_ids"])
+
+
+def test_the_judge_and_the_trainer_get_separate_gpus_and_caches() -> None:
+    services = compose()["services"]
+    judge, train = gpu_ids(services["judge"]), gpu_ids(services["train"])
+    assert judge == ["${JUDGE_GPU:-0}"] and train == ["${TRAIN_GPUS:-1}"]
+    defaults = interpolated({"judge": judge[0], "train": train[0]})
+    assert defaults["judge"] != defaults["train"]
+    # the judge runs as root (vLLM's image), the trainer as uid 1000: one volume each
+    caches = {
+        name: {v.split(":")[0] for v in services[name]["volumes"] if ".cache" in v}
+        for name in ("judge", "train", "slhf")
+    }
+    assert caches["judge"] and caches["train"] and not caches["judge"] & caches["train"]
+    assert not caches["train"] & caches["slhf"]
+
+
+def test_every_server_setting_passes_through_compose() -> None:
+    """`SLHF_MAX_MODEL_LEN=8192 docker compose --profile gpu up` reaches the server: every
+    setting is listed (a name without a value is taken from the shell)."""
+    services = compose()["services"]
+    for name in ("slhf", "slhf-cpu"):
+        env = services[name]["environment"]
+        missing = SETTINGS - set(env)
+        assert not missing, f"{name}: add {sorted(missing)} to x-slhf-pass-through"
+    passed = compose()["x-slhf-pass-through"]
+    assert all(v is None for v in passed.values())
+
+
+def test_compose_stop_grace_covers_the_drain_and_the_teardown() -> None:
+    defaults = ServerSettings()
+    services = compose()["services"]
+    for name in ("slhf", "slhf-cpu"):
+        env = interpolated(services[name]["environment"])
+        drain = float(env.get("SLHF_DRAIN_GRACE_S", defaults.drain_grace_s))
+        teardown = float(env.get("SLHF_SHUTDOWN_TIMEOUT_S", defaults.shutdown_timeout_s))
+        grace = interpolated({"g": services[name]["stop_grace_period"]})["g"]
+        assert float(grace.removesuffix("s")) >= drain + 2 + teardown, name
+
+
+def test_docs_follow_the_train_service_the_way_compose_shows_its_logs() -> None:
+    """`docker compose logs` shows nothing of a one-off `compose run` container."""
+    text = (REPO / "docs" / "deploy.md").read_text()
+    assert "--profile train up -d train" in text and "docker compose logs -f train" in text
+    assert "--profile train run" not in text
 
 
 def test_compose_required_variables_fail_loudly() -> None:
@@ -258,27 +327,67 @@ def test_the_train_profile_names_a_real_split_and_a_judge_that_compose_runs() ->
 
 
 # -- Prometheus and Grafana -----------------------------------------------------------------
-def test_prometheus_scrapes_the_server_metrics() -> None:
+def test_prometheus_scrapes_the_server_metrics_and_loads_the_alert_rules() -> None:
     config = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
     job = config["scrape_configs"][0]
+    assert job["job_name"] == "slhf"  # the job the rules select
     assert job["metrics_path"] == "/metrics"
     assert job["static_configs"][0]["targets"] == ["slhf:8000"]
+    mounts = dict(
+        v.removesuffix(":ro").split(":") for v in compose()["services"]["prometheus"]["volumes"]
+    )
+    (rules,) = config["rule_files"]
+    assert mounts["./docker/prometheus/rules.yml"] == rules
+    assert (REPO / "docker" / "prometheus" / "rules.yml").exists()
 
 
-def test_grafana_dashboard_uses_metrics_the_server_exports() -> None:
+def exported_metrics() -> set[str]:
+    """The server's metric names as Prometheus exposes them (counters with ``_total``)."""
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
-    exported = {
+    return {
         m.name + suffix
         for m in ServiceMetrics().registry.collect()
         for suffix in suffixes.get(m.type, [""])
     }
+
+
+def vllm_metric_names() -> set[str]:
+    """vLLM's metric names as its Prometheus logger and its speculative-decoding metrics declare
+    them (read from the installed vLLM's source, not imported), with Prometheus's suffixes."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    assert spec is not None and spec.origin is not None
+    v1 = Path(spec.origin).parent / "v1"
+    text = "".join(
+        p.read_text() for p in [v1 / "metrics" / "loggers.py", v1 / "spec_decode" / "metrics.py"]
+    )
+    names = set(re.findall(r'"(vllm:[a-z_]+)"', text))
+    assert "vllm:prefix_cache_hits" in names and "vllm:spec_decode_num_draft_tokens" in names
+    return {n + s for n in names for s in ("", "_total", "_bucket", "_sum", "_count")}
+
+
+def test_grafana_dashboard_uses_metrics_the_server_and_vllm_export() -> None:
     dashboard = json.loads((DOCKER / "grafana" / "dashboards" / "slhf.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     used = {n for e in exprs for n in re.findall(r"\bslhf_[a-z_]+", e)}
-    assert used and used <= exported, sorted(used - exported)
-    assert any("vllm:" in e for e in exprs)
+    assert used and used <= exported_metrics(), sorted(used - exported_metrics())
+    used_vllm = {n for e in exprs for n in re.findall(r"vllm:[a-z_]+", e)}
+    assert used_vllm and used_vllm <= vllm_metric_names(), sorted(used_vllm - vllm_metric_names())
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
-    for topic in ("per round", "tokens/s by role", "admission", "rejections", "engine"):
+    for topic in (
+        "per round",
+        "tokens/s by role",
+        "admission",
+        "rejections",
+        "engine",
+        "kv reuse",
+        "draft acceptance",
+        "queue time",
+        "inter-token latency",
+        "prefix-cache hit rate",
+        "saturation",
+    ):
         assert topic in titles, topic
     datasource = yaml.safe_load(
         (DOCKER / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
@@ -287,19 +396,17 @@ def test_grafana_dashboard_uses_metrics_the_server_exports() -> None:
     assert all(p["datasource"]["uid"] == uid for p in dashboard["panels"] if "targets" in p)
 
 
-# -- Kubernetes -----------------------------------------------------------------------------
-def test_k8s_probes_drain_and_replicas() -> None:
-    deployment, service = k8s_docs()
-    assert deployment["kind"] == "Deployment" and service["kind"] == "Service"
-    spec = deployment["spec"]["template"]["spec"]
-    container = spec["containers"][0]
-    assert deployment["spec"]["replicas"] >= 2
-    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
-    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
-    cli("serve", container["args"][1:])
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    drain = float(env["SLHF_DRAIN_GRACE_S"])
-    pre_stop = float(container["lifecycle"]["preStop"]["exec"]["command"][-1])
-    assert spec["terminationGracePeriodSeconds"] > drain + pre_stop
-    assert spec["securityContext"]["runAsNonRoot"] is True
-    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+def test_grafana_dashboard_filters_by_instance_and_model() -> None:
+    dashboard = json.loads((DOCKER / "grafana" / "dashboards" / "slhf.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert set(variables) == {"instance", "model"}
+    assert "slhf_" in variables["instance"]["query"]["query"]
+    assert "model_name" in variables["model"]["query"]["query"]
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            for selector in re.findall(
+                r"(?:\bslhf_[a-z_]+|vllm:[a-z_]+)(\{[^}]*\})?", target["expr"]
+            ):
+                assert 'instance=~"$instance"' in selector, (panel["title"], target["expr"])
+            for selector in re.findall(r"vllm:[a-z_]+(\{[^}]*\})?", target["expr"]):
+                assert 'model_name=~"$model"' in selector, (panel["title"], target["expr"])
