@@ -283,7 +283,7 @@ async def answer(service: Service, endpoint: Endpoint, body: object) -> tuple[in
     it, the route's own function answers it; every failure becomes its error envelope."""
     try:
         try:
-            request = endpoint.model.model_validate(body)
+            request = endpoint.model.model_validate(body, from_attributes=True)  # as FastAPI
         except ValidationError as e:  # as FastAPI reports a body's errors
             errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors()]
             raise RequestValidationError(errors) from None
@@ -420,7 +420,7 @@ async def run_batch(
     try:
         for number, raw in read_lines(input_path):
             is_object, cid = _custom_id(raw)
-            if line_key(cid if is_object else None, number) in done:
+            if line_key(cid if is_object and isinstance(cid, str) else None, number) in done:
                 continue
             parsed = parse_line(number, raw, max_body)
             if isinstance(parsed, dict):
