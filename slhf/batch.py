@@ -520,7 +520,11 @@ def run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         print(f"slhf batch: {e}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format, settings.log_level)
-    report = asyncio.run(_run(settings, weights, args))
+    try:
+        report = asyncio.run(_run(settings, weights, args))
+    except KeyboardInterrupt:  # what is written stays; the same command resumes
+        print("slhf batch: interrupted; re-run the same command to resume", file=sys.stderr)
+        exit_process(130)
     print(report.summary(), file=sys.stderr, flush=True)
     # the output is closed and synced: end now, without vLLM's slow interpreter teardown
     exit_process(1 if report.retry else 0)
