@@ -254,3 +254,33 @@ def test_a_duplicate_custom_id_stops_the_run_before_any_row(tmp_path: Path) -> N
 def test_row_is_kept_whole() -> None:
     row = parse_line(1, line("a").encode(), 1 << 20)
     assert isinstance(row, Row) and row.custom_id == "a" and row.body == {"messages": USER}
+
+
+# -- the command (no engine) --------------------------------------------------------------------
+def test_the_command_refuses_a_bad_input_before_starting_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from slhf.cli import main
+
+    path = write_lines(tmp_path / "in.jsonl", line("a"), line(None), line("a"))
+    assert main(["batch", str(path), "-o", str(tmp_path / "out.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "line(s) 2" in err and "lines 1 and 3" in err
+    assert not (tmp_path / "out.jsonl").exists()
+    ok = write_lines(tmp_path / "ok.jsonl", line("a"))
+    assert main(["batch", str(ok), "-o", str(tmp_path / "o.jsonl"), "--concurrency", "0"]) == 2
+
+
+def test_the_command_with_every_row_written_exits_0_without_an_engine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from slhf.cli import main
+
+    path = write_lines(tmp_path / "in.jsonl", line("a"), "{bad")
+    out = write_lines(
+        tmp_path / "out.jsonl",
+        json.dumps({"custom_id": "a", "response": None, "error": None}),
+        json.dumps({"custom_id": None, "response": None, "error": {"line": 2}}),
+    )
+    assert main(["batch", str(path), "-o", str(out), "--model", "/nonexistent"]) == 0
+    assert "all 2 rows are already in" in capsys.readouterr().err
