@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -221,6 +222,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{'met' if g['vs_server'] >= 1.0 else 'missed'})",
         f"- batch / bare chain: **{g['vs_bare']:.2f}x** (goal >= 0.9: "
         f"{'met' if g['vs_bare'] >= 0.9 else 'missed'})",
+        "- the same completion tokens in every system = the same work (seeded rows)",
         f"- {report['note']}",
         "",
     ]
@@ -258,7 +260,7 @@ def main() -> int:
         results[name].update(load_before=before, load_after=load())
         print(f"  {name}: {results[name]['rows_per_s']} rows/s", file=sys.stderr, flush=True)
     report: dict[str, Any] = {
-        "command": " ".join(["python bench/batch.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "bench/batch.py", *sys.argv[1:]]),
         "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()})",
         "rows": args.rows,
         "rounds": args.rounds,
