@@ -301,8 +301,12 @@ async def answer(service: Service, endpoint: Endpoint, body: object) -> tuple[in
 
 
 def completion_tokens(body: dict[str, Any]) -> int:
+    """Generated tokens of an answer: ``usage.completion_tokens`` (``output_tokens`` in the
+    Responses API's usage)."""
     usage = body.get("usage")
-    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    if not isinstance(usage, dict):
+        return 0
+    tokens = usage.get("completion_tokens", usage.get("output_tokens"))
     return tokens if isinstance(tokens, int) else 0
 
 

@@ -284,3 +284,11 @@ def test_the_command_with_every_row_written_exits_0_without_an_engine(
     )
     assert main(["batch", str(path), "-o", str(out), "--model", "/nonexistent"]) == 0
     assert "all 2 rows are already in" in capsys.readouterr().err
+
+
+def test_tokens_are_read_from_either_usage_shape() -> None:
+    from slhf.batch import completion_tokens
+
+    assert completion_tokens({"usage": {"completion_tokens": 7}}) == 7
+    assert completion_tokens({"usage": {"output_tokens": 5}}) == 5  # the Responses API's
+    assert completion_tokens({"error": {}}) == 0
