@@ -171,6 +171,7 @@ bench: bench-install
 	$(PY) bench/train_memory.py
 	$(PY) bench/serve_overhead.py --requests 20
 	$(PY) bench/openai_stream.py
+	$(PY) bench/batch.py
 
 # The README's settings table is generated from ServerSettings (a unit test keeps it in sync).
 docs: install-dev

@@ -1,4 +1,4 @@
-"""``slhf`` command line: ``slhf serve``, ``game``, ``train``, ``eval``, ``refine``."""
+"""``slhf`` command line: ``slhf serve``, ``batch``, ``game``, ``train``, ``eval``, ``refine``."""
 
 from __future__ import annotations
 
@@ -21,24 +21,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         help="model folder or HF id (SLHF_MODEL); default: the shipped model",
     )
     p.add_argument("--model", dest="model_flag", metavar="MODEL", help="the same as MODEL")
-    p.add_argument("--follower-model", help="separate Follower model (SLHF_FOLLOWER_MODEL)")
-    p.add_argument("--served-model-name", help="model id in the API (SLHF_SERVED_MODEL_NAME)")
-    p.add_argument("--topology", choices=["auto", "shared", "lora", "separate"])
+    _settings_arguments(p)
     p.add_argument("--host", help="bind address (SLHF_HOST, default 0.0.0.0)")
     p.add_argument("--port", type=int, help="port (SLHF_PORT, default 8000)")
-    p.add_argument(
-        "--max-rounds", type=int, help="largest rounds a request may ask (SLHF_MAX_ROUNDS)"
-    )
-    p.add_argument("--max-model-len", type=int, help="context length (SLHF_MAX_MODEL_LEN)")
-    p.add_argument(
-        "--tensor-parallel-size", type=int, help="GPUs per engine (SLHF_TENSOR_PARALLEL_SIZE)"
-    )
-    p.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        help="share of GPU memory for the engine(s) (SLHF_GPU_MEMORY_UTILIZATION)",
-    )
-    p.add_argument("--dtype", help="weights dtype: auto, bfloat16, float16, ... (SLHF_DTYPE)")
     p.add_argument(
         "--api-key",
         dest="api_keys",
@@ -52,6 +37,26 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         action="store_true",
         help="list vLLM's engine flags, which slhf serve also takes (SLHF_ENGINE_ARGS)",
     )
+
+
+def _settings_arguments(p: argparse.ArgumentParser) -> None:
+    """The settings flags ``slhf serve`` and ``slhf batch`` share (besides vLLM's engine flags)."""
+    p.add_argument("--follower-model", help="separate Follower model (SLHF_FOLLOWER_MODEL)")
+    p.add_argument("--served-model-name", help="model id in the API (SLHF_SERVED_MODEL_NAME)")
+    p.add_argument("--topology", choices=["auto", "shared", "lora", "separate"])
+    p.add_argument(
+        "--max-rounds", type=int, help="largest rounds a request may ask (SLHF_MAX_ROUNDS)"
+    )
+    p.add_argument("--max-model-len", type=int, help="context length (SLHF_MAX_MODEL_LEN)")
+    p.add_argument(
+        "--tensor-parallel-size", type=int, help="GPUs per engine (SLHF_TENSOR_PARALLEL_SIZE)"
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        help="share of GPU memory for the engine(s) (SLHF_GPU_MEMORY_UTILIZATION)",
+    )
+    p.add_argument("--dtype", help="weights dtype: auto, bfloat16, float16, ... (SLHF_DTYPE)")
 
 
 def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -144,6 +149,37 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from slhf.batch import add_batch_arguments
+
+    p = sub.add_parser(
+        "batch",
+        help="answer a whole JSONL batch file offline on an in-process engine (resumable)",
+        description="slhf batch INPUT.jsonl -o OUTPUT.jsonl [flags]: the OpenAI Batch file "
+        "format; the settings flags and vLLM's engine flags are those of `slhf serve` "
+        "(docs/batch.md).",
+    )
+    add_batch_arguments(p)
+    p.add_argument("--model", dest="model_flag", metavar="MODEL", help="model folder or HF id")
+    _settings_arguments(p)
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["json", "text"], help="SLHF_LOG_FORMAT")
+
+
+def batch(args: argparse.Namespace) -> int:
+    from slhf.batch import BATCH_ONLY, run
+
+    settings_args = argparse.Namespace(
+        **{k: v for k, v in vars(args).items() if k not in BATCH_ONLY}
+    )
+    try:
+        overrides = serve_overrides(settings_args)
+    except ValueError as e:
+        print(f"slhf batch: invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    return run(args, overrides)
+
+
 def _game_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from slhf_models.game_cli import add_game_subcommands
 
@@ -213,8 +249,9 @@ def refine(args: argparse.Namespace) -> int:
 
 
 def _engine_flags_first(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
-    """``slhf serve`` with flags slhf does not know: vLLM's engine parser takes its flags first
-    (they take values, which slhf's parser would read as the model), slhf's parser the rest.
+    """``slhf serve`` (or ``batch``) with flags slhf does not know: vLLM's engine parser takes
+    its flags first (they take values, which slhf's parser would read as the model), slhf's
+    parser the rest.
     Importing vLLM prints; with JSON logs the pipe goes in first, so those lines are JSON too."""
     import os
 
@@ -228,20 +265,21 @@ def _engine_flags_first(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     from slhf_server.engine_flags import split_serve_argv
 
     fields, rest = split_serve_argv(argv[1:])
-    return fields, ["serve", *rest]
+    return fields, [argv[0], *rest]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slhf", description="SLHF refinement server and tools")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _batch_parser(sub)
     _game_parser(sub)
     _train_parser(sub)
     _eval_parser(sub)
     _refine_parser(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
     engine_fields: dict[str, Any] = {}
-    if argv[:1] == ["serve"] and parser.parse_known_args(argv)[1]:
+    if argv[:1] in (["serve"], ["batch"]) and parser.parse_known_args(argv)[1]:
         engine_fields, argv = _engine_flags_first(argv)
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -252,6 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         args.engine_fields = engine_fields
         return serve(args)
+    if args.command == "batch":
+        args.engine_fields = engine_fields
+        return batch(args)
     if args.command == "game":
         return game(args)
     if args.command == "train":
