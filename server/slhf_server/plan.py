@@ -46,7 +46,10 @@ from slhf_server.protocol import RefineRequest, SamplingOptions
 from slhf_server.refine import RefineJob
 from slhf_server.service import LEADER_SUFFIX, UPSTREAM_SUFFIX, Service
 
-Kind = Literal["chat", "completion"]
+Kind = Literal["chat", "completion", "response"]
+
+ID_PREFIXES: dict[Kind, str] = {"chat": "chatcmpl-", "completion": "cmpl-", "response": "resp_"}
+"""A response's id is its prefix and a random hex (OpenAI's forms)."""
 
 VLLM_EXTRAS = (
     "min_p",
@@ -193,19 +196,32 @@ def plan_refine(service: Service, body: RefineRequest) -> Plan:
 
 
 # -- the OpenAI routes --------------------------------------------------------------------------
-def check_supported(req: ChatCompletionRequest | CompletionRequest) -> None:
-    """Reject (400, naming the field) any unsupported field set to a value that would matter."""
-    for name, neutral in UNSUPPORTED.items():
+CHAT_SUPPORTED = (
+    "model, messages/prompt, max_tokens, max_completion_tokens, temperature, top_p, n, stop, "
+    f"seed, stream, stream_options, user, refinement, and the sampling fields "
+    f"{', '.join(EXTRA_SAMPLING)}"
+)
+
+
+def reject_unsupported(
+    req: object, table: dict[str, tuple[object, ...]], supported: str, prefix: str = ""
+) -> None:
+    """Reject (400, naming the field) any field of ``table`` that ``req`` sets to a value other
+    than its neutral ones."""
+    for name, neutral in table.items():
         value = getattr(req, name, None)
         if not any(value == v and type(value) is type(v) for v in neutral) and value is not None:
             raise InvalidRequestError(
-                f"`{name}` is not supported by this server (got {value!r}); remove it. "
-                "Supported: model, messages/prompt, max_tokens, max_completion_tokens, "
-                "temperature, top_p, n, stop, seed, stream, stream_options, user, refinement, "
-                f"and the sampling fields {', '.join(EXTRA_SAMPLING)}.",
-                param=name,
+                f"`{prefix}{name}` is not supported by this server (got {value!r:.200}); remove "
+                f"it. Supported: {supported}.",
+                param=prefix + name,
                 code="unsupported_field",
             )
+
+
+def check_supported(req: ChatCompletionRequest | CompletionRequest) -> None:
+    """Reject (400, naming the field) any unsupported field set to a value that would matter."""
+    reject_unsupported(req, UNSUPPORTED, CHAT_SUPPORTED)
     if req.stream_options is not None and not req.stream:
         raise InvalidRequestError(
             "`stream_options` is only allowed when `stream` is true", param="stream_options"
@@ -274,8 +290,41 @@ def plan_request(
 ) -> OpenAIPlan:
     """An OpenAI request's plan: ``n`` choices per prompt, at most SLHF_MAX_N in all."""
     check_supported(req)
-    leader_only, from_upstream = resolve_model(service, req.model, upstream_id=True)
-    opts = req.refinement or RefinementOptions()
+    base = SamplingOptions(
+        max_tokens=max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        stop=req.stop,
+        **{name: getattr(req, name) for name in EXTRA_SAMPLING},
+    )
+    return plan_openai(
+        service,
+        kind=kind,
+        model=req.model,
+        opts=req.refinement or RefinementOptions(),
+        base=base,
+        seed=req.seed,
+        n=req.n,
+        prompts=prompts,
+        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+    )
+
+
+def plan_openai(
+    service: Service,
+    *,
+    kind: Kind,
+    model: str | None,
+    opts: RefinementOptions,
+    base: SamplingOptions,
+    seed: int | None,
+    n: int,
+    prompts: Sequence[str | list[Message]],
+    include_usage: bool = False,
+) -> OpenAIPlan:
+    """The plan of an OpenAI-style request once its fields are read: ``base`` sampling for every
+    generation, ``opts`` (the ``refinement`` extension) over it, ``n`` choices per prompt."""
+    leader_only, from_upstream = resolve_model(service, model, upstream_id=True)
     if opts.leader is not None and opts.leader.source == "upstream":
         from_upstream = True
     if from_upstream and opts.response is not None:
@@ -284,32 +333,25 @@ def plan_request(
             param="refinement.response",
         )
     rounds = plan_rounds(service, opts.rounds, leader_only, "refinement.rounds")
-    base = SamplingOptions(
-        max_tokens=max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        stop=req.stop,
-        **{name: getattr(req, name) for name in EXTRA_SAMPLING},
-    )
-    choices = len(prompts) * req.n
+    choices = len(prompts) * n
     if choices > service.settings.max_n:
         raise InvalidRequestError(
             f"this request asks for {_count(choices)} choices ({len(prompts)} prompt(s) x "
-            f"n={_count(req.n)}); the limit is {service.settings.max_n} (SLHF_MAX_N)",
+            f"n={_count(n)}); the limit is {service.settings.max_n} (SLHF_MAX_N)",
             param="n",
             code="too_many_choices",
         )
     deadline_s = service.settings.deadline_s(opts.deadline_s)
-    request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    request_id = f"{ID_PREFIXES[kind]}{uuid.uuid4().hex}"
     jobs = []
     for p, prompt in enumerate(prompts):
-        for j in range(req.n):
+        for j in range(n):
             job = RefineJob(
-                request_id=f"{request_id}-{p * req.n + j}",
+                request_id=f"{request_id}-{p * n + j}",
                 prompt=prompt,
                 rounds=rounds,
-                leader=_role_params(service, "leader", base, opts.leader, req.seed, j),
-                follower=_role_params(service, "follower", base, opts.follower, req.seed, j),
+                leader=_role_params(service, "leader", base, opts.leader, seed, j),
+                follower=_role_params(service, "follower", base, opts.follower, seed, j),
                 given_answer=opts.response,
                 stop_when_unchanged=opts.stop_when_unchanged,
                 from_upstream=from_upstream,
@@ -320,12 +362,12 @@ def plan_request(
             jobs.append(job)
     return OpenAIPlan(
         request_id=request_id,
-        model=req.model or service.name,
+        model=model or service.name,
         jobs=jobs,
         kind=kind,
         return_trace=opts.return_trace,
         stream_rounds=opts.stream_rounds,
-        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        include_usage=include_usage,
     )
 
 
