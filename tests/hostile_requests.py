@@ -176,6 +176,51 @@ COMPLETIONS = hostile(
     {**OPENAI, "prompt": st.one_of(TEXT, st.lists(TEXT, max_size=3), ODD)},
     {"prompt": "Hello", "max_tokens": 4},
 )
+INPUT_ITEMS = st.one_of(
+    st.lists(
+        st.fixed_dictionaries(
+            {"role": st.one_of(st.sampled_from(["system", "developer", "user", "assistant"]), ODD)},
+            optional={
+                "type": st.one_of(st.sampled_from(["message", "function_call"]), ODD),
+                "content": st.one_of(
+                    TEXT,
+                    st.lists(
+                        st.fixed_dictionaries(
+                            {
+                                "type": st.one_of(
+                                    st.sampled_from(["input_text", "output_text", "input_image"]),
+                                    ODD,
+                                ),
+                                "text": st.one_of(TEXT, ODD),
+                            }
+                        ),
+                        max_size=2,
+                    ),
+                    ODD,
+                ),
+            },
+        ),
+        min_size=0,
+        max_size=3,
+    ),
+    ODD,
+)
+RESPONSES = hostile(
+    {
+        **{k: v for k, v in OPENAI.items() if k not in ("max_tokens", "n", "logprobs")},
+        "input": st.one_of(TEXT, INPUT_ITEMS),
+        "instructions": st.one_of(TEXT, ODD),
+        "max_output_tokens": st.one_of(st.integers(1, 16), ODD),
+        "store": st.one_of(st.booleans(), ODD),
+        "tools": st.one_of(st.just([]), ODD),
+        "tool_choice": st.one_of(st.sampled_from(["none", "auto", "required"]), ODD),
+        "previous_response_id": ODD,
+        "include": ODD,
+        "text": st.one_of(st.just({"format": {"type": "text"}}), ODD),
+        "stream_options": st.one_of(st.just({"include_obfuscation": False}), ODD),
+    },
+    {"input": "Hello", "max_output_tokens": 4},
+)
 RAW = st.sampled_from(
     [
         b"\xff\xfe not utf-8",
@@ -192,7 +237,8 @@ REQUESTS = st.one_of(
     st.tuples(st.just("/v1/refine"), REFINE),
     st.tuples(st.just("/v1/chat/completions"), CHAT),
     st.tuples(st.just("/v1/completions"), COMPLETIONS),
-    st.tuples(st.sampled_from(["/v1/refine", "/v1/chat/completions"]), RAW),
+    st.tuples(st.just("/v1/responses"), RESPONSES),
+    st.tuples(st.sampled_from(["/v1/refine", "/v1/chat/completions", "/v1/responses"]), RAW),
 )
 
 

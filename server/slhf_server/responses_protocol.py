@@ -191,6 +191,8 @@ class OutputMessage(BaseModel):
 class InputTokensDetails(BaseModel):
     cached_tokens: int = 0
     """Input tokens served from the engine's prefix cache (all rounds)."""
+    cache_write_tokens: int = 0
+    """Always 0: the engine's prefix cache is not billed."""
 
 
 class OutputTokensDetails(BaseModel):
