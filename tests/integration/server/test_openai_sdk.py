@@ -250,3 +250,87 @@ def test_upstream_answers_are_refined(
     ).json()
     assert body["leader"]["source"] == "upstream"
     assert body["leader"]["text"] == direct.choices[0].message.content
+
+
+# -- the Responses API: client.responses.create ---------------------------------------------------
+def test_responses_create_is_the_refined_answer(client: openai.OpenAI, name: str) -> None:
+    body = refinement(rounds=2, return_trace=True, stop_when_unchanged=False)
+    r = client.responses.create(
+        model=name,
+        input="Explain gravity",
+        instructions="Answer briefly.",
+        max_output_tokens=10,
+        temperature=0.0,
+        extra_body=body,
+    )
+    chat = client.chat.completions.create(
+        model=name,
+        messages=[{"role": "system", "content": "Answer briefly."}, *USER],
+        max_tokens=10,
+        temperature=0.0,
+        extra_body=body,
+    )
+    trace = r.model_extra["refinement"]
+    assert r.id.startswith("resp_") and r.status in ("completed", "incomplete")
+    assert r.output_text == trace["rounds"][-1]["text"] == chat.choices[0].message.content
+    assert r.usage is not None and r.usage.output_tokens == chat.usage.completion_tokens
+    assert r.usage.input_tokens == chat.usage.prompt_tokens
+    assert [x["round"] for x in r.usage.model_extra["by_round"]] == [0, 1, 2]
+    leader = client.responses.create(
+        model=name + ":leader", input=[{"role": "user", "content": "Explain gravity"}]
+    )
+    assert leader.output_text and leader.usage is not None
+    assert leader.usage.model_extra["by_round"][-1]["round"] == 0
+
+
+def test_responses_stream_sends_the_event_sequence(client: openai.OpenAI, name: str) -> None:
+    kw = dict(model=name, input="Explain gravity", max_output_tokens=12, temperature=0.0)
+    body = refinement(rounds=1, stop_when_unchanged=False)
+    whole = client.responses.create(extra_body=body, **kw)  # type: ignore[call-overload]
+    events = list(client.responses.create(stream=True, extra_body=body, **kw))  # type: ignore[call-overload]
+    kinds = [e.type for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:-1] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+    ]
+    assert kinds[-1] == {"completed": "response.completed"}.get(whole.status, "response.incomplete")
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert len(deltas) > 1  # token by token, not one piece
+    assert {d.model_extra["round"] for d in deltas} == {1}
+    assert "".join(d.delta for d in deltas) == whole.output_text
+    final = events[-1].response  # type: ignore[union-attr]
+    assert (
+        final.output_text == whole.output_text
+        and final.usage.total_tokens == whole.usage.total_tokens
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+        ({"previous_response_id": "resp_123"}, "previous_response_id"),
+        ({"store": True}, "store"),
+        ({"background": True}, "background"),
+        ({"reasoning": {"effort": "low"}}, "reasoning"),
+        (
+            {"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]},
+            "input[0].type",
+        ),
+    ],
+)
+def test_responses_fields_it_cannot_honour_are_400s(
+    client: openai.OpenAI, name: str, kwargs: dict, param: str
+) -> None:
+    args = {"model": name, "input": "Explain gravity", **kwargs}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(**args)
+    assert info.value.param == param or info.value.body["param"] == param  # type: ignore[index]
