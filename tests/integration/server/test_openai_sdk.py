@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 
 import httpx
 import openai
+import pydantic
 import pytest
 
 from tests.integration.conftest import UPSTREAM_NAME, ServerProcess
@@ -334,3 +336,77 @@ def test_responses_fields_it_cannot_honour_are_400s(
     with pytest.raises(openai.BadRequestError) as info:
         client.responses.create(**args)
     assert info.value.param == param or info.value.body["param"] == param  # type: ignore[index]
+
+
+# -- structured outputs and logprobs --------------------------------------------------------------
+class Reading(pydantic.BaseModel):
+    """A schema whose every answer is short: the tiny random model fills it within its tokens."""
+
+    ok: bool
+    level: int = pydantic.Field(ge=0, le=9)
+    tag: str = pydantic.Field(max_length=3)
+
+
+def test_parse_with_a_pydantic_model_gives_a_valid_answer(client: openai.OpenAI, name: str) -> None:
+    for rounds in (0, 2):
+        r = client.chat.completions.parse(
+            model=name,
+            messages=USER,
+            response_format=Reading,
+            max_tokens=120,
+            seed=rounds,
+            extra_body=refinement(rounds=rounds, return_trace=True, stop_when_unchanged=False),
+        )
+        parsed = r.choices[0].message.parsed
+        assert isinstance(parsed, Reading), r.choices[0].message.content
+        trace = r.choices[0].model_extra["refinement"]
+        steps = [trace["leader"], *trace["rounds"]]
+        assert [s.get("output_format") for s in steps] == (
+            ["json_schema"] if rounds == 0 else [None, "json_schema", "json_schema"]
+        )
+        for s in steps[1:] if rounds else steps:  # every constrained round satisfies the schema
+            Reading.model_validate_json(s["text"])
+
+
+def trace_of(choice: object) -> dict:
+    return choice.model_extra["refinement"]  # type: ignore[attr-defined]
+
+
+def test_json_object_and_logprobs_through_the_sdk(client: openai.OpenAI, name: str) -> None:
+    r = client.chat.completions.create(
+        model=name,
+        messages=USER,
+        max_tokens=40,
+        logprobs=True,
+        top_logprobs=3,
+        seed=1,
+        extra_body=refinement(rounds=1, return_trace=True, stop_when_unchanged=False),
+    )
+    choice = r.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content
+    tokens = choice.logprobs.content
+    # a character split over tokens shows as U+FFFD in each token's own text
+    joined = "".join(t.token for t in tokens).replace("\ufffd", "")
+    assert joined == (choice.message.content or "").replace("\ufffd", "")
+    final = trace_of(choice)["rounds"][-1]
+    assert len(tokens) in (
+        final["usage"]["completion_tokens"],
+        final["usage"]["completion_tokens"] - 1,
+    )
+    assert all(t.logprob <= 0 and 1 <= len(t.top_logprobs) <= 3 for t in tokens)
+    trace = trace_of(choice)
+    assert trace["rounds"][-1]["logprobs"] == [t.model_dump() for t in tokens]
+    assert trace["leader"]["logprobs"]  # every round carries its own
+    stream = client.chat.completions.create(
+        model=name, messages=USER, max_tokens=12, logprobs=True, seed=1, stream=True
+    )
+    streamed = [c.choices[0].logprobs for c in stream if c.choices and c.choices[0].delta.content]
+    assert streamed and all(lp is not None and lp.content for lp in streamed)
+    obj = client.chat.completions.create(
+        model=name + ":leader",
+        messages=USER,
+        max_tokens=200,
+        response_format={"type": "json_object"},
+    )
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(obj.choices[0].message.content or ""), dict)
