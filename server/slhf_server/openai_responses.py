@@ -24,7 +24,13 @@ from slhf_models.serving.templates import Message, TemplateError, to_messages
 from slhf_server.errors import InvalidRequestError, domain_error, error_body
 from slhf_server.openai_protocol import RefinementOptions
 from slhf_server.openai_response import finish_reason, trace, usage_breakdown
-from slhf_server.openai_stream import ChoiceDone, Event, RoundDelta, refinement_events
+from slhf_server.openai_stream import (
+    ChoiceDone,
+    Event,
+    RoundDelta,
+    final_logprobs,
+    refinement_events,
+)
 from slhf_server.pipeline import Observer
 from slhf_server.plan import EXTRA_SAMPLING, OpenAIPlan, plan_openai, reject_unsupported
 from slhf_server.protocol import SamplingOptions
@@ -113,11 +119,27 @@ def plan_responses(service: Service, req: ResponsesRequest) -> ResponsePlan:
         raise InvalidRequestError(
             "`stream_options` is only allowed when `stream` is true", param="stream_options"
         )
+    logprobs = "message.output_text.logprobs" in (req.include or [])
+    if req.top_logprobs and not logprobs:
+        raise InvalidRequestError(
+            '`top_logprobs` needs `include: ["message.output_text.logprobs"]`',
+            param="top_logprobs",
+        )
+    try:
+        response_format = (
+            req.text.format.as_response_format() if req.text and req.text.format else None
+        )
+    except ValueError as e:
+        raise InvalidRequestError(str(e), param="text.format") from None
     base = SamplingOptions(
         max_tokens=req.max_output_tokens,
         temperature=req.temperature,
         top_p=req.top_p,
         stop=req.stop,
+        response_format=response_format,
+        logprobs=logprobs or None,
+        top_logprobs=req.top_logprobs if logprobs else None,
+        logit_bias=req.logit_bias,
         **{name: getattr(req, name) for name in EXTRA_SAMPLING},
     )
     try:
@@ -132,9 +154,11 @@ def plan_responses(service: Service, req: ResponsesRequest) -> ResponsePlan:
             prompts=[input_messages(req)],
         )
     except InvalidRequestError as e:
-        if e.param == "max_tokens":  # this API's name for it
+        if e.param == "max_tokens":  # this API's names for them
             e.param = "max_output_tokens"
             e.message = e.message.replace("max_tokens is", "max_output_tokens is", 1)
+        elif e.param == "response_format":
+            e.param = "text.format"
         raise
     echo = {
         "instructions": req.instructions,
@@ -143,6 +167,10 @@ def plan_responses(service: Service, req: ResponsesRequest) -> ResponsePlan:
         "top_p": req.top_p,
         "metadata": req.metadata,
         "user": req.user,
+        "top_logprobs": req.top_logprobs,
+        "text": req.text.model_dump(by_alias=True, exclude_none=True)
+        if req.text is not None
+        else {"format": {"type": "text"}},
     }
     return ResponsePlan(**{f.name: getattr(plan, f.name) for f in fields(plan)}, echo=echo)
 
@@ -178,7 +206,7 @@ def message(message_id: str, outcome: RefineOutcome) -> OutputMessage:
     return OutputMessage(
         id=message_id,
         status="completed" if status == "completed" else "incomplete",
-        content=[OutputText(text=outcome.final)],
+        content=[OutputText(text=outcome.final, logprobs=final_logprobs(outcome) or [])],
     )
 
 
@@ -255,7 +283,7 @@ class EventWriter:
             output_index=0,
             content_index=0,
             delta=ev.text,
-            logprobs=[],
+            logprobs=[e.model_dump() for e in ev.logprobs or []],
             round=ev.round,
         )
 
@@ -265,9 +293,16 @@ class EventWriter:
         done = self.response(outcome)
         last = "response.completed" if done["status"] == "completed" else "response.incomplete"
         return [
-            self.event("response.output_text.done", **where, text=text, logprobs=[]),
             self.event(
-                "response.content_part.done", **where, part=OutputText(text=text).model_dump()
+                "response.output_text.done",
+                **where,
+                text=text,
+                logprobs=[e.model_dump() for e in final_logprobs(outcome) or []],
+            ),
+            self.event(
+                "response.content_part.done",
+                **where,
+                part=message(self.item_id, outcome).content[0].model_dump(),
             ),
             self.event(
                 "response.output_item.done",

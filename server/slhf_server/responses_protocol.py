@@ -19,11 +19,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from slhf_server.openai_protocol import RefinementOptions, RefinementTrace, unsupported
 from slhf_server.protocol import (
+    JsonSchemaSpec,
+    LogitBias,
+    LogprobEntry,
     MaxTokens,
+    ResponseFormat,
     Seed,
     Stop,
     Temperature,
     Text,
+    TopLogprobs,
     TopP,
     VllmSamplingFields,
     _Request,
@@ -41,12 +46,10 @@ UNSUPPORTED_RESPONSES: dict[str, tuple[Any, ...]] = {
     "background": (None, False),
     "background_options": (None,),
     "store": (None, False),
-    "include": (None, []),
+    "include": (None, [], ["message.output_text.logprobs"]),
     "reasoning": (None,),
     "truncation": (None, "disabled"),
     "context_management": (None, []),
-    "top_logprobs": (None, 0),
-    "logit_bias": (None, {}),
     "prompt_cache_options": (None,),
     "prompt_cache_retention": (None,),
     "moderation": (None,),
@@ -59,7 +62,8 @@ UNSUPPORTED_RESPONSES: dict[str, tuple[Any, ...]] = {
 
 RESPONSES_SUPPORTED = (
     "model, input, instructions, max_output_tokens, temperature, top_p, seed, stop, stream, "
-    "text.format {'type': 'text'}, metadata, user, refinement, and vLLM's sampling fields "
+    "text.format, include ['message.output_text.logprobs'], top_logprobs, logit_bias, "
+    "metadata, user, refinement, and vLLM's sampling fields "
     "top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty, min_tokens, ignore_eos"
 )
 
@@ -90,15 +94,39 @@ class InputItem(BaseModel):
 
 
 class TextFormat(_Request):
-    type: Literal["text"] = "text"
-    """Only plain text is produced."""
+    """``text.format``: plain text, any JSON object, or JSON matching ``schema``."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    """The kind of output."""
+    name: Text | None = None
+    """With "json_schema": the schema's name (not used)."""
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    """With "json_schema": the JSON schema; bounded by SLHF_MAX_SCHEMA_BYTES and
+    SLHF_MAX_SCHEMA_DEPTH."""
+    description: Text | None = None
+    """Not used."""
+    strict: bool | None = None
+    """Accepted: the answer is always constrained to the schema."""
+
+    def as_response_format(self) -> ResponseFormat:
+        if self.type != "json_schema":
+            if self.schema_ is not None:
+                raise ValueError("`schema` is only allowed with type 'json_schema'")
+            return ResponseFormat(type=self.type)
+        if self.schema_ is None:
+            raise ValueError("`text.format.schema` is required with type 'json_schema'")
+        spec = JsonSchemaSpec.model_validate(
+            {"name": self.name or "schema", "schema": self.schema_}
+        )
+        return ResponseFormat(type="json_schema", json_schema=spec)
 
 
 class TextConfig(_Request):
     """``text``: the output's format."""
 
     format: TextFormat | None = None
-    """``{"type": "text"}`` (the default)."""
+    """``{"type": "text"}`` (the default), ``{"type": "json_object"}`` or ``{"type":
+    "json_schema", "name", "schema"}``: constrains every round that can end the refinement."""
     verbosity: Literal["medium"] | None = None
     """Accepted only as "medium" (the model's own verbosity)."""
 
@@ -134,7 +162,11 @@ class ResponsesRequest(VllmSamplingFields):
     stream_options: ResponsesStreamOptions | None = None
     """Only with ``stream``."""
     text: TextConfig | None = None
-    """The output's format: plain text."""
+    """The output's format (``text.format``)."""
+    top_logprobs: TopLogprobs | None = None
+    """With ``include: ["message.output_text.logprobs"]``: alternatives per token, 0..20."""
+    logit_bias: LogitBias | None = None
+    """Token id (a string) -> bias (-100..100) added to its logit, in every generation."""
     refinement: RefinementOptions | None = None
     """The SLHF extension: rounds, a given answer, per-role sampling, the trace."""
     # harmless: accepted and ignored
@@ -163,8 +195,6 @@ class ResponsesRequest(VllmSamplingFields):
     reasoning: Any = unsupported()
     truncation: Any = unsupported()
     context_management: Any = unsupported()
-    top_logprobs: Any = unsupported()
-    logit_bias: Any = unsupported()
     prompt_cache_options: Any = unsupported()
     prompt_cache_retention: Any = unsupported()
     moderation: Any = unsupported()
@@ -177,7 +207,8 @@ class OutputText(BaseModel):
     type: Literal["output_text"] = "output_text"
     text: str
     annotations: list[Any] = Field(default_factory=list)
-    logprobs: list[Any] = Field(default_factory=list)
+    logprobs: list[LogprobEntry] = Field(default_factory=list)
+    """With ``include: ["message.output_text.logprobs"]``: the answer's (final round's) tokens."""
 
 
 class OutputMessage(BaseModel):
@@ -247,6 +278,7 @@ class ResponseObject(BaseModel):
     previous_response_id: None = None
     reasoning: None = None
     user: str | None = None
+    top_logprobs: int | None = None
     usage: ResponsesUsage | None = None
     refinement: RefinementTrace | None = None
     """Every round (``refinement.return_trace``): the first answer, the Follower rounds, why

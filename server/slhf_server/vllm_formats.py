@@ -4,9 +4,9 @@
   backend, xgrammar first; the engine compiles the grammar for the tokenizer off the event loop).
 - ``SchemaCheck``: vLLM turns a JSON schema into a grammar once more when a request is added, on
   the caller's thread -- here the event loop. Before that, each distinct schema is turned into a
-  grammar on a worker thread of its own (xgrammar releases the GIL) within
-  ``SCHEMA_CHECK_BUDGET_S``: a schema that takes longer is refused (``ValueError``, a 400), so
-  vLLM's own pass on the loop stays as short as that. Accepted schemas are remembered.
+  grammar on a worker thread (xgrammar releases the GIL) within ``SCHEMA_CHECK_BUDGET_S``,
+  counted from when a worker takes it: a schema that takes longer is refused (``ValueError``, a
+  400), so vLLM's own pass on the loop stays as short as that. Accepted schemas are remembered.
   docs/wire.md, "Structured outputs", gives the bounds that come first (size, depth).
 - ``token_logprobs``: vLLM's per-position logprob dicts as ``TokenLogprob``s.
 """
@@ -27,6 +27,8 @@ from slhf_server.engine import OutputFormat, TokenLogprob
 SCHEMA_CHECK_BUDGET_S = 0.2
 """Most seconds a schema may take to become a grammar (measured on a worker thread)."""
 SCHEMAS_REMEMBERED = 1024
+SCHEMA_WORKERS = 4
+"""Worker threads building grammars: a slow schema holds one, not the others' checks."""
 
 
 def structured(fmt: OutputFormat | None) -> StructuredOutputsParams | None:
@@ -50,7 +52,7 @@ class SchemaCheck:
     """Refuses schemas too slow to become a grammar, before vLLM builds one on the loop."""
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="slhf-schema")
+        self._pool = ThreadPoolExecutor(SCHEMA_WORKERS, thread_name_prefix="slhf-schema")
         self._ok: OrderedDict[str, None] = OrderedDict()
 
     async def check(self, fmt: OutputFormat | None) -> None:
@@ -59,7 +61,19 @@ class SchemaCheck:
         if fmt.schema in self._ok:
             self._ok.move_to_end(fmt.schema)
             return
-        work = asyncio.get_running_loop().run_in_executor(self._pool, _grammar, fmt.schema)
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[None] = loop.create_future()
+
+        def begun() -> None:
+            if not started.done():
+                started.set_result(None)
+
+        def run(schema: str) -> None:
+            loop.call_soon_threadsafe(begun)
+            _grammar(schema)
+
+        work = loop.run_in_executor(self._pool, run, fmt.schema)
+        await asyncio.shield(started)  # the budget counts from when a worker takes it
         try:
             await asyncio.wait_for(asyncio.shield(work), SCHEMA_CHECK_BUDGET_S)
         except TimeoutError:

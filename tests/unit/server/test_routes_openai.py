@@ -357,3 +357,44 @@ def test_upstream_failures_are_502_or_504(
 def test_upstream_settings_need_a_model() -> None:
     with pytest.raises(ValueError, match="SLHF_UPSTREAM_MODEL"):
         ServerSettings(upstream_base_url="http://up/v1")
+
+
+def test_logprobs_are_the_final_rounds_tokens(client: TestClient) -> None:
+    body = chat(
+        client, logprobs=True, top_logprobs=1, refinement={"rounds": 2, "return_trace": True}
+    ).json()
+    choice = body["choices"][0]
+    assert [t["token"] for t in choice["logprobs"]["content"]] == ["answer", " 2"]
+    assert choice["logprobs"]["content"][0] == {
+        "token": "answer",
+        "logprob": -0.5,
+        "bytes": list(b"answer"),
+        "top_logprobs": [{"token": "alt0", "logprob": -1.0, "bytes": list(b"alt0")}],
+    }
+    trace = choice["refinement"]
+    assert trace["rounds"][-1]["logprobs"] == choice["logprobs"]["content"]
+    assert [t["token"] for t in trace["leader"]["logprobs"]] == ["answer", " 0"]
+    assert chat(client).json()["choices"][0]["logprobs"] is None
+
+
+def test_streamed_chunks_carry_their_tokens_logprobs(client: TestClient) -> None:
+    events = sse_events(chat(client, stream=True, logprobs=True, refinement={"rounds": 1}))
+    content = [
+        c["choices"][0]
+        for c in events
+        if isinstance(c, dict) and c["choices"] and c["choices"][0]["delta"].get("content")
+    ]
+    assert [c["logprobs"]["content"][0]["token"] for c in content] == ["answer", " 1"]
+    # an early stop sends the answer in one piece, with all its tokens
+    engine = ScriptedEngine(lambda call: "same text", context=512)
+    with make_client(engine) as other:
+        events = sse_events(chat(other, stream=True, logprobs=True, refinement={"rounds": 3}))
+    pieces = [
+        c["choices"][0]
+        for c in events
+        if isinstance(c, dict) and c["choices"] and c["choices"][0]["delta"].get("content")
+    ]
+    assert len(pieces) == 1 and [t["token"] for t in pieces[0]["logprobs"]["content"]] == [
+        "same",
+        " text",
+    ]

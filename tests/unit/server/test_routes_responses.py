@@ -208,7 +208,7 @@ def test_a_failure_before_any_text_is_a_plain_error(engine: ScriptedEngine) -> N
         ("tool_choice", "required"),
         ("background", True),
         ("store", True),
-        ("include", ["message.output_text.logprobs"]),
+        ("include", ["file_search_call.results"]),
         ("reasoning", {"effort": "low"}),
         ("conversation", "conv_1"),
         ("prompt", {"id": "pmpt_1"}),
@@ -245,7 +245,10 @@ def test_neutral_values_of_unsupported_fields_are_accepted(client: TestClient, f
         ({"input": [{"role": "user"}]}, "input[0].content"),
         ({"input": [{"role": "assistant", "content": "x"}]}, "input"),
         ({"input": []}, "input"),
-        ({"text": {"format": {"type": "json_object"}}}, "text.format.type"),
+        ({"text": {"format": {"type": "xml"}}}, "text.format.type"),
+        ({"text": {"format": {"type": "json_schema"}}}, "text.format"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"include": ["reasoning.encrypted_content"]}, "include"),
         ({"stream_options": {"include_obfuscation": False}}, "stream_options"),
         ({"max_output_tokens": 10**6}, "max_output_tokens"),
         ({"max_output_tokens": "5"}, "max_output_tokens"),
@@ -274,3 +277,28 @@ def test_openapi_documents_the_route(client: TestClient) -> None:
     for name in UNSUPPORTED_RESPONSES:
         assert props[name].get("x-slhf-unsupported") is True, name
     assert all(p.get("description") for n, p in props.items()), "a field without a description"
+
+
+def test_text_format_and_logprobs(client: TestClient, engine: ScriptedEngine) -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "name": "A", "schema": schema, "strict": True}
+    body = respond(
+        client,
+        text={"format": fmt},
+        include=["message.output_text.logprobs"],
+        top_logprobs=2,
+        refinement={"rounds": 1, "return_trace": True},
+    ).json()
+    r = Response.model_validate(body)
+    assert [c.params.output_format is not None for c in engine.calls] == [False, True]
+    assert all(c.params.logprobs == 2 for c in engine.calls)
+    part = r.output[0].content[0]
+    assert part.type == "output_text" and part.logprobs is not None
+    assert [t.token for t in part.logprobs] == ["answer", " 1"]
+    assert len(part.logprobs[0].top_logprobs) == 2
+    assert body["text"]["format"]["schema"] == schema and r.top_logprobs == 2
+    assert body["refinement"]["rounds"][0]["output_format"] == "json_schema"
+    evs = events(respond(client, stream=True, include=["message.output_text.logprobs"]))
+    deltas = [e for e in evs if e["type"] == "response.output_text.delta"]
+    assert [d["logprobs"][0]["token"] for d in deltas] == ["answer", " 2"]
+    assert [t["token"] for t in evs[-4]["logprobs"]] == ["answer", " 2"]
