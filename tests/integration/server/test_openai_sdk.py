@@ -410,3 +410,53 @@ def test_json_object_and_logprobs_through_the_sdk(client: openai.OpenAI, name: s
     )
     if obj.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(obj.choices[0].message.content or ""), dict)
+
+
+def test_responses_parse_with_a_pydantic_model(client: openai.OpenAI, name: str) -> None:
+    r = client.responses.parse(
+        model=name,
+        input="Explain gravity",
+        text_format=Reading,
+        max_output_tokens=120,
+        include=["message.output_text.logprobs"],
+        extra_body=refinement(rounds=1, return_trace=True, stop_when_unchanged=False),
+    )
+    assert isinstance(r.output_parsed, Reading), r.output_text
+    part = r.output[0].content[0]  # type: ignore[union-attr]
+    assert part.logprobs and r.model_extra["refinement"]["rounds"][0]["output_format"]
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": 5},
+        {"type": "object", "properties": "x"},
+        {"$ref": "#/$defs/missing"},
+        {"type": "string", "pattern": "["},
+        {"type": "string", "pattern": "(a+)+b"},
+        {"enum": []},
+        {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(400)}},
+        {"anyOf": []},
+        {"type": "integer", "minimum": 5, "maximum": 1},
+    ],
+)
+def test_hostile_schemas_get_an_answer_or_a_400_and_the_engine_lives(
+    shared_server: ServerProcess, name: str, schema: dict
+) -> None:
+    r = httpx.post(
+        shared_server.url + "/v1/chat/completions",
+        json={
+            "model": name + ":leader",
+            "messages": USER,
+            "max_tokens": 8,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "s", "schema": schema},
+            },
+        },
+        timeout=120,
+    )
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 400:
+        assert r.json()["error"]["message"]
+    assert httpx.get(shared_server.url + "/health", timeout=30).status_code == 200
