@@ -4,7 +4,6 @@ an unconstrained answer, the schema bounds."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -169,39 +168,3 @@ def test_refine_takes_the_fields_per_role(client: TestClient, engine: ScriptedEn
     assert [e["token"] for e in body["leader"]["logprobs"]] == ["answer", " 0"]
     assert "logprobs" not in body["rounds"][0]
     assert body["rounds"][0]["output_format"] == "json_schema"
-
-
-def test_schema_check_does_not_run_on_the_event_loop() -> None:
-    """The real check (``slhf_server.vllm_formats.SchemaCheck``) builds the grammar on its own
-    thread: the loop keeps running meanwhile; a slow one is refused."""
-    pytest.importorskip("xgrammar")
-    from slhf_server.engine import OutputFormat
-    from slhf_server.vllm_formats import SCHEMA_CHECK_BUDGET_S, SchemaCheck
-
-    async def go() -> tuple[float, str]:
-        check = SchemaCheck()
-        slow = OutputFormat(
-            "json_schema", '{"type":"string","pattern":"^((.{1,1000}){1,1000}){1,1000}$"}'
-        )
-        ticks = 0
-
-        async def tick() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.005)
-                ticks += 1
-
-        ticker = asyncio.create_task(tick())
-        try:
-            await check.check(slow)
-            outcome = "accepted"
-        except ValueError as e:
-            outcome = str(e)
-        ticker.cancel()
-        await check.check(OutputFormat("json_schema", '{"type":"integer"}'))
-        check.close()
-        return ticks, outcome
-
-    ticks, outcome = asyncio.run(go())
-    assert ticks >= 5, "the event loop stalled while the schema was checked"
-    assert outcome == "accepted" or f"more than {SCHEMA_CHECK_BUDGET_S:g} s" in outcome
