@@ -460,3 +460,26 @@ def test_hostile_schemas_get_an_answer_or_a_400_and_the_engine_lives(
     if r.status_code == 400:
         assert r.json()["error"]["message"]
     assert httpx.get(shared_server.url + "/health", timeout=30).status_code == 200
+
+
+def test_logit_bias_forces_a_token_and_an_unknown_one_is_a_400(
+    client: openai.OpenAI, name: str
+) -> None:
+    r = client.chat.completions.create(
+        model=name,
+        messages=USER,
+        max_tokens=6,
+        logprobs=True,
+        logit_bias={"100": 100},
+        extra_body=refinement(rounds=1, stop_when_unchanged=False, return_trace=True),
+    )
+    for step in [
+        r.choices[0].model_extra["refinement"]["leader"],
+        *r.choices[0].model_extra["refinement"]["rounds"],
+    ]:
+        assert len({t["token"] for t in step["logprobs"]}) == 1, step["logprobs"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=name, messages=USER, max_tokens=4, logit_bias={"99999999": 5}
+        )
+    assert "logit_bias" in str(info.value)
