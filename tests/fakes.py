@@ -19,6 +19,7 @@ from slhf_server.engine import (
     Generation,
     GenerationDelta,
     GenerationParams,
+    TokenLogprob,
 )
 
 
@@ -105,6 +106,9 @@ class ScriptedEngine:
             token_ids=ids,
             cached_tokens=cached,
             drafts=self.drafts,
+            logprobs=None
+            if params.logprobs is None
+            else tuple(word_logprob(i, w, params.logprobs) for i, w in enumerate(words)),
         )
 
     async def stream(
@@ -126,6 +130,9 @@ class ScriptedEngine:
                 token_ids=None if ids is None else tuple(ord(c) for c in piece),
                 cached_tokens=cached if last else None,
                 drafts=self.drafts if last else None,
+                logprobs=None
+                if params.logprobs is None
+                else (word_logprob(i, word, params.logprobs),),
             )
         if not words:
             yield GenerationDelta("", 0, finish, None if ids is None else (), cached, self.drafts)
@@ -164,6 +171,13 @@ class ScriptedEngine:
 
     async def shutdown(self) -> None:
         pass
+
+
+def word_logprob(i: int, word: str, top: int) -> TokenLogprob:
+    """The fake's log-probability of its ``i``-th word (a token per word, its leading space
+    included), with ``top`` made-up alternatives."""
+    token = word if i == 0 else " " + word
+    return TokenLogprob(token, -0.5, tuple((f"alt{k}", -1.0 - k) for k in range(top)))
 
 
 def numbered_script(call: Call) -> str:

@@ -88,6 +88,47 @@ def hostile(fields: Strategies, base: dict[str, object]) -> st.SearchStrategy[di
     return st.one_of(one_field(base, fields), one_field(base, fields), some_fields(base, fields))
 
 
+SCHEMAS = st.one_of(
+    st.sampled_from(
+        [
+            {"type": "object"},
+            {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+            {"type": "string", "maxLength": 3},
+            {"type": "array", "items": {"type": "boolean"}, "maxItems": 2},
+            {"enum": ["a", "b"]},
+            {"$ref": "#/$defs/missing"},
+            {"type": 5},
+            {"type": "object", "properties": "x"},
+            {"type": "string", "pattern": "(a+)+b"},
+            {"type": "string", "pattern": "["},
+        ]
+    ),
+    st.recursive(
+        st.dictionaries(st.sampled_from(["type", "items", "x"]), ODD, max_size=2),
+        lambda inner: st.dictionaries(st.sampled_from(["properties", "items", "anyOf"]), inner),
+        max_leaves=6,
+    ),
+)
+RESPONSE_FORMATS = st.one_of(
+    st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "json_schema"}]),
+    SCHEMAS.map(lambda s: {"type": "json_schema", "json_schema": {"name": "a", "schema": s}}),
+    st.fixed_dictionaries({"type": st.one_of(TEXT, ODD), "json_schema": ODD}),
+    ODD,
+)
+LOGIT_BIAS = st.one_of(
+    st.dictionaries(
+        st.sampled_from(["0", "1", "50", "99999999999", "-1", "x", "\ud800", ""]),
+        st.one_of(st.floats(-100, 100), ODD),
+        max_size=3,
+    ),
+    ODD,
+)
+FORMAT_FIELDS: Strategies = {
+    "response_format": RESPONSE_FORMATS,
+    "logprobs": st.one_of(st.booleans(), ODD),
+    "top_logprobs": st.one_of(st.integers(0, 20), ODD),
+    "logit_bias": LOGIT_BIAS,
+}
 SAMPLING_FIELDS: Strategies = {
     "max_tokens": st.one_of(st.integers(1, 16), ODD),
     "temperature": st.one_of(st.floats(0, 2), ODD),
@@ -103,6 +144,7 @@ SAMPLING_FIELDS: Strategies = {
     "frequency_penalty": st.one_of(st.floats(-2, 2), ODD),
     "min_tokens": st.one_of(st.integers(0, 8), ODD),
     "ignore_eos": st.one_of(st.booleans(), ODD),
+    **FORMAT_FIELDS,
 }
 SAMPLING = st.one_of(hostile(SAMPLING_FIELDS, {"max_tokens": 4}), ODD)
 PARTS = st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": TEXT}), max_size=2)
@@ -153,6 +195,7 @@ OPENAI: Strategies = {
     "frequency_penalty": st.one_of(st.floats(-2, 2), ODD),
     "min_tokens": st.one_of(st.integers(0, 8), ODD),
     "ignore_eos": st.one_of(st.booleans(), ODD),
+    **FORMAT_FIELDS,
     "refinement": st.one_of(
         hostile(
             {
@@ -176,6 +219,59 @@ COMPLETIONS = hostile(
     {**OPENAI, "prompt": st.one_of(TEXT, st.lists(TEXT, max_size=3), ODD)},
     {"prompt": "Hello", "max_tokens": 4},
 )
+INPUT_ITEMS = st.one_of(
+    st.lists(
+        st.fixed_dictionaries(
+            {"role": st.one_of(st.sampled_from(["system", "developer", "user", "assistant"]), ODD)},
+            optional={
+                "type": st.one_of(st.sampled_from(["message", "function_call"]), ODD),
+                "content": st.one_of(
+                    TEXT,
+                    st.lists(
+                        st.fixed_dictionaries(
+                            {
+                                "type": st.one_of(
+                                    st.sampled_from(["input_text", "output_text", "input_image"]),
+                                    ODD,
+                                ),
+                                "text": st.one_of(TEXT, ODD),
+                            }
+                        ),
+                        max_size=2,
+                    ),
+                    ODD,
+                ),
+            },
+        ),
+        min_size=0,
+        max_size=3,
+    ),
+    ODD,
+)
+RESPONSES = hostile(
+    {
+        **{
+            k: v
+            for k, v in OPENAI.items()
+            if k not in ("max_tokens", "n", "logprobs", "response_format")
+        },
+        "input": st.one_of(TEXT, INPUT_ITEMS),
+        "instructions": st.one_of(TEXT, ODD),
+        "max_output_tokens": st.one_of(st.integers(1, 16), ODD),
+        "store": st.one_of(st.booleans(), ODD),
+        "tools": st.one_of(st.just([]), ODD),
+        "tool_choice": st.one_of(st.sampled_from(["none", "auto", "required"]), ODD),
+        "previous_response_id": ODD,
+        "include": st.one_of(st.just(["message.output_text.logprobs"]), ODD),
+        "text": st.one_of(
+            SCHEMAS.map(lambda s: {"format": {"type": "json_schema", "name": "a", "schema": s}}),
+            st.sampled_from([{"format": {"type": "text"}}, {"format": {"type": "json_object"}}]),
+            ODD,
+        ),
+        "stream_options": st.one_of(st.just({"include_obfuscation": False}), ODD),
+    },
+    {"input": "Hello", "max_output_tokens": 4},
+)
 RAW = st.sampled_from(
     [
         b"\xff\xfe not utf-8",
@@ -192,7 +288,8 @@ REQUESTS = st.one_of(
     st.tuples(st.just("/v1/refine"), REFINE),
     st.tuples(st.just("/v1/chat/completions"), CHAT),
     st.tuples(st.just("/v1/completions"), COMPLETIONS),
-    st.tuples(st.sampled_from(["/v1/refine", "/v1/chat/completions"]), RAW),
+    st.tuples(st.just("/v1/responses"), RESPONSES),
+    st.tuples(st.sampled_from(["/v1/refine", "/v1/chat/completions", "/v1/responses"]), RAW),
 )
 
 

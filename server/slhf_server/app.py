@@ -25,6 +25,7 @@ from slhf_server.openapi import install_openapi
 from slhf_server.playground import PLAYGROUND_PATH, mount_playground
 from slhf_server.routes import router
 from slhf_server.routes_openai import router as openai_router
+from slhf_server.routes_responses import router as responses_router
 from slhf_server.service import Service
 from slhf_server.settings import ServerSettings
 from slhf_server.tracing import Tracing
@@ -104,6 +105,7 @@ def create_app(
     install_openapi(app)
     app.include_router(router)
     app.include_router(openai_router)
+    app.include_router(responses_router)
     if settings.playground:
         mount_playground(app)
     open_paths = ["/health", "/ready"] + ([] if settings.metrics_require_auth else ["/metrics"])

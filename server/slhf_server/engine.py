@@ -26,6 +26,28 @@ SEED_RANGE = (-(2**63), 2**63 - 1)
 """Seeds are int64, as in the OpenAI API and vLLM's server."""
 
 
+MAX_TOP_LOGPROBS = 20
+"""vLLM's default ``max_logprobs`` (and OpenAI's bound on ``top_logprobs``)."""
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """A structured-output constraint on one generation: the text is JSON (``json_object``) or
+    JSON matching ``schema`` (``json_schema``; the schema as JSON text)."""
+
+    kind: Literal["json_object", "json_schema"]
+    schema: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token: its text, its log-probability, and the most likely alternatives."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Sampling parameters of one generation (one role, one round)."""
@@ -43,6 +65,12 @@ class GenerationParams:
     frequency_penalty: float = 0.0
     min_tokens: int = 0
     ignore_eos: bool = False
+    # structured outputs, log-probabilities, logit bias (None / empty: not used)
+    output_format: OutputFormat | None = None
+    logprobs: int | None = None
+    """Return each generated token's log-probability and this many alternatives (0..20)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits, as OpenAI's ``logit_bias``."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +88,8 @@ class Generation:
     """Prompt tokens served from the engine's prefix cache; None when the engine cannot say."""
     drafts: DraftCounts | None = None
     """Speculative-decoding acceptance; None when drafting is off."""
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    """The generated tokens' log-probabilities, when ``GenerationParams.logprobs`` asked."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +122,8 @@ class GenerationDelta:
     """As ``Generation.cached_tokens``; set on the last delta."""
     drafts: DraftCounts | None = None
     """As ``Generation.drafts``; set on the last delta."""
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    """The new tokens' log-probabilities, when asked."""
 
 
 class EngineError(RuntimeError):

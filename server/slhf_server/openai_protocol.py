@@ -21,8 +21,11 @@ from slhf_server.protocol import (
     DeadlineS,
     LeaderAnswer,
     LeaderSamplingOptions,
+    LogitBias,
+    LogprobEntry,
     MaxTokens,
     PromptTokensDetails,
+    ResponseFormat,
     RoundResult,
     SamplingOptions,
     Seed,
@@ -30,6 +33,7 @@ from slhf_server.protocol import (
     StoppedReason,
     Temperature,
     Text,
+    TopLogprobs,
     TopP,
     UnknownDetailsLeftOut,
     VllmSamplingFields,
@@ -38,15 +42,11 @@ from slhf_server.protocol import (
 )
 
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "logit_bias": (None, {}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
     "parallel_tool_calls": (None, False, True),
-    "response_format": (None, {"type": "text"}),
     "audio": (None,),
     "modalities": (None, ["text"]),
     "prediction": (None,),
@@ -57,6 +57,12 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "best_of": (None, 1),
 }
 """Fields this server does not support, and the values that mean "not used" (accepted)."""
+UNSUPPORTED_COMPLETIONS: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+}
+"""Fields ``/v1/completions`` does not support besides those (its legacy integer
+``logprobs``); chat supports them."""
 
 
 def unsupported() -> Any:
@@ -154,10 +160,8 @@ class _OpenAIRequest(VllmSamplingFields):  # the vLLM fields apply to every gene
     """Accepted and ignored."""
     service_tier: Text | None = None
     """Accepted and ignored."""
-    # not supported: a request setting them to anything but their neutral value gets a 400
-    logprobs: Any = unsupported()
-    top_logprobs: Any = unsupported()
-    logit_bias: Any = unsupported()
+    logit_bias: LogitBias | None = None
+    """Token id (a string) -> bias (-100..100) added to its logit, in every generation."""
 
 
 class ChatCompletionRequest(_OpenAIRequest):
@@ -165,12 +169,18 @@ class ChatCompletionRequest(_OpenAIRequest):
     """The conversation; the last message must be the user's. Text content only."""
     max_completion_tokens: MaxTokens | None = None
     """As ``max_tokens`` (wins over it)."""
+    response_format: ResponseFormat | None = None
+    """Structured outputs: ``json_object`` or ``json_schema``; constrains every round that can
+    end the refinement (docs/wire.md, "Structured outputs")."""
+    logprobs: bool | None = None
+    """Return the answer's tokens with their log-probabilities (``choices[i].logprobs``)."""
+    top_logprobs: TopLogprobs | None = None
+    """With ``logprobs``: the most likely alternatives per token, 0..20."""
     tools: Any = unsupported()
     tool_choice: Any = unsupported()
     functions: Any = unsupported()
     function_call: Any = unsupported()
     parallel_tool_calls: Any = unsupported()
-    response_format: Any = unsupported()
     audio: Any = unsupported()
     modalities: Any = unsupported()
     prediction: Any = unsupported()
@@ -184,6 +194,8 @@ class CompletionRequest(_OpenAIRequest):
     echo: Any = unsupported()
     suffix: Any = unsupported()
     best_of: Any = unsupported()
+    logprobs: Any = unsupported()
+    top_logprobs: Any = unsupported()
 
     @field_validator("prompt")
     @classmethod
@@ -226,12 +238,18 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class ChoiceLogprobs(BaseModel):
+    content: list[LogprobEntry]
+    """The answer's (the final round's) tokens."""
+
+
 class ChatChoice(BaseModel):
     model_config = ConfigDict(use_attribute_docstrings=True)
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
+    """With ``logprobs``: the answer's tokens, i.e. the final round's (the trace's last round)."""
     refinement: RefinementTrace | None = None
     """Every round of this choice, with ``refinement.return_trace``."""
 

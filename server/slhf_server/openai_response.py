@@ -16,6 +16,7 @@ from slhf_server.openai_protocol import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionResponse,
+    ChoiceLogprobs,
     CompletionChoice,
     CompletionResponse,
     RefinementTrace,
@@ -66,7 +67,12 @@ def trace(outcome: RefineOutcome) -> RefinementTrace:
 
 def chat_response(plan: OpenAIPlan, outcomes: Sequence[RefineOutcome]) -> ChatCompletionResponse:
     choices = [
-        ChatChoice(index=i, message=AssistantMessage(content=o.final), **_choice(plan, o))
+        ChatChoice(
+            index=i,
+            message=AssistantMessage(content=o.final),
+            logprobs=_logprobs(o),
+            **_choice(plan, o),
+        )
         for i, o in enumerate(outcomes)
     ]
     return ChatCompletionResponse(choices=choices, **_response(plan, outcomes))
@@ -77,6 +83,12 @@ def completion_response(plan: OpenAIPlan, outcomes: Sequence[RefineOutcome]) -> 
         CompletionChoice(index=i, text=o.final, **_choice(plan, o)) for i, o in enumerate(outcomes)
     ]
     return CompletionResponse(choices=choices, **_response(plan, outcomes))
+
+
+def _logprobs(outcome: RefineOutcome) -> ChoiceLogprobs | None:
+    """The answer's tokens (the final round's), when the request asked for logprobs."""
+    entries = outcome.rounds[-1].logprobs if outcome.rounds else outcome.leader.logprobs
+    return None if entries is None else ChoiceLogprobs(content=entries)
 
 
 def _choice(plan: OpenAIPlan, outcome: RefineOutcome) -> dict[str, Any]:

@@ -19,11 +19,12 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from slhf_server.engine import TokenLogprob
 from slhf_server.errors import domain_error, error_body
 from slhf_server.openai_response import finish_reason, trace, usage_breakdown
 from slhf_server.pipeline import Observer
 from slhf_server.plan import OpenAIPlan
-from slhf_server.protocol import LeaderAnswer
+from slhf_server.protocol import LeaderAnswer, LogprobEntry
 from slhf_server.refine import DeltaSink, RefineJob, RefineOutcome, Refiner, Step
 
 
@@ -32,6 +33,8 @@ class RoundDelta:
     index: int
     round: int
     text: str
+    logprobs: list[LogprobEntry] | None = None
+    """The delta's tokens, when the request asked for logprobs."""
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,13 @@ async def stream_choice(
         or (final_index == job.rounds and (final_index > 0 or outcome.leader.source == "leader"))
     )
     if not was_streamed and outcome.final:
-        sink(final_index, outcome.final)
+        sink(final_index, outcome.final, final_logprobs(outcome))
     return outcome
+
+
+def final_logprobs(outcome: RefineOutcome) -> list[LogprobEntry] | None:
+    """The log-probabilities of the answer's tokens: the final round's."""
+    return outcome.rounds[-1].logprobs if outcome.rounds else outcome.leader.logprobs
 
 
 async def refinement_events(
@@ -87,8 +95,17 @@ async def refinement_events(
     queue: asyncio.Queue[Event | Exception] = asyncio.Queue()
 
     async def run(index: int, job: RefineJob) -> None:
-        def sink(round_index: int, text: str) -> None:
-            queue.put_nowait(RoundDelta(index, round_index, text))
+        def sink(
+            round_index: int,
+            text: str,
+            logprobs: Sequence[TokenLogprob | LogprobEntry] | None = None,
+        ) -> None:
+            entries = None
+            if logprobs is not None:
+                entries = [
+                    t if isinstance(t, LogprobEntry) else LogprobEntry.of(t) for t in logprobs
+                ]
+            queue.put_nowait(RoundDelta(index, round_index, text, entries))
 
         try:
             outcome = await stream_choice(refiner, job, sink, stream_rounds)
@@ -158,7 +175,10 @@ class ChunkWriter:
 
     def event(self, ev: Event) -> str:
         if isinstance(ev, RoundDelta):
-            return self.chunk([self.choice(ev.index, ev.text, None, round=ev.round)])
+            choice = self.choice(ev.index, ev.text, None, round=ev.round)
+            if ev.logprobs is not None and self.chat:
+                choice["logprobs"] = {"content": [e.model_dump() for e in ev.logprobs]}
+            return self.chunk([choice])
         o = ev.outcome
         extra: dict[str, Any] = {"round": o.rounds[-1].round if o.rounds else 0}
         if self.plan.return_trace:

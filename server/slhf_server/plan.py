@@ -27,26 +27,31 @@ engine", draws the whole flow; docs/wire.md is the contract.
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from slhf_models.serving.templates import Message, Role, to_messages
-from slhf_server.engine import GenerationParams
+from slhf_server.engine import GenerationParams, OutputFormat
 from slhf_server.errors import InvalidRequestError, ModelNotFoundError
 from slhf_server.openai_protocol import (
     UNSUPPORTED,
+    UNSUPPORTED_COMPLETIONS,
     ChatCompletionRequest,
     CompletionRequest,
     OpenAIMessage,
     RefinementOptions,
 )
-from slhf_server.protocol import RefineRequest, SamplingOptions
+from slhf_server.protocol import RefineRequest, ResponseFormat, SamplingOptions
 from slhf_server.refine import RefineJob
 from slhf_server.service import LEADER_SUFFIX, UPSTREAM_SUFFIX, Service
 
-Kind = Literal["chat", "completion"]
+Kind = Literal["chat", "completion", "response"]
+
+ID_PREFIXES: dict[Kind, str] = {"chat": "chatcmpl-", "completion": "cmpl-", "response": "resp_"}
+"""A response's id is its prefix and a random hex (OpenAI's forms)."""
 
 VLLM_EXTRAS = (
     "min_p",
@@ -149,6 +154,10 @@ def role_params(
             param="min_tokens",
         )
     extras = g.model_dump(include=set(VLLM_EXTRAS), exclude_none=True)
+    if g.top_logprobs is not None and not g.logprobs:
+        raise InvalidRequestError(
+            "`top_logprobs` needs `logprobs` to be true", param="top_logprobs"
+        )
     return GenerationParams(
         max_tokens=max_tokens,
         temperature=g.temperature if g.temperature is not None else d.temperature,
@@ -156,7 +165,81 @@ def role_params(
         top_k=g.top_k if g.top_k is not None else d.top_k,
         seed=g.seed if g.seed is not None else request_seed,
         stop=(stop,) if isinstance(stop, str) else tuple(stop),
+        output_format=output_format(service, g.response_format),
+        logprobs=(g.top_logprobs or 0) if g.logprobs else None,
+        logit_bias=tuple((int(k), v) for k, v in sorted((g.logit_bias or {}).items())),
         **extras,
+    )
+
+
+def schema_depth(schema: object, limit: int) -> int:
+    """The nesting depth of objects and lists in ``schema``, counting no further than
+    ``limit + 1`` (iterative: a hostile schema cannot exhaust the stack)."""
+    deepest, stack = 0, [(schema, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, dict | list) or depth <= 0:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        stack.extend(
+            (child, depth + 1) for child in (node.values() if isinstance(node, dict) else node)
+        )
+    return deepest
+
+
+def output_format(service: Service, rf: ResponseFormat | None) -> OutputFormat | None:
+    """A ``response_format`` as the engine's constraint; a schema past SLHF_MAX_SCHEMA_BYTES or
+    SLHF_MAX_SCHEMA_DEPTH is a 400 (these bound what vLLM turns into a grammar)."""
+    if rf is None or rf.type == "text":
+        return None
+    if rf.type == "json_object":
+        return OutputFormat("json_object")
+    assert rf.json_schema is not None  # ResponseFormat checks it
+    schema = rf.json_schema.schema_
+    if schema is None:
+        raise InvalidRequestError(
+            "`response_format.json_schema.schema` is required", param="response_format"
+        )
+    settings = service.settings
+    depth = schema_depth(schema, settings.max_schema_depth)
+    if depth > settings.max_schema_depth:
+        raise InvalidRequestError(
+            f"the JSON schema nests deeper than {settings.max_schema_depth} levels "
+            "(SLHF_MAX_SCHEMA_DEPTH)",
+            param="response_format",
+            code="schema_too_large",
+        )
+    text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > settings.max_schema_bytes:
+        raise InvalidRequestError(
+            f"the JSON schema is {size:,} bytes; the limit is {settings.max_schema_bytes:,} "
+            "(SLHF_MAX_SCHEMA_BYTES)",
+            param="response_format",
+            code="schema_too_large",
+        )
+    return OutputFormat("json_schema", text)
+
+
+def first_answer_final(
+    rounds: int, leader: GenerationParams, follower: GenerationParams, generated: bool
+) -> bool:
+    """Whether the chain may end on its first answer: it can end there (0 rounds; or a deadline
+    or a context too short for round 1), and when the Follower's rounds are constrained to a
+    format the first answer must have been generated under the same one. With 0 rounds, a
+    format cannot constrain an answer not generated here (given, upstream): a 400."""
+    if rounds == 0:
+        if leader.output_format is not None and not generated:
+            raise InvalidRequestError(
+                "a `response_format` cannot constrain a given or upstream first answer; ask for "
+                "at least one round (the Follower's rounds are constrained)",
+                param="response_format",
+            )
+        return True
+    return follower.output_format is None or (
+        generated and leader.output_format == follower.output_format
     )
 
 
@@ -177,35 +260,57 @@ def plan_refine(service: Service, body: RefineRequest) -> Plan:
     prompt = (
         body.prompt if body.prompt is not None else [m.model_dump() for m in body.messages or []]
     )
+    leader = role_params(service, "leader", body.leader, body.seed)
+    follower = role_params(service, "follower", body.follower, body.seed)
+    from_upstream = body.leader is not None and body.leader.source == "upstream"
     job = RefineJob(
         request_id=f"refine-{uuid.uuid4().hex}",
         prompt=prompt,
         rounds=rounds,
-        leader=role_params(service, "leader", body.leader, body.seed),
-        follower=role_params(service, "follower", body.follower, body.seed),
+        leader=leader,
+        follower=follower,
         given_answer=body.response,
         stop_when_unchanged=body.stop_when_unchanged,
-        from_upstream=body.leader is not None and body.leader.source == "upstream",
+        from_upstream=from_upstream,
         deadline_s=service.settings.deadline_s(body.deadline_s),
+        first_answer_final=first_answer_final(
+            rounds, leader, follower, body.response is None and not from_upstream
+        ),
     )
     service.refiner.opening_prompts(job)  # a prompt too long is a 400 before admission
     return Plan(request_id=job.request_id, model=body.model or service.name, jobs=[job])
 
 
 # -- the OpenAI routes --------------------------------------------------------------------------
-def check_supported(req: ChatCompletionRequest | CompletionRequest) -> None:
-    """Reject (400, naming the field) any unsupported field set to a value that would matter."""
-    for name, neutral in UNSUPPORTED.items():
+CHAT_SUPPORTED = (
+    "model, messages/prompt, max_tokens, max_completion_tokens, temperature, top_p, n, stop, "
+    "seed, stream, stream_options, user, refinement, logit_bias, on chat response_format, "
+    "logprobs and top_logprobs, and the sampling fields "
+    f"{', '.join(EXTRA_SAMPLING)}"
+)
+
+
+def reject_unsupported(
+    req: object, table: dict[str, tuple[object, ...]], supported: str, prefix: str = ""
+) -> None:
+    """Reject (400, naming the field) any field of ``table`` that ``req`` sets to a value other
+    than its neutral ones."""
+    for name, neutral in table.items():
         value = getattr(req, name, None)
         if not any(value == v and type(value) is type(v) for v in neutral) and value is not None:
             raise InvalidRequestError(
-                f"`{name}` is not supported by this server (got {value!r}); remove it. "
-                "Supported: model, messages/prompt, max_tokens, max_completion_tokens, "
-                "temperature, top_p, n, stop, seed, stream, stream_options, user, refinement, "
-                f"and the sampling fields {', '.join(EXTRA_SAMPLING)}.",
-                param=name,
+                f"`{prefix}{name}` is not supported by this server (got {value!r:.200}); remove "
+                f"it. Supported: {supported}.",
+                param=prefix + name,
                 code="unsupported_field",
             )
+
+
+def check_supported(req: ChatCompletionRequest | CompletionRequest) -> None:
+    """Reject (400, naming the field) any unsupported field set to a value that would matter."""
+    reject_unsupported(req, UNSUPPORTED, CHAT_SUPPORTED)
+    if isinstance(req, CompletionRequest):
+        reject_unsupported(req, UNSUPPORTED_COMPLETIONS, CHAT_SUPPORTED)
     if req.stream_options is not None and not req.stream:
         raise InvalidRequestError(
             "`stream_options` is only allowed when `stream` is true", param="stream_options"
@@ -251,9 +356,16 @@ def _role_params(
 ) -> GenerationParams:
     """The request's sampling for every generation, the role's own over it, with choice
     ``choice``'s seed."""
-    merged = base.model_copy(
-        update=own.model_dump(exclude_none=True, exclude={"source"}) if own else {}
+    own_values = (
+        {
+            name: getattr(own, name)
+            for name in own.model_fields_set - {"source"}
+            if getattr(own, name) is not None
+        }
+        if own
+        else {}
     )
+    merged = base.model_copy(update=own_values)
     role_seed = merged.seed if merged.seed is not None else seed
     merged = merged.model_copy(update={"seed": choice_seed(role_seed, choice)})
     return role_params(service, role, merged, None)
@@ -274,8 +386,46 @@ def plan_request(
 ) -> OpenAIPlan:
     """An OpenAI request's plan: ``n`` choices per prompt, at most SLHF_MAX_N in all."""
     check_supported(req)
-    leader_only, from_upstream = resolve_model(service, req.model, upstream_id=True)
-    opts = req.refinement or RefinementOptions()
+    chat = req if isinstance(req, ChatCompletionRequest) else None
+    base = SamplingOptions(
+        max_tokens=max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        stop=req.stop,
+        logit_bias=req.logit_bias,
+        response_format=chat.response_format if chat else None,
+        logprobs=chat.logprobs if chat else None,
+        top_logprobs=chat.top_logprobs if chat else None,
+        **{name: getattr(req, name) for name in EXTRA_SAMPLING},
+    )
+    return plan_openai(
+        service,
+        kind=kind,
+        model=req.model,
+        opts=req.refinement or RefinementOptions(),
+        base=base,
+        seed=req.seed,
+        n=req.n,
+        prompts=prompts,
+        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+    )
+
+
+def plan_openai(
+    service: Service,
+    *,
+    kind: Kind,
+    model: str | None,
+    opts: RefinementOptions,
+    base: SamplingOptions,
+    seed: int | None,
+    n: int,
+    prompts: Sequence[str | list[Message]],
+    include_usage: bool = False,
+) -> OpenAIPlan:
+    """The plan of an OpenAI-style request once its fields are read: ``base`` sampling for every
+    generation, ``opts`` (the ``refinement`` extension) over it, ``n`` choices per prompt."""
+    leader_only, from_upstream = resolve_model(service, model, upstream_id=True)
     if opts.leader is not None and opts.leader.source == "upstream":
         from_upstream = True
     if from_upstream and opts.response is not None:
@@ -284,48 +434,48 @@ def plan_request(
             param="refinement.response",
         )
     rounds = plan_rounds(service, opts.rounds, leader_only, "refinement.rounds")
-    base = SamplingOptions(
-        max_tokens=max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        stop=req.stop,
-        **{name: getattr(req, name) for name in EXTRA_SAMPLING},
-    )
-    choices = len(prompts) * req.n
+    choices = len(prompts) * n
     if choices > service.settings.max_n:
         raise InvalidRequestError(
             f"this request asks for {_count(choices)} choices ({len(prompts)} prompt(s) x "
-            f"n={_count(req.n)}); the limit is {service.settings.max_n} (SLHF_MAX_N)",
+            f"n={_count(n)}); the limit is {service.settings.max_n} (SLHF_MAX_N)",
             param="n",
             code="too_many_choices",
         )
     deadline_s = service.settings.deadline_s(opts.deadline_s)
-    request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    request_id = f"{ID_PREFIXES[kind]}{uuid.uuid4().hex}"
+    # the request's response_format constrains the rounds that can end the chain: the
+    # Follower's, and the Leader's only with 0 rounds (docs/wire.md, "Structured outputs")
+    leader_base = base if rounds == 0 else base.model_copy(update={"response_format": None})
+    generated = opts.response is None and not from_upstream
     jobs = []
     for p, prompt in enumerate(prompts):
-        for j in range(req.n):
+        for j in range(n):
+            leader = _role_params(service, "leader", leader_base, opts.leader, seed, j)
+            follower = _role_params(service, "follower", base, opts.follower, seed, j)
             job = RefineJob(
-                request_id=f"{request_id}-{p * req.n + j}",
+                request_id=f"{request_id}-{p * n + j}",
                 prompt=prompt,
                 rounds=rounds,
-                leader=_role_params(service, "leader", base, opts.leader, req.seed, j),
-                follower=_role_params(service, "follower", base, opts.follower, req.seed, j),
+                leader=leader,
+                follower=follower,
                 given_answer=opts.response,
                 stop_when_unchanged=opts.stop_when_unchanged,
                 from_upstream=from_upstream,
                 deadline_s=deadline_s,
+                first_answer_final=first_answer_final(rounds, leader, follower, generated),
             )
             if j == 0:  # every prompt checked against the context before any work starts
                 service.refiner.opening_prompts(job)
             jobs.append(job)
     return OpenAIPlan(
         request_id=request_id,
-        model=req.model or service.name,
+        model=model or service.name,
         jobs=jobs,
         kind=kind,
         return_trace=opts.return_trace,
         stream_rounds=opts.stream_rounds,
-        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        include_usage=include_usage,
     )
 
 

@@ -23,7 +23,15 @@ from pydantic import (
     model_validator,
 )
 
-from slhf_server.engine import MAX_TEMPERATURE, MAX_TOP_K, SEED_RANGE, FinishReason, Generation
+from slhf_server.engine import (
+    MAX_TEMPERATURE,
+    MAX_TOP_K,
+    MAX_TOP_LOGPROBS,
+    SEED_RANGE,
+    FinishReason,
+    Generation,
+    TokenLogprob,
+)
 
 StoppedReason = Literal["max_rounds", "unchanged", "deadline", "context_length"]
 AnswerSource = Literal["leader", "given", "upstream"]
@@ -81,6 +89,24 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 """``presence_penalty`` and ``frequency_penalty``."""
 MinTokens = Annotated[int, Field(ge=0)]
 DeadlineS = Annotated[float, Field(gt=0)]
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
+"""Alternatives returned per token, 0..20."""
+MAX_LOGIT_BIAS_TOKENS = 1024
+
+
+def _logit_bias(v: dict[str, float]) -> dict[str, float]:
+    if len(v) > MAX_LOGIT_BIAS_TOKENS:
+        raise ValueError(f"at most {MAX_LOGIT_BIAS_TOKENS} tokens may be biased; got {len(v)}")
+    for key, bias in v.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 10):
+            raise ValueError(f"logit_bias keys are token ids (decimal integers); got {key[:40]!r}")
+        if not -100.0 <= bias <= 100.0:
+            raise ValueError(f"logit_bias values are between -100 and 100; got {bias}")
+    return v
+
+
+LogitBias = Annotated[dict[str, float], AfterValidator(_logit_bias)]
+"""Token id (as a string) -> bias added to its logit, -100 to 100; at most 1024 tokens."""
 
 
 class _Request(BaseModel):
@@ -112,6 +138,35 @@ class VllmSamplingFields(_Request):
     """vLLM: keep generating past the end-of-sequence token (until ``max_tokens``)."""
 
 
+class JsonSchemaSpec(_Request):
+    """``response_format.json_schema``: the schema the answer must match."""
+
+    name: Text
+    """The schema's name (as OpenAI requires; not used)."""
+    description: Text | None = None
+    """Not used."""
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    """The JSON schema; bounded by SLHF_MAX_SCHEMA_BYTES and SLHF_MAX_SCHEMA_DEPTH."""
+    strict: bool | None = None
+    """Accepted: the answer is always constrained to the schema."""
+
+
+class ResponseFormat(_Request):
+    """Structured outputs: ``text`` (none), ``json_object`` (any JSON object) or
+    ``json_schema`` (JSON matching ``json_schema.schema``)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    """The kind of output."""
+    json_schema: JsonSchemaSpec | None = None
+    """With ``type`` "json_schema": the schema."""
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("`json_schema` is required with type 'json_schema', and only then")
+        return self
+
+
 class SamplingOptions(VllmSamplingFields):
     """Per-role sampling; unset fields take the manifest's defaults for that role (the fields
     the manifest has no default for take vLLM's neutral value). Bounds are vLLM's."""
@@ -126,6 +181,15 @@ class SamplingOptions(VllmSamplingFields):
     """Seed of this role's generations (each round derives its own from it)."""
     stop: Stop | None = None
     """Up to 16 strings that end a generation (not included in the text)."""
+    response_format: ResponseFormat | None = None
+    """Constrain this role's generations to JSON, or to a JSON schema (docs/wire.md,
+    "Structured outputs")."""
+    logprobs: bool | None = None
+    """Return the log-probability of each token of this role's answers."""
+    top_logprobs: TopLogprobs | None = None
+    """With ``logprobs``: the most likely alternatives per token, 0..20."""
+    logit_bias: LogitBias | None = None
+    """Token id (a string) -> bias (-100..100) added to its logit; at most 1024 tokens."""
 
 
 class LeaderSamplingOptions(SamplingOptions):
@@ -269,7 +333,56 @@ class Usage(UnknownDetailsLeftOut):
         )
 
 
-class LeaderAnswer(BaseModel):
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class LogprobEntry(BaseModel):
+    """One token of an answer, as OpenAI's ``logprobs.content`` entries."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+    @classmethod
+    def of(cls, t: TokenLogprob) -> LogprobEntry:
+        return cls(
+            token=t.token,
+            logprob=t.logprob,
+            bytes=list(t.token.encode("utf-8", "replace")),
+            top_logprobs=[
+                TopLogprob(token=tok, logprob=lp, bytes=list(tok.encode("utf-8", "replace")))
+                for tok, lp in t.top
+            ],
+        )
+
+
+def logprob_entries(g: Generation) -> list[LogprobEntry] | None:
+    return None if g.logprobs is None else [LogprobEntry.of(t) for t in g.logprobs]
+
+
+class _Step(BaseModel):
+    """A round of the chain; ``logprobs`` and ``output_format`` appear only when used."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+    logprobs: list[LogprobEntry] | None = None
+    """This round's tokens with their log-probabilities (when ``logprobs`` was asked)."""
+    output_format: Literal["json_object", "json_schema"] | None = None
+    """The structured-output constraint this round was generated under, if any."""
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unused(self, handler: SerializerFunctionWrapHandler) -> Any:
+        out = handler(self)
+        for key in ("logprobs", "output_format"):
+            if isinstance(out, dict) and key in out and out[key] is None:
+                del out[key]
+        return out
+
+
+class LeaderAnswer(_Step):
     text: str
     source: AnswerSource
     finish_reason: FinishReason | None
@@ -277,7 +390,7 @@ class LeaderAnswer(BaseModel):
     latency_ms: float
 
 
-class RoundResult(BaseModel):
+class RoundResult(_Step):
     round: int
     text: str
     finish_reason: FinishReason

@@ -33,20 +33,35 @@ import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import NamedTuple, Protocol, TypeVar
+from typing import Literal, NamedTuple, Protocol, TypeVar
 
 from slhf_models.serving.templates import Message, Role, TemplateRenderer
 from slhf_server import tracing
-from slhf_server.engine import DraftCounts, Engine, FinishReason, Generation, GenerationParams
+from slhf_server.engine import (
+    DraftCounts,
+    Engine,
+    FinishReason,
+    Generation,
+    GenerationParams,
+    TokenLogprob,
+)
 from slhf_server.errors import (
     REQUEST_REJECTIONS,
     DeadlineExceededError,
     InvalidRequestError,
+    PromptTooLongError,
     UpstreamError,
     request_rejected,
 )
 from slhf_server.prompts import Prompts
-from slhf_server.protocol import LeaderAnswer, RoundResult, StoppedReason, Usage
+from slhf_server.protocol import (
+    LeaderAnswer,
+    LogprobEntry,
+    RoundResult,
+    StoppedReason,
+    Usage,
+    logprob_entries,
+)
 
 MAX_CHARS_PER_TOKEN = 32
 """An upstream answer longer than ``max_model_len`` x this many characters cannot fit the
@@ -92,8 +107,18 @@ async def within(expires: float | None, work: Awaitable[T]) -> T:
         raise  # not ours
 
 
-DeltaSink = Callable[[int, str], None]
-"""Receives streamed text: ``sink(round_index, text_delta)`` (round 0 = the first answer)."""
+class DeltaSink(Protocol):
+    """Receives streamed text: ``sink(round_index, text_delta)`` (round 0 = the first answer);
+    ``logprobs`` (the delta's tokens) is passed only when the request asked for them."""
+
+    def __call__(
+        self,
+        round_index: int,
+        text: str,
+        logprobs: Sequence[TokenLogprob | LogprobEntry] | None = None,
+    ) -> None: ...
+
+
 LiveRounds = Callable[[int], DeltaSink | None]
 """Which rounds stream their text as it is generated: ``live(i)`` is where round ``i``'s text
 goes, None = round ``i`` is generated whole."""
@@ -124,6 +149,11 @@ class RefineJob:
     "upstream"); ignored when ``given_answer`` is set."""
     deadline_s: float | None = None
     """Seconds the whole refinement may take; None = no deadline."""
+    first_answer_final: bool = True
+    """Whether the chain may end on its first answer. False when the Follower's rounds are
+    constrained to an output format the first answer was not generated under: a deadline or a
+    context too short before round 1 completes is then an error, never that answer
+    (``slhf_server.plan.first_answer_final``)."""
 
 
 @dataclass(frozen=True)
@@ -237,6 +267,13 @@ class Refiner:
                     job.prompt, previous, first.prompts.leader, previous_ids
                 )
             if len(ids) >= self.engine.max_model_len("follower"):
+                if i == 1 and not job.first_answer_final:
+                    raise PromptTooLongError(
+                        f"the first answer leaves no room in the Follower's context "
+                        f"({len(ids):,} tokens of {self.engine.max_model_len('follower'):,}) "
+                        "for a round in the requested format",
+                        param="response_format",
+                    )
                 yield Stopped("context_length")
                 return
             try:
@@ -244,6 +281,13 @@ class Refiner:
                     expires, self._generate("follower", ids, job.follower, i, job, live)
                 )
             except _Expired:
+                if i == 1 and not job.first_answer_final:
+                    raise DeadlineExceededError(
+                        f"the deadline of {job.deadline_s:g} s passed before an answer in the "
+                        "requested format was complete; ask for a longer deadline_s",
+                        param="deadline_s",
+                        code="deadline_exceeded",
+                    ) from None
                 yield Stopped("deadline")
                 return
             yield RoundResult(
@@ -252,6 +296,8 @@ class Refiner:
                 finish_reason=gen.finish_reason,
                 usage=Usage.of(gen),
                 latency_ms=round(ms, 3),
+                logprobs=logprob_entries(gen),
+                output_format=_format_kind(job.follower),
             )
             if job.stop_when_unchanged and same_answer(gen.text, previous):
                 yield Stopped("unchanged")
@@ -301,6 +347,8 @@ class Refiner:
             finish_reason=gen.finish_reason,
             usage=Usage.of(gen),
             latency_ms=round(ms, 3),
+            logprobs=logprob_entries(gen) if source == "leader" else None,
+            output_format=_format_kind(job.leader) if source == "leader" else None,
         )
         return _FirstAnswer(answer, answer_ids, prompts)
 
@@ -359,11 +407,17 @@ class Refiner:
         token_ids: list[int] | None = []
         tokens, cached = 0, None
         drafts: DraftCounts | None = None
+        logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
         finish: FinishReason = "stop"
         async for delta in self.engine.stream(role, ids, params, request_id):
+            if logprobs is not None and delta.logprobs:
+                logprobs.extend(delta.logprobs)
             if delta.text:
                 parts.append(delta.text)
-                sink(round_index, delta.text)
+                if delta.logprobs is None:
+                    sink(round_index, delta.text)
+                else:
+                    sink(round_index, delta.text, delta.logprobs)
             tokens += delta.new_tokens
             finish = delta.finish_reason or finish
             token_ids = None if token_ids is None or delta.token_ids is None else token_ids
@@ -372,4 +426,17 @@ class Refiner:
             cached = delta.cached_tokens if delta.cached_tokens is not None else cached
             drafts = delta.drafts or drafts
         answer_ids = None if token_ids is None else tuple(token_ids)
-        return Generation("".join(parts), len(ids), tokens, finish, answer_ids, cached, drafts)
+        return Generation(
+            "".join(parts),
+            len(ids),
+            tokens,
+            finish,
+            answer_ids,
+            cached,
+            drafts,
+            None if logprobs is None else tuple(logprobs),
+        )
+
+
+def _format_kind(params: GenerationParams) -> Literal["json_object", "json_schema"] | None:
+    return None if params.output_format is None else params.output_format.kind

@@ -126,6 +126,11 @@ class ServerSettings(BaseSettings):
     """Largest ``max_tokens`` a request may ask for, per role and round."""
     max_n: int = Field(16, ge=1, le=128)
     """Largest number of choices (``n`` x prompts) of one OpenAI request."""
+    max_schema_bytes: int = Field(32 * 1024, ge=64)
+    """Largest JSON schema of a structured-output request (``response_format``), in bytes of
+    compact JSON; a larger one is a 400."""
+    max_schema_depth: int = Field(32, ge=2)
+    """Deepest nesting of objects and lists in a JSON schema; a deeper one is a 400."""
     default_deadline_s: float | None = Field(None, gt=0)
     """Deadline of a request that names none (seconds); unset = ``max_deadline_s``."""
     max_deadline_s: float = Field(600.0, gt=0)

@@ -46,10 +46,12 @@ from slhf_server.engine import (
     Generation,
     GenerationDelta,
     GenerationParams,
+    TokenLogprob,
 )
 from slhf_server.engine_flags import EngineFlagError, check_engine_args
 from slhf_server.errors import REQUEST_REJECTIONS
 from slhf_server.settings import ServerSettings
+from slhf_server.vllm_formats import SchemaCheck, structured, token_logprobs
 
 logger = logging.getLogger("slhf.engine")
 
@@ -145,6 +147,18 @@ def answer_ids(out: CompletionOutput) -> tuple[int, ...] | None:
     return ids[:-1]
 
 
+def _logprobs(
+    out: CompletionOutput, params: GenerationParams, last: bool
+) -> tuple[TokenLogprob, ...] | None:
+    """The tokens' log-probabilities when asked; on the last output, the final EOS or stop
+    token is left out as in ``answer_ids``."""
+    if params.logprobs is None:
+        return None
+    ids = answer_ids(out) if last else None
+    keep = len(ids) if ids is not None else len(out.token_ids)
+    return token_logprobs(out.token_ids, out.logprobs, params.logprobs, keep)
+
+
 def draft_counts(out: CompletionOutput) -> DraftCounts | None:
     """Accepted and proposed draft tokens of a finished output (None without drafting)."""
     m = out.spec_decode_metrics
@@ -213,6 +227,7 @@ class VllmEngine:
     def __init__(self, bindings: dict[Role, _RoleBinding]) -> None:
         self._roles = bindings
         self._llms = list({id(b.llm): b.llm for b in bindings.values()}.values())
+        self._schemas = SchemaCheck()
         self.startup_seconds = 0.0
         self.shutdown_timeout_s: float | None = None
         """How long vLLM may wait for its engine processes to stop (None: vLLM's default)."""
@@ -309,6 +324,7 @@ class VllmEngine:
             token_ids=answer_ids(out0),
             cached_tokens=final.num_cached_tokens,
             drafts=draft_counts(out0),
+            logprobs=_logprobs(out0, params, last=True),
         )
 
     async def stream(
@@ -321,7 +337,13 @@ class VllmEngine:
                 continue
             o = out.outputs[0]
             if not o.finish_reason:
-                yield GenerationDelta(o.text, len(o.token_ids), None, tuple(o.token_ids))
+                yield GenerationDelta(
+                    o.text,
+                    len(o.token_ids),
+                    None,
+                    tuple(o.token_ids),
+                    logprobs=_logprobs(o, params, last=False),
+                )
                 continue
             yield GenerationDelta(
                 text=o.text,
@@ -330,6 +352,7 @@ class VllmEngine:
                 token_ids=answer_ids(o),
                 cached_tokens=out.num_cached_tokens,
                 drafts=draft_counts(o),
+                logprobs=_logprobs(o, params, last=True),
             )
 
     async def _outputs(
@@ -343,6 +366,7 @@ class VllmEngine:
         """vLLM's outputs for one request; its errors turned into the server's errors."""
         binding = self._roles[role]
         try:
+            await self._schemas.check(params.output_format)
             sampling = SamplingParams(
                 n=1,
                 max_tokens=params.max_tokens,
@@ -358,6 +382,9 @@ class VllmEngine:
                 min_tokens=params.min_tokens,
                 ignore_eos=params.ignore_eos,
                 output_kind=kind,
+                structured_outputs=structured(params.output_format),
+                logprobs=params.logprobs,
+                logit_bias=dict(params.logit_bias) or None,
             )
             async for out in binding.llm.generate(
                 tokens_input(prompt_token_ids),
@@ -387,6 +414,7 @@ class VllmEngine:
         return sum(llm.get_num_unfinished_requests() for llm in self._llms)
 
     async def shutdown(self) -> None:
+        self._schemas.close()
         for llm in self._llms:
             llm.shutdown(timeout=self.shutdown_timeout_s)
         await asyncio.sleep(0)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 
 import httpx
 import openai
+import pydantic
 import pytest
 
 from tests.integration.conftest import UPSTREAM_NAME, ServerProcess
@@ -250,3 +252,234 @@ def test_upstream_answers_are_refined(
     ).json()
     assert body["leader"]["source"] == "upstream"
     assert body["leader"]["text"] == direct.choices[0].message.content
+
+
+# -- the Responses API: client.responses.create ---------------------------------------------------
+def test_responses_create_is_the_refined_answer(client: openai.OpenAI, name: str) -> None:
+    body = refinement(rounds=2, return_trace=True, stop_when_unchanged=False)
+    r = client.responses.create(
+        model=name,
+        input="Explain gravity",
+        instructions="Answer briefly.",
+        max_output_tokens=10,
+        temperature=0.0,
+        extra_body=body,
+    )
+    chat = client.chat.completions.create(
+        model=name,
+        messages=[{"role": "system", "content": "Answer briefly."}, *USER],
+        max_tokens=10,
+        temperature=0.0,
+        extra_body=body,
+    )
+    trace = r.model_extra["refinement"]
+    assert r.id.startswith("resp_") and r.status in ("completed", "incomplete")
+    assert r.output_text == trace["rounds"][-1]["text"] == chat.choices[0].message.content
+    assert r.usage is not None and r.usage.output_tokens == chat.usage.completion_tokens
+    assert r.usage.input_tokens == chat.usage.prompt_tokens
+    assert [x["round"] for x in r.usage.model_extra["by_round"]] == [0, 1, 2]
+    leader = client.responses.create(
+        model=name + ":leader", input=[{"role": "user", "content": "Explain gravity"}]
+    )
+    assert leader.output_text and leader.usage is not None
+    assert leader.usage.model_extra["by_round"][-1]["round"] == 0
+
+
+def test_responses_stream_sends_the_event_sequence(client: openai.OpenAI, name: str) -> None:
+    kw = dict(model=name, input="Explain gravity", max_output_tokens=12, temperature=0.0)
+    body = refinement(rounds=1, stop_when_unchanged=False)
+    whole = client.responses.create(extra_body=body, **kw)  # type: ignore[call-overload]
+    events = list(client.responses.create(stream=True, extra_body=body, **kw))  # type: ignore[call-overload]
+    kinds = [e.type for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:-1] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+    ]
+    assert kinds[-1] == {"completed": "response.completed"}.get(whole.status, "response.incomplete")
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert len(deltas) > 1  # token by token, not one piece
+    assert {d.model_extra["round"] for d in deltas} == {1}
+    assert "".join(d.delta for d in deltas) == whole.output_text
+    final = events[-1].response  # type: ignore[union-attr]
+    assert (
+        final.output_text == whole.output_text
+        and final.usage.total_tokens == whole.usage.total_tokens
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+        ({"previous_response_id": "resp_123"}, "previous_response_id"),
+        ({"store": True}, "store"),
+        ({"background": True}, "background"),
+        ({"reasoning": {"effort": "low"}}, "reasoning"),
+        (
+            {"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]},
+            "input[0].type",
+        ),
+    ],
+)
+def test_responses_fields_it_cannot_honour_are_400s(
+    client: openai.OpenAI, name: str, kwargs: dict, param: str
+) -> None:
+    args = {"model": name, "input": "Explain gravity", **kwargs}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(**args)
+    assert info.value.param == param or info.value.body["param"] == param  # type: ignore[index]
+
+
+# -- structured outputs and logprobs --------------------------------------------------------------
+class Reading(pydantic.BaseModel):
+    """A schema whose every answer is short: the tiny random model fills it within its tokens."""
+
+    ok: bool
+    level: int = pydantic.Field(ge=0, le=9)
+    tag: str = pydantic.Field(max_length=3)
+
+
+def test_parse_with_a_pydantic_model_gives_a_valid_answer(client: openai.OpenAI, name: str) -> None:
+    for rounds in (0, 2):
+        r = client.chat.completions.parse(
+            model=name,
+            messages=USER,
+            response_format=Reading,
+            max_tokens=120,
+            seed=rounds,
+            extra_body=refinement(rounds=rounds, return_trace=True, stop_when_unchanged=False),
+        )
+        parsed = r.choices[0].message.parsed
+        assert isinstance(parsed, Reading), r.choices[0].message.content
+        trace = r.choices[0].model_extra["refinement"]
+        steps = [trace["leader"], *trace["rounds"]]
+        assert [s.get("output_format") for s in steps] == (
+            ["json_schema"] if rounds == 0 else [None, "json_schema", "json_schema"]
+        )
+        for s in steps[1:] if rounds else steps:  # every constrained round satisfies the schema
+            Reading.model_validate_json(s["text"])
+
+
+def trace_of(choice: object) -> dict:
+    return choice.model_extra["refinement"]  # type: ignore[attr-defined]
+
+
+def test_json_object_and_logprobs_through_the_sdk(client: openai.OpenAI, name: str) -> None:
+    r = client.chat.completions.create(
+        model=name,
+        messages=USER,
+        max_tokens=40,
+        logprobs=True,
+        top_logprobs=3,
+        seed=1,
+        extra_body=refinement(rounds=1, return_trace=True, stop_when_unchanged=False),
+    )
+    choice = r.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content
+    tokens = choice.logprobs.content
+    # a character split over tokens shows as U+FFFD in each token's own text
+    joined = "".join(t.token for t in tokens).replace("\ufffd", "")
+    assert joined == (choice.message.content or "").replace("\ufffd", "")
+    final = trace_of(choice)["rounds"][-1]
+    assert len(tokens) in (
+        final["usage"]["completion_tokens"],
+        final["usage"]["completion_tokens"] - 1,
+    )
+    assert all(t.logprob <= 0 and 1 <= len(t.top_logprobs) <= 3 for t in tokens)
+    trace = trace_of(choice)
+    assert trace["rounds"][-1]["logprobs"] == [t.model_dump() for t in tokens]
+    assert trace["leader"]["logprobs"]  # every round carries its own
+    stream = client.chat.completions.create(
+        model=name, messages=USER, max_tokens=12, logprobs=True, seed=1, stream=True
+    )
+    streamed = [c.choices[0].logprobs for c in stream if c.choices and c.choices[0].delta.content]
+    assert streamed and all(lp is not None and lp.content for lp in streamed)
+    obj = client.chat.completions.create(
+        model=name + ":leader",
+        messages=USER,
+        max_tokens=200,
+        response_format={"type": "json_object"},
+    )
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(obj.choices[0].message.content or ""), dict)
+
+
+def test_responses_parse_with_a_pydantic_model(client: openai.OpenAI, name: str) -> None:
+    r = client.responses.parse(
+        model=name,
+        input="Explain gravity",
+        text_format=Reading,
+        max_output_tokens=120,
+        include=["message.output_text.logprobs"],
+        extra_body=refinement(rounds=1, return_trace=True, stop_when_unchanged=False),
+    )
+    assert isinstance(r.output_parsed, Reading), r.output_text
+    part = r.output[0].content[0]  # type: ignore[union-attr]
+    assert part.logprobs and r.model_extra["refinement"]["rounds"][0]["output_format"]
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": 5},
+        {"type": "object", "properties": "x"},
+        {"$ref": "#/$defs/missing"},
+        {"type": "string", "pattern": "["},
+        {"type": "string", "pattern": "(a+)+b"},
+        {"enum": []},
+        {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(400)}},
+        {"anyOf": []},
+        {"type": "integer", "minimum": 5, "maximum": 1},
+    ],
+)
+def test_hostile_schemas_get_an_answer_or_a_400_and_the_engine_lives(
+    shared_server: ServerProcess, name: str, schema: dict
+) -> None:
+    r = httpx.post(
+        shared_server.url + "/v1/chat/completions",
+        json={
+            "model": name + ":leader",
+            "messages": USER,
+            "max_tokens": 8,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "s", "schema": schema},
+            },
+        },
+        timeout=120,
+    )
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 400:
+        assert r.json()["error"]["message"]
+    assert httpx.get(shared_server.url + "/health", timeout=30).status_code == 200
+
+
+def test_logit_bias_forces_a_token_and_an_unknown_one_is_a_400(
+    client: openai.OpenAI, name: str
+) -> None:
+    r = client.chat.completions.create(
+        model=name,
+        messages=USER,
+        max_tokens=6,
+        logprobs=True,
+        logit_bias={"100": 100},
+        extra_body=refinement(rounds=1, stop_when_unchanged=False, return_trace=True),
+    )
+    for step in [
+        r.choices[0].model_extra["refinement"]["leader"],
+        *r.choices[0].model_extra["refinement"]["rounds"],
+    ]:
+        assert len({t["token"] for t in step["logprobs"]}) == 1, step["logprobs"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=name, messages=USER, max_tokens=4, logit_bias={"99999999": 5}
+        )
+    assert "logit_bias" in str(info.value)

@@ -16,7 +16,7 @@ from tests.fakes import ScriptedEngine, VllmLikeEngine, numbered_script
 from tests.hostile_requests import REQUESTS, encode, fuzz_settings, violation
 from tests.unit.server.test_hardening import AUTH, KEY, make_app
 
-CASES_PER_OPERATION = 200  # 6 operations: 1,200 cases
+CASES_PER_OPERATION = 200  # 7 operations: 1,400 cases
 
 
 def test_fuzzed_requests_never_get_a_5xx() -> None:

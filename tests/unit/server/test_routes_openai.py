@@ -238,8 +238,12 @@ def test_a_failure_before_the_stream_starts_is_a_plain_error(client: TestClient)
         ({"model": "nope"}, 404, "`nope` does not exist", "model"),
         ({"refinement": {"rounds": 5}}, 400, "between 0 and 4 (SLHF_MAX_ROUNDS); got 5", None),
         ({"tools": [{"type": "function"}]}, 400, "`tools` is not supported", "tools"),
-        ({"logprobs": True}, 400, "`logprobs` is not supported", "logprobs"),
-        ({"response_format": {"type": "json_object"}}, 400, "`response_format`", None),
+        ({"top_logprobs": 2}, 400, "`top_logprobs` needs `logprobs`", "top_logprobs"),
+        ({"top_logprobs": 21, "logprobs": True}, 400, "top_logprobs:", "top_logprobs"),
+        ({"response_format": {"type": "json_schema"}}, 400, "`json_schema` is required", None),
+        ({"response_format": {"type": "xml"}}, 400, "response_format.type", None),
+        ({"logit_bias": {"x": 1}}, 400, "token ids", "logit_bias"),
+        ({"logit_bias": {"5": 101}}, 400, "between -100 and 100", "logit_bias"),
         ({"presence_penalty": 2.5}, 400, "presence_penalty:", "presence_penalty"),
         ({"min_p": 1.5}, 400, "min_p:", "min_p"),
         ({"repetition_penalty": 0}, 400, "repetition_penalty:", "repetition_penalty"),
@@ -353,3 +357,44 @@ def test_upstream_failures_are_502_or_504(
 def test_upstream_settings_need_a_model() -> None:
     with pytest.raises(ValueError, match="SLHF_UPSTREAM_MODEL"):
         ServerSettings(upstream_base_url="http://up/v1")
+
+
+def test_logprobs_are_the_final_rounds_tokens(client: TestClient) -> None:
+    body = chat(
+        client, logprobs=True, top_logprobs=1, refinement={"rounds": 2, "return_trace": True}
+    ).json()
+    choice = body["choices"][0]
+    assert [t["token"] for t in choice["logprobs"]["content"]] == ["answer", " 2"]
+    assert choice["logprobs"]["content"][0] == {
+        "token": "answer",
+        "logprob": -0.5,
+        "bytes": list(b"answer"),
+        "top_logprobs": [{"token": "alt0", "logprob": -1.0, "bytes": list(b"alt0")}],
+    }
+    trace = choice["refinement"]
+    assert trace["rounds"][-1]["logprobs"] == choice["logprobs"]["content"]
+    assert [t["token"] for t in trace["leader"]["logprobs"]] == ["answer", " 0"]
+    assert chat(client).json()["choices"][0]["logprobs"] is None
+
+
+def test_streamed_chunks_carry_their_tokens_logprobs(client: TestClient) -> None:
+    events = sse_events(chat(client, stream=True, logprobs=True, refinement={"rounds": 1}))
+    content = [
+        c["choices"][0]
+        for c in events
+        if isinstance(c, dict) and c["choices"] and c["choices"][0]["delta"].get("content")
+    ]
+    assert [c["logprobs"]["content"][0]["token"] for c in content] == ["answer", " 1"]
+    # an early stop sends the answer in one piece, with all its tokens
+    engine = ScriptedEngine(lambda call: "same text", context=512)
+    with make_client(engine) as other:
+        events = sse_events(chat(other, stream=True, logprobs=True, refinement={"rounds": 3}))
+    pieces = [
+        c["choices"][0]
+        for c in events
+        if isinstance(c, dict) and c["choices"] and c["choices"][0]["delta"].get("content")
+    ]
+    assert len(pieces) == 1 and [t["token"] for t in pieces[0]["logprobs"]["content"]] == [
+        "same",
+        " text",
+    ]

@@ -1,0 +1,123 @@
+"""Structured outputs, log-probabilities and logit bias on vLLM (``slhf_server.vllm_engine``).
+
+- ``structured``: an ``OutputFormat`` as vLLM's ``StructuredOutputsParams`` (vLLM picks the
+  backend, xgrammar first; the engine compiles the grammar for the tokenizer off the event loop).
+- ``SchemaCheck``: vLLM turns a JSON schema into a grammar once more when a request is added, on
+  the caller's thread -- here the event loop. Before that, each distinct schema is turned into a
+  grammar on a worker thread (xgrammar releases the GIL) within ``SCHEMA_CHECK_BUDGET_S``,
+  counted from when a worker takes it: a schema that takes longer is refused (``ValueError``, a
+  400), so vLLM's own pass on the loop stays as short as that. Accepted schemas are remembered.
+  docs/wire.md, "Structured outputs", gives the bounds that come first (size, depth).
+- ``token_logprobs``: vLLM's per-position logprob dicts as ``TokenLogprob``s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from vllm.sampling_params import StructuredOutputsParams
+
+from slhf_server.engine import OutputFormat, TokenLogprob
+
+SCHEMA_CHECK_BUDGET_S = 0.2
+"""Most seconds a schema may take to become a grammar (measured on a worker thread)."""
+SCHEMAS_REMEMBERED = 1024
+SCHEMA_WORKERS = 4
+"""Worker threads building grammars: a slow schema holds one, not the others' checks."""
+
+
+def structured(fmt: OutputFormat | None) -> StructuredOutputsParams | None:
+    if fmt is None:
+        return None
+    if fmt.kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    return StructuredOutputsParams(json=fmt.schema)
+
+
+def _grammar(schema: str) -> None:
+    import xgrammar as xgr  # vLLM's default structured-output backend
+
+    try:
+        xgr.Grammar.from_json_schema(json.loads(schema))
+    except Exception:  # unsupported by xgrammar: vLLM decides (another backend, or a 400)
+        return
+
+
+class SchemaCheck:
+    """Refuses schemas too slow to become a grammar, before vLLM builds one on the loop."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(SCHEMA_WORKERS, thread_name_prefix="slhf-schema")
+        self._ok: OrderedDict[str, None] = OrderedDict()
+
+    async def check(self, fmt: OutputFormat | None) -> None:
+        if fmt is None or fmt.schema is None:
+            return
+        if fmt.schema in self._ok:
+            self._ok.move_to_end(fmt.schema)
+            return
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[None] = loop.create_future()
+
+        def begun() -> None:
+            if not started.done():
+                started.set_result(None)
+
+        def run(schema: str) -> None:
+            loop.call_soon_threadsafe(begun)
+            _grammar(schema)
+
+        work = loop.run_in_executor(self._pool, run, fmt.schema)
+        await asyncio.shield(started)  # the budget counts from when a worker takes it
+        try:
+            await asyncio.wait_for(asyncio.shield(work), SCHEMA_CHECK_BUDGET_S)
+        except TimeoutError:
+            raise ValueError(
+                f"the JSON schema takes more than {SCHEMA_CHECK_BUDGET_S:g} s to turn into a "
+                "grammar; simplify it (fewer nested or counted repetitions in patterns)"
+            ) from None
+        self._ok[fmt.schema] = None
+        if len(self._ok) > SCHEMAS_REMEMBERED:
+            self._ok.popitem(last=False)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+LOWEST_LOGPROB = -9999.0
+"""A log-probability of -inf is sent as this (JSON has no infinity), as vLLM's server does."""
+
+
+def _finite(x: float) -> float:
+    return max(float(x), LOWEST_LOGPROB)
+
+
+def token_logprobs(
+    token_ids: Sequence[int], positions: Any, top: int, keep: int
+) -> tuple[TokenLogprob, ...] | None:
+    """The first ``keep`` generated tokens with their log-probabilities and ``top``
+    alternatives (vLLM's positions: token id -> ``Logprob``, the sampled one included)."""
+    if positions is None:
+        return None
+    out = []
+    for tid, pos in list(zip(token_ids, positions, strict=False))[:keep]:
+        chosen = pos.get(tid) if pos is not None else None
+        if chosen is None:
+            continue
+        ranked = sorted(
+            (lp for lp in pos.values() if lp.rank is not None and lp.rank <= top),
+            key=lambda lp: lp.rank,
+        )
+        out.append(
+            TokenLogprob(
+                token=chosen.decoded_token or "",
+                logprob=_finite(chosen.logprob),
+                top=tuple((lp.decoded_token or "", _finite(lp.logprob)) for lp in ranked),
+            )
+        )
+    return tuple(out)
