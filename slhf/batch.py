@@ -37,7 +37,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from slhf_server import routes, routes_openai
+from slhf_server import routes, routes_openai, routes_responses
 from slhf_server.errors import (
     InvalidRequestError,
     PayloadTooLargeError,
@@ -47,6 +47,7 @@ from slhf_server.errors import (
 )
 from slhf_server.openai_protocol import ChatCompletionRequest, CompletionRequest
 from slhf_server.protocol import RefineRequest
+from slhf_server.responses_protocol import ResponsesRequest
 from slhf_server.service import Service
 
 Handler = Callable[..., Awaitable[Any]]
@@ -65,6 +66,7 @@ ENDPOINTS: dict[str, Endpoint] = {
     "/v1/chat/completions": Endpoint(ChatCompletionRequest, routes_openai.chat_completions),
     "/v1/completions": Endpoint(CompletionRequest, routes_openai.completions),
     "/v1/refine": Endpoint(RefineRequest, routes.refine),
+    "/v1/responses": Endpoint(ResponsesRequest, routes_responses.responses),
 }
 """url -> (request model, route function): the routes a batch can run, one entry each."""
 

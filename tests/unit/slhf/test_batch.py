@@ -174,7 +174,9 @@ BODIES: list[tuple[str, dict[str, Any]]] = [
     ("/v1/chat/completions", {"messages": USER, "round": 2}),  # unknown field
     ("/v1/chat/completions", {"messages": USER, "max_tokens": "10"}),  # strict types
     ("/v1/chat/completions", {"messages": USER, "model": "other"}),  # 404
-    ("/v1/chat/completions", {"messages": USER, "logprobs": True}),  # unsupported
+    ("/v1/chat/completions", {"messages": USER, "logprobs": True, "top_logprobs": 2}),
+    ("/v1/responses", {"input": "Explain gravity", "refinement": {"rounds": 2}}),
+    ("/v1/responses", {"input": "x", "previous_response_id": "resp_1"}),  # refused field
     ("/v1/completions", {"prompt": "x", "temperature": 9}),
     ("/v1/refine", {"prompt": "x", "rounds": 99}),
     ("/v1/refine", ["not", "an", "object"]),  # type: ignore[list-item]
