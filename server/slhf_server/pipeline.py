@@ -43,7 +43,9 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 # -- 2. admit -----------------------------------------------------------------------------------
 async def admit(service: Service, plan: Plan) -> Ticket:
-    """Admit the plan's weight, or raise 503 (engine dead, draining) / 429 (at capacity)."""
+    """Admit the plan's weight, or raise 400 (a prompt too long, checked off the event loop),
+    503 (engine dead, draining) / 429 (at capacity)."""
+    await service.refiner.check_opening(plan.jobs)
     if not service.admission.draining:
         await check_health(service.engine)
     return service.admission.acquire(len(plan.jobs) * (plan.rounds + 1))
