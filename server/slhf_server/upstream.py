@@ -160,9 +160,8 @@ class UpstreamClient:
                 code="upstream_error",
             ) from e
         if status != 200:
-            raise UpstreamError(
-                f"{self.where} answered {status}: {_error_message(raw)}", code="upstream_error"
-            )
+            message = await asyncio.to_thread(_error_message, raw)
+            raise UpstreamError(f"{self.where} answered {status}: {message}", code="upstream_error")
         return await asyncio.to_thread(parse_answer, raw, self.where)
 
     async def _post(self, body: dict[str, Any]) -> tuple[int, bytes]:
