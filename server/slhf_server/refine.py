@@ -324,7 +324,8 @@ class Refiner:
             gen = await self.upstream.answer(
                 job.prompt, replace(job.leader, seed=derive_seed(job.leader.seed, 0))
             )
-            self._check_upstream_length(gen.text)
+            text = gen.text  # measured in the tokenizer's thread: normalizing is CPU work
+            await self.prompts.off_loop("follower", lambda: self._check_upstream_length(text))
             ms, source, answer_ids = (time.perf_counter() - start) * 1000.0, "upstream", None
         else:
             gen, ms = await self._generate("leader", prompts.leader, job.leader, 0, job, live)
@@ -345,8 +346,8 @@ class Refiner:
         bound = self.prompts.bounds["follower"]
         if bound is None:
             cannot = len(text) > context * MAX_CHARS_PER_TOKEN
-        else:  # cheap before normalizing: no token covers more than max_bytes characters
-            cannot = len(text) > context * bound.max_bytes or bound.min_tokens(text) >= context
+        else:
+            cannot = bound.min_tokens(text) >= context
         if cannot:
             raise UpstreamError(
                 f"the upstream answer has {len(text):,} characters; it cannot fit the "
