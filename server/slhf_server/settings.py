@@ -147,8 +147,8 @@ class ServerSettings(BaseSettings):
     before the request gets a 504."""
     upstream_max_bytes: int = Field(2 * 1024 * 1024, ge=1024)
     """Largest upstream answer body; a bigger one is a 502, refused as it arrives. The answer's
-    text must also fit the Follower's context (about ``max_model_len x 32`` characters at
-    most) before it is tokenized."""
+    text must also fit the Follower's context, by its length alone, before it is tokenized
+    (docs/reliability.md)."""
 
     @field_validator(
         "model",
