@@ -29,6 +29,8 @@ import random
 import signal
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -55,6 +57,8 @@ HEALTH_P99_S = 0.5
 HEALTH_TIMEOUT_S = 2.0
 RSS_GROWTH = 0.05
 BIG = 2 * 1024 * 1024
+BIG_BODY = json.dumps({"prompt": "word " * (BIG // 5)}).encode()
+JSON = {"Content-Type": "application/json"}
 
 # the documented 5xx a live server may answer: the request's own deadline, the hanging upstream
 LIVE_5XX = {(504, "deadline_exceeded"), (504, "upstream_timeout")}
@@ -149,7 +153,7 @@ async def _one(
         }
         r = await client.post("/v1/chat/completions", json=body)
     elif kind == "big":
-        r = await client.post("/v1/refine", json={"prompt": "word " * (BIG // 5)})
+        r = await client.post("/v1/refine", content=BIG_BODY, headers=JSON)
         if not dead:
             assert r.status_code == 400 and _code(r) == "context_length_exceeded", r.text[:300]
     else:  # a deadline shorter than the work
@@ -173,28 +177,42 @@ async def traffic(url: str, model: str, until: float, tally: Tally, dead: bool, 
 
 
 # -- the probes and the faults ------------------------------------------------------------------
-class HealthProbe(threading.Thread):
-    """``/health`` every 50 ms from its own thread and connection: latencies, timeouts, statuses."""
+PROBE = """
+import http.client, sys, time
+host, port, out = sys.argv[1], int(sys.argv[2]), open(sys.argv[3], "w", buffering=1)
+while True:
+    start = time.monotonic()
+    try:
+        conn = http.client.HTTPConnection(host, port, timeout=float(sys.argv[4]))
+        conn.request("GET", "/health")
+        status = conn.getresponse().status
+        conn.close()
+    except OSError:
+        status = 0
+    out.write(f"{start} {time.monotonic() - start} {status}\\n")
+    time.sleep(0.05)
+"""
 
-    def __init__(self, url: str) -> None:
-        super().__init__(daemon=True)
-        self.url = url
-        self.samples: list[tuple[float, float, int]] = []  # (when, seconds, status; 0 = timeout)
-        self.stopping = threading.Event()
 
-    def run(self) -> None:
-        with httpx.Client(timeout=HEALTH_TIMEOUT_S, trust_env=False) as http:
-            while not self.stopping.is_set():
-                start = time.monotonic()
-                try:
-                    status = http.get(self.url + "/health").status_code
-                except httpx.HTTPError:
-                    status = 0
-                self.samples.append((start, time.monotonic() - start, status))
-                self.stopping.wait(0.05)
+class HealthProbe:
+    """``/health`` every 50 ms from a process of its own (the traffic in this one, and its GIL,
+    do not delay the probe): when, how long, status (0 = timeout or refused)."""
+
+    def __init__(self, url: str, out: Path) -> None:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        self.out = out
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", PROBE, host, port, str(out), str(HEALTH_TIMEOUT_S)]
+        )
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
 
     def between(self, t0: float, t1: float) -> list[tuple[float, float, int]]:
-        return [s for s in self.samples if t0 <= s[0] < t1]
+        rows = [line.split() for line in self.out.read_text().splitlines() if line.strip()]
+        samples = [(float(a), float(b), int(c)) for a, b, c in (r for r in rows if len(r) == 3)]
+        return [s for s in samples if t0 <= s[0] < t1]
 
 
 def p99(values: list[float]) -> float:
@@ -249,12 +267,13 @@ def engine_processes(pid: int) -> list[psutil.Process]:
 
 
 # -- the soak -----------------------------------------------------------------------------------
-def test_soak_under_load_and_faults(server: ServerProcess, upstream: FakeUpstream) -> None:
+def test_soak_under_load_and_faults(
+    server: ServerProcess, upstream: FakeUpstream, tmp_path: Path
+) -> None:
     url, port = server.url, int(server.url.rsplit(":", 1)[1])
     model = httpx.get(url + "/v1/models", trust_env=False).json()["data"][0]["id"]
     me = psutil.Process(server.pid)
-    probe = HealthProbe(url)
-    probe.start()
+    probe = HealthProbe(url, tmp_path / "health.txt")
     tally = Tally()
     start = time.monotonic()
 
@@ -297,8 +316,7 @@ def test_soak_under_load_and_faults(server: ServerProcess, upstream: FakeUpstrea
     dead_tally = Tally()
     asyncio.run(traffic(url, model, killed + 6, dead_tally, dead=True, seed=3))
     dead_end = time.monotonic()
-    probe.stopping.set()
-    probe.join(5)
+    probe.stop()
 
     # SIGTERM: exits 0 within its bound
     term = time.monotonic()
