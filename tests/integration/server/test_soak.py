@@ -178,7 +178,7 @@ async def traffic(url: str, model: str, until: float, tally: Tally, dead: bool, 
 
 # -- the probes and the faults ------------------------------------------------------------------
 PROBE = """
-import http.client, sys, time
+import http.client, os, sys, time
 host, port, out = sys.argv[1], int(sys.argv[2]), open(sys.argv[3], "w", buffering=1)
 while True:
     start = time.monotonic()
@@ -189,7 +189,7 @@ while True:
         conn.close()
     except OSError:
         status = 0
-    out.write(f"{start} {time.monotonic() - start} {status}\\n")
+    out.write(f"{start} {time.monotonic() - start} {status} {os.getloadavg()[0]}\\n")
     time.sleep(0.05)
 """
 
@@ -209,10 +209,13 @@ class HealthProbe:
         self.proc.terminate()
         self.proc.wait(10)
 
+    def rows(self, t0: float, t1: float) -> list[list[float]]:
+        """(when, seconds, status, the machine's 1-minute load average) from ``t0`` to ``t1``."""
+        rows = [line.split() for line in self.out.read_text().splitlines()]
+        return [[float(x) for x in r] for r in rows if len(r) == 4 and t0 <= float(r[0]) < t1]
+
     def between(self, t0: float, t1: float) -> list[tuple[float, float, int]]:
-        rows = [line.split() for line in self.out.read_text().splitlines() if line.strip()]
-        samples = [(float(a), float(b), int(c)) for a, b, c in (r for r in rows if len(r) == 3)]
-        return [s for s in samples if t0 <= s[0] < t1]
+        return [(r[0], r[1], int(r[2])) for r in self.rows(t0, t1)]
 
 
 def p99(values: list[float]) -> float:
@@ -341,6 +344,8 @@ def test_soak_under_load_and_faults(
         "health_max_s": round(max(live_s), 4),
         "health_dead_p99_s": round(p99([s for _, s, _ in dead]), 4),
         "health_dead_statuses": dict(Counter(st for _, _, st in dead)),
+        "machine_load_1min_max": max((r[3] for r in probe.rows(start, live_end)), default=0.0),
+        "cpus": os.cpu_count(),
         "rss_warm_mb": round(rss_warm / 2**20, 1),
         "rss_end_mb": round(rss_end / 2**20, 1),
         "rss_growth": round(rss_end / rss_warm - 1, 4),
