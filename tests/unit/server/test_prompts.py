@@ -193,8 +193,8 @@ def test_four_huge_prompts_are_refused_at_once_and_health_stays_fast() -> None:
             assert status == 400 and body["error"]["code"] == "context_length_exceeded"
             assert "Leader prompt has at least" in body["error"]["message"]
             assert "max_model_len is 2,048" in body["error"]["message"]
-            assert seconds < 2.0
-        assert max(health, default=0.0) < 0.5
+            assert seconds < 3.0  # tokenizing one took 3-5 s; four in a row, 15 s
+        assert max(health, default=0.0) < 1.0  # it took up to 9.8 s (a busy machine: margin)
         lag = client.get("/metrics").text
         assert "slhf_event_loop_lag_seconds " in lag
 
