@@ -173,6 +173,16 @@ bench: bench-install
 	$(PY) bench/openai_stream.py
 	$(PY) bench/batch.py
 
+# The load-and-fault soak (docs/reliability.md, "Soak") for SOAK_S seconds of traffic (the normal
+# test run has a 20 s one); its figures are printed and written to SOAK_REPORT.
+SOAK_S ?= 300
+SOAK_REPORT ?= runs/soak.json
+.PHONY: soak
+soak: install-dev
+	@mkdir -p $(dir $(SOAK_REPORT))
+	SLHF_SOAK_S=$(SOAK_S) SLHF_SOAK_REPORT=$(SOAK_REPORT) $(PY) -m pytest -s -p no:cacheprovider \
+		tests/integration/server/test_soak.py
+
 # The README's settings table is generated from ServerSettings (a unit test keeps it in sync).
 docs: install-dev
 	$(PY) docs/gen_settings.py --write

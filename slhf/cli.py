@@ -91,6 +91,7 @@ def serve(args: argparse.Namespace) -> int:
     from slhf_models.serving.manifest import ManifestError
     from slhf_server import log_pipe
     from slhf_server.app import create_app, resolve_served_weights
+    from slhf_server.header_timeout import header_timeout_protocol
     from slhf_server.lifecycle import exit_process
     from slhf_server.logs import configure_logging
     from slhf_server.preflight import (
@@ -139,6 +140,7 @@ def serve(args: argparse.Namespace) -> int:
         log_config=log_config,
         access_log=False,
         timeout_graceful_shutdown=30,
+        http=header_timeout_protocol(settings.header_timeout_s),
     )
     server = uvicorn.Server(config)
     with sock:

@@ -109,7 +109,18 @@ SCHEMAS = st.one_of(
         max_leaves=6,
     ),
 )
+JSON_SCHEMA_FIELDS: Strategies = {
+    "name": st.one_of(TEXT, ODD),
+    "schema": st.one_of(SCHEMAS, ODD),
+    "strict": st.one_of(st.booleans(), ODD),
+    "description": st.one_of(TEXT, ODD),
+}
+RESPONSE_FORMAT_FIELDS: Strategies = {
+    "type": st.one_of(st.sampled_from(["text", "json_object", "json_schema"]), TEXT, ODD),
+    "json_schema": st.one_of(st.fixed_dictionaries({}, optional=JSON_SCHEMA_FIELDS), ODD),
+}
 RESPONSE_FORMATS = st.one_of(
+    st.fixed_dictionaries({}, optional=RESPONSE_FORMAT_FIELDS),
     st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "json_schema"}]),
     SCHEMAS.map(lambda s: {"type": "json_schema", "json_schema": {"name": "a", "schema": s}}),
     st.fixed_dictionaries({"type": st.one_of(TEXT, ODD), "json_schema": ODD}),
@@ -147,12 +158,27 @@ SAMPLING_FIELDS: Strategies = {
     **FORMAT_FIELDS,
 }
 SAMPLING = st.one_of(hostile(SAMPLING_FIELDS, {"max_tokens": 4}), ODD)
-PARTS = st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": TEXT}), max_size=2)
+PART_FIELDS: Strategies = {
+    "type": st.one_of(st.just("text"), st.sampled_from(["image_url", "input_audio"]), ODD),
+    "text": st.one_of(TEXT, ODD),
+}
+PARTS = st.lists(
+    st.one_of(
+        st.fixed_dictionaries({"type": st.just("text"), "text": TEXT}),
+        st.fixed_dictionaries({}, optional=PART_FIELDS),
+    ),
+    max_size=2,
+)
+MESSAGE_FIELDS: Strategies = {
+    "role": st.one_of(st.sampled_from(["system", "user", "assistant", "developer"]), ODD),
+    "content": st.one_of(TEXT, PARTS, ODD),
+    "name": st.one_of(TEXT, ODD),
+}
 MESSAGES = st.one_of(
     st.lists(
         st.fixed_dictionaries(
-            {"role": st.one_of(st.sampled_from(["system", "user", "assistant"]), ODD)},
-            optional={"content": st.one_of(TEXT, PARTS, ODD)},
+            {"role": MESSAGE_FIELDS["role"]},
+            optional={k: v for k, v in MESSAGE_FIELDS.items() if k != "role"},
         ),
         min_size=0,
         max_size=3,
@@ -164,20 +190,39 @@ COMMON: Strategies = {
     "seed": st.one_of(st.integers(0, 2**63 - 1), ODD),
     "bogus_field": ODD,
 }
+REFINE_FIELDS: Strategies = {
+    **COMMON,
+    "prompt": st.one_of(TEXT, ODD),
+    "messages": MESSAGES,
+    "response": st.one_of(TEXT, ODD),
+    "rounds": st.one_of(st.integers(0, 2), ODD),
+    "leader": SAMPLING,
+    "follower": SAMPLING,
+    "stop_when_unchanged": st.one_of(st.booleans(), ODD),
+    "deadline_s": st.one_of(st.floats(0.5, 20), ODD),
+}
 REFINE = hostile(
-    {
-        **COMMON,
-        "prompt": st.one_of(TEXT, ODD),
-        "messages": MESSAGES,
-        "response": st.one_of(TEXT, ODD),
-        "rounds": st.one_of(st.integers(0, 2), ODD),
-        "leader": SAMPLING,
-        "follower": SAMPLING,
-        "stop_when_unchanged": st.one_of(st.booleans(), ODD),
-        "deadline_s": st.one_of(st.floats(0.5, 20), ODD),
-    },
+    REFINE_FIELDS,
     {"prompt": "Hello", "rounds": 1, "leader": {"max_tokens": 4}, "follower": {"max_tokens": 4}},
 )
+REFINEMENT_FIELDS: Strategies = {
+    "rounds": st.one_of(st.integers(0, 2), ODD),
+    "response": st.one_of(TEXT, ODD),
+    "stop_when_unchanged": st.one_of(st.booleans(), ODD),
+    "return_trace": st.one_of(st.booleans(), ODD),
+    "stream_rounds": st.one_of(st.booleans(), ODD),
+    "leader": SAMPLING,
+    "follower": SAMPLING,
+    "deadline_s": st.one_of(st.floats(0.5, 20), ODD),
+}
+STREAM_OPTIONS_FIELDS: Strategies = {
+    "include_usage": st.one_of(st.booleans(), ODD),
+    "continuous_usage_stats": st.one_of(st.booleans(), ODD),
+}
+UNSUPPORTED_VALUE = st.one_of(
+    ODD, st.sampled_from([False, 0, {}, [], "none", {"type": "text"}, ["text"], 1, ""])
+)
+"""A declared but unsupported field: its neutral values (accepted) and others (400s)."""
 OPENAI: Strategies = {
     **COMMON,
     "max_tokens": st.one_of(st.integers(1, 16), ODD),
@@ -186,8 +231,12 @@ OPENAI: Strategies = {
     "n": st.one_of(st.integers(1, 3), ODD),
     "stop": st.one_of(TEXT, st.lists(TEXT, max_size=3), ODD),
     "stream": st.one_of(st.booleans(), ODD),
+    "stream_options": st.one_of(st.fixed_dictionaries({}, optional=STREAM_OPTIONS_FIELDS), ODD),
     "user": st.one_of(TEXT, ODD),
-    "logprobs": ODD,
+    "metadata": st.one_of(st.dictionaries(TEXT, TEXT, max_size=2), ODD),
+    "store": st.one_of(st.booleans(), ODD),
+    "service_tier": st.one_of(st.sampled_from(["auto", "default"]), TEXT, ODD),
+    **FORMAT_FIELDS,
     "top_k": st.one_of(st.integers(-1, 100), ODD),
     "min_p": st.one_of(st.floats(0, 1), ODD),
     "repetition_penalty": st.one_of(st.floats(0.1, 2), ODD),
@@ -195,83 +244,139 @@ OPENAI: Strategies = {
     "frequency_penalty": st.one_of(st.floats(-2, 2), ODD),
     "min_tokens": st.one_of(st.integers(0, 8), ODD),
     "ignore_eos": st.one_of(st.booleans(), ODD),
-    **FORMAT_FIELDS,
-    "refinement": st.one_of(
-        hostile(
-            {
-                "rounds": st.one_of(st.integers(0, 2), ODD),
-                "response": st.one_of(TEXT, ODD),
-                "leader": SAMPLING,
-                "follower": SAMPLING,
-                "return_trace": st.one_of(st.booleans(), ODD),
-                "deadline_s": st.one_of(st.floats(0.5, 20), ODD),
-            },
-            {"rounds": 1},
-        ),
-        ODD,
+    "refinement": st.one_of(hostile(REFINEMENT_FIELDS, {"rounds": 1}), ODD),
+}
+CHAT_FIELDS: Strategies = {
+    **OPENAI,
+    "messages": MESSAGES,
+    "max_completion_tokens": st.one_of(st.integers(1, 16), ODD),
+    **{
+        name: UNSUPPORTED_VALUE
+        for name in (
+            "tools",
+            "tool_choice",
+            "functions",
+            "function_call",
+            "parallel_tool_calls",
+            "audio",
+            "modalities",
+            "prediction",
+            "reasoning_effort",
+            "web_search_options",
+        )
+    },
+}
+CHAT = hostile(CHAT_FIELDS, {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4})
+COMPLETION_FIELDS: Strategies = {
+    **OPENAI,
+    "prompt": st.one_of(TEXT, st.lists(TEXT, max_size=3), ODD),
+    **{name: UNSUPPORTED_VALUE for name in ("echo", "suffix", "best_of")},
+}
+COMPLETIONS = hostile(COMPLETION_FIELDS, {"prompt": "Hello", "max_tokens": 4})
+INPUT_PART_FIELDS: Strategies = {
+    "type": st.one_of(st.sampled_from(["input_text", "output_text", "input_image"]), ODD),
+    "text": st.one_of(TEXT, ODD),
+}
+INPUT_ITEM_FIELDS: Strategies = {
+    "type": st.one_of(st.sampled_from(["message", "function_call"]), ODD),
+    "role": st.one_of(st.sampled_from(["system", "developer", "user", "assistant"]), ODD),
+    "content": st.one_of(
+        TEXT, st.lists(st.fixed_dictionaries({}, optional=INPUT_PART_FIELDS), max_size=2), ODD
     ),
 }
-CHAT = hostile(
-    {**OPENAI, "messages": MESSAGES},
-    {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4},
-)
-COMPLETIONS = hostile(
-    {**OPENAI, "prompt": st.one_of(TEXT, st.lists(TEXT, max_size=3), ODD)},
-    {"prompt": "Hello", "max_tokens": 4},
-)
 INPUT_ITEMS = st.one_of(
-    st.lists(
-        st.fixed_dictionaries(
-            {"role": st.one_of(st.sampled_from(["system", "developer", "user", "assistant"]), ODD)},
-            optional={
-                "type": st.one_of(st.sampled_from(["message", "function_call"]), ODD),
-                "content": st.one_of(
-                    TEXT,
-                    st.lists(
-                        st.fixed_dictionaries(
-                            {
-                                "type": st.one_of(
-                                    st.sampled_from(["input_text", "output_text", "input_image"]),
-                                    ODD,
-                                ),
-                                "text": st.one_of(TEXT, ODD),
-                            }
-                        ),
-                        max_size=2,
-                    ),
-                    ODD,
-                ),
-            },
-        ),
-        min_size=0,
-        max_size=3,
-    ),
-    ODD,
+    st.lists(st.fixed_dictionaries({}, optional=INPUT_ITEM_FIELDS), max_size=3), ODD
 )
-RESPONSES = hostile(
-    {
-        **{
-            k: v
-            for k, v in OPENAI.items()
-            if k not in ("max_tokens", "n", "logprobs", "response_format")
-        },
-        "input": st.one_of(TEXT, INPUT_ITEMS),
-        "instructions": st.one_of(TEXT, ODD),
-        "max_output_tokens": st.one_of(st.integers(1, 16), ODD),
-        "store": st.one_of(st.booleans(), ODD),
-        "tools": st.one_of(st.just([]), ODD),
-        "tool_choice": st.one_of(st.sampled_from(["none", "auto", "required"]), ODD),
-        "previous_response_id": ODD,
-        "include": st.one_of(st.just(["message.output_text.logprobs"]), ODD),
-        "text": st.one_of(
-            SCHEMAS.map(lambda s: {"format": {"type": "json_schema", "name": "a", "schema": s}}),
-            st.sampled_from([{"format": {"type": "text"}}, {"format": {"type": "json_object"}}]),
-            ODD,
-        ),
-        "stream_options": st.one_of(st.just({"include_obfuscation": False}), ODD),
+RESPONSE_STREAM_OPTIONS_FIELDS: Strategies = {"include_obfuscation": st.one_of(st.booleans(), ODD)}
+TEXT_FORMAT_FIELDS: Strategies = {
+    "type": st.one_of(st.sampled_from(["text", "json_object", "json_schema"]), ODD),
+    "name": st.one_of(TEXT, ODD),
+    "schema": st.one_of(SCHEMAS, ODD),
+    "strict": st.one_of(st.booleans(), ODD),
+    "description": st.one_of(TEXT, ODD),
+}
+TEXT_CONFIG_FIELDS: Strategies = {
+    "format": st.one_of(st.fixed_dictionaries({}, optional=TEXT_FORMAT_FIELDS), ODD),
+    "verbosity": st.one_of(st.sampled_from(["low", "medium", "high"]), ODD),
+}
+RESPONSE_FIELDS: Strategies = {
+    **{
+        k: v
+        for k, v in OPENAI.items()
+        if k not in ("max_tokens", "n", "logprobs", "response_format", "stream_options")
     },
-    {"input": "Hello", "max_output_tokens": 4},
-)
+    "input": st.one_of(TEXT, INPUT_ITEMS),
+    "instructions": st.one_of(TEXT, ODD),
+    "max_output_tokens": st.one_of(st.integers(1, 16), ODD),
+    "text": st.one_of(st.fixed_dictionaries({}, optional=TEXT_CONFIG_FIELDS), ODD),
+    "stream_options": st.one_of(
+        st.fixed_dictionaries({}, optional=RESPONSE_STREAM_OPTIONS_FIELDS), ODD
+    ),
+    "safety_identifier": st.one_of(TEXT, ODD),
+    "prompt_cache_key": st.one_of(TEXT, ODD),
+    "include": st.one_of(st.just(["message.output_text.logprobs"]), UNSUPPORTED_VALUE),
+    **{
+        name: UNSUPPORTED_VALUE
+        for name in (
+            "previous_response_id",
+            "conversation",
+            "prompt",
+            "tools",
+            "tool_choice",
+            "parallel_tool_calls",
+            "max_tool_calls",
+            "background",
+            "background_options",
+            "reasoning",
+            "truncation",
+            "context_management",
+            "prompt_cache_options",
+            "prompt_cache_retention",
+            "moderation",
+            "image",
+            "access_programs",
+        )
+    },
+}
+RESPONSES = hostile(RESPONSE_FIELDS, {"input": "Hello", "max_output_tokens": 4})
+CORPUS: dict[str, Strategies] = {
+    "/v1/refine": REFINE_FIELDS,
+    "/v1/chat/completions": CHAT_FIELDS,
+    "/v1/completions": COMPLETION_FIELDS,
+    "/v1/responses": RESPONSE_FIELDS,
+}
+"""Each route's top-level fields; nested ones in ``NESTED`` (checked against the wire models:
+tests/unit/server/test_fuzz.py)."""
+NESTED: dict[str, Strategies] = {
+    "leader": SAMPLING_FIELDS,
+    "follower": SAMPLING_FIELDS,
+    "messages": MESSAGE_FIELDS,
+    "content": PART_FIELDS,
+    "refinement": REFINEMENT_FIELDS,
+    "stream_options": STREAM_OPTIONS_FIELDS | RESPONSE_STREAM_OPTIONS_FIELDS,
+    "response_format": RESPONSE_FORMAT_FIELDS,
+    "json_schema": JSON_SCHEMA_FIELDS,
+    "input": INPUT_ITEM_FIELDS,
+    "text": TEXT_CONFIG_FIELDS,
+    "format": TEXT_FORMAT_FIELDS,
+}
+"""The fields of a nested object, by the name of the field that holds it."""
+
+
+def corpus_paths(route: str) -> set[str]:
+    """Every field path (``refinement.leader.min_p``) the corpus sets on ``route``."""
+
+    def walk(fields: Strategies, prefix: str, depth: int) -> set[str]:
+        out = set()
+        for name in fields:
+            out.add(prefix + name)
+            if name in NESTED and depth < 4:
+                out |= walk(NESTED[name], f"{prefix}{name}.", depth + 1)
+        return out
+
+    return walk(CORPUS[route], "", 0)
+
+
 RAW = st.sampled_from(
     [
         b"\xff\xfe not utf-8",

@@ -7,6 +7,7 @@ loaded, and a model that fails to load stops the process with the reason in the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -81,15 +82,21 @@ def create_app(
         if upstream is not None:
             logger.info("upstream: %s (model %s)", upstream.base_url, upstream.model)
         metrics.watch_engine(engine.num_running)
-        app.state.service = Service.build(settings, served, engine, upstream, admission, metrics)
+        service = Service.build(settings, served, engine, upstream, admission, metrics)
+        app.state.service = service
         uninstall_drain = install_drain(
             admission, settings.drain_grace_s, settings.shutdown_timeout_s
         )
+        lag_probe = asyncio.create_task(metrics.watch_loop_lag())
         try:
             yield
         finally:
             uninstall_drain()
+            lag_probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lag_probe
             app.state.service = None
+            service.refiner.prompts.close()
             if upstream is not None:
                 await upstream.aclose()
             await engine.shutdown()

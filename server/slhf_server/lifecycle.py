@@ -45,11 +45,17 @@ T = TypeVar("T")
 
 
 async def check_health(engine: Engine) -> None:
-    """Liveness: raise 503 (``engine_dead``) when the engine is dead."""
+    """Liveness: raise 503 (``engine_dead``) when the engine is dead, and (``engine_error``)
+    when its check fails in a way the engine did not foresee."""
     try:
         await engine.check_health()
     except EngineError as e:
         raise ServiceUnavailableError(str(e), code="engine_dead") from e
+    except Exception as e:
+        logger.error("engine health check failed: %s: %s", type(e).__name__, e)
+        raise ServiceUnavailableError(
+            f"the engine's health check failed: {type(e).__name__}", code="engine_error"
+        ) from e
 
 
 async def check_ready(engine: Engine, admission: Admission) -> None:

@@ -9,6 +9,8 @@ Labels stay low-cardinality: route templates, status codes, roles, round numbers
 
 from __future__ import annotations
 
+import asyncio
+import math
 from collections.abc import Callable
 
 from prometheus_client import (
@@ -27,6 +29,9 @@ ROUND_LABELS = 8
 """Rounds above this share the label ``"9+"`` (``round`` stays a bounded label)."""
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+LOOP_LAG_INTERVAL_S = 0.1
+"""How often the event loop's lag is sampled (``ServiceMetrics.watch_loop_lag``)."""
 _ROUND_BUCKETS = (*(float(i) for i in range(ROUND_LABELS + 1)), 16.0, 32.0, 64.0)
 
 
@@ -104,9 +109,41 @@ class ServiceMetrics:
             registry=r,
         )
         self.draining = Gauge("slhf_draining", "1 while the server drains for shutdown", registry=r)
+        self.loop_lag = Gauge(
+            "slhf_event_loop_lag_seconds",
+            "How late the event loop ran its last lag probe (a timer due every "
+            f"{LOOP_LAG_INTERVAL_S:g} s); the largest lag of the last second",
+            registry=r,
+        )
+        self.loop_lag_samples = Histogram(
+            "slhf_event_loop_lag_sample_seconds",
+            f"Event loop lag, one sample every {LOOP_LAG_INTERVAL_S:g} s",
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
+
+    async def watch_loop_lag(self, interval_s: float = LOOP_LAG_INTERVAL_S) -> None:
+        """Sample the running event loop's lag forever (a task of the app's lifespan): how much
+        later than due a timer of ``interval_s`` fires. Work that holds the loop shows here."""
+        loop = asyncio.get_running_loop()
+        window = max(1, round(1.0 / interval_s))
+        recent: list[float] = []
+        while True:
+            due = loop.time() + interval_s
+            await asyncio.sleep(interval_s)
+            lag = max(0.0, loop.time() - due)
+            recent = [*recent[-(window - 1) :], lag]
+            self.loop_lag.set(max(recent))
+            self.loop_lag_samples.observe(lag)
 
     def watch_engine(self, num_running: Callable[[], int]) -> None:
-        self.engine_running.set_function(lambda: float(num_running()))
+        def running() -> float:
+            try:
+                return float(num_running())
+            except Exception:  # a dead engine may not say: /metrics still answers
+                return math.nan
+
+        self.engine_running.set_function(running)
 
     def observe_outcome(self, outcome: RefineOutcome) -> None:
         """Rounds, stop reason, per-round latency and tokens of one finished refinement."""

@@ -4,9 +4,10 @@ Both APIs use it; a route only parses its body, plans it, calls the steps below 
 answer. This module admits, runs and observes; it plans nothing.
 
 1. **plan** -- ``slhf_server.plan`` turns the request into a ``Plan``: one ``RefineJob`` per
-   choice, every value resolved and every opening prompt checked, so that everything a request
-   gets wrong is a 4xx before any work is admitted.
-2. **admit** -- the plan weighs choices x (rounds + 1) generations against
+   choice, every value resolved, so that everything a request gets wrong is a 4xx before any
+   work is admitted.
+2. **admit** -- every opening prompt is checked against the context, off the event loop
+   (``Refiner.check_opening``); then the plan weighs choices x (rounds + 1) generations against
    ``SLHF_MAX_INFLIGHT_GENERATIONS`` (``slhf_server.admission``): a 429 at capacity, a 503 when
    the engine is dead or the server drains.
 3. **run** -- every choice runs the refinement loop (``slhf_server.refine``) concurrently, so the
@@ -44,8 +45,10 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 # -- 2. admit -----------------------------------------------------------------------------------
 async def admit(service: Service, plan: Plan) -> Ticket:
-    """Admit the plan's weight, or raise 503 (engine dead, draining) / 429 (at capacity)."""
+    """Admit the plan's weight, or raise 400 (a prompt too long, checked off the event loop),
+    503 (engine dead, draining) / 429 (at capacity)."""
     tracing.annotate_request(plan.model, plan.rounds, len(plan.jobs), plan.request_id)
+    await service.refiner.check_opening(plan.jobs)
     if not service.admission.draining:
         await check_health(service.engine)
     return service.admission.acquire(len(plan.jobs) * (plan.rounds + 1))

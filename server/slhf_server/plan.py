@@ -13,7 +13,9 @@ through the same steps:
 - seeds: choice ``j`` of an ``n``-choice request uses the base seed ``choice_seed(seed, j)``
   (choice 0 = the request's seed), and each round derives its own from that
   (``slhf_server.refine.derive_seed``), so choices differ and a seeded request is reproducible;
-- ``Refiner.opening_prompts``: every opening prompt checked against the context.
+- ``Refiner.check_source``: an upstream first answer needs an upstream (the opening prompts are
+  checked against the context off the event loop when the plan is admitted,
+  ``Refiner.check_opening``).
 
 ``plan_refine`` makes the one-choice plan of ``/v1/refine``. ``plan_chat`` and
 ``plan_completion`` make the OpenAI routes' plans (``OpenAIPlan``): one choice per prompt and
@@ -277,7 +279,7 @@ def plan_refine(service: Service, body: RefineRequest) -> Plan:
             rounds, leader, follower, body.response is None and not from_upstream
         ),
     )
-    service.refiner.opening_prompts(job)  # a prompt too long is a 400 before admission
+    service.refiner.check_source(job)
     return Plan(request_id=job.request_id, model=body.model or service.name, jobs=[job])
 
 
@@ -465,8 +467,7 @@ def plan_openai(
                 deadline_s=deadline_s,
                 first_answer_final=first_answer_final(rounds, leader, follower, generated),
             )
-            if j == 0:  # every prompt checked against the context before any work starts
-                service.refiner.opening_prompts(job)
+            service.refiner.check_source(job)
             jobs.append(job)
     return OpenAIPlan(
         request_id=request_id,

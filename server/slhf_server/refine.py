@@ -40,6 +40,7 @@ from slhf_server import tracing
 from slhf_server.engine import (
     DraftCounts,
     Engine,
+    EngineError,
     FinishReason,
     Generation,
     GenerationParams,
@@ -50,6 +51,7 @@ from slhf_server.errors import (
     DeadlineExceededError,
     InvalidRequestError,
     PromptTooLongError,
+    SLHFError,
     UpstreamError,
     request_rejected,
 )
@@ -64,9 +66,10 @@ from slhf_server.protocol import (
 )
 
 MAX_CHARS_PER_TOKEN = 32
-"""An upstream answer longer than ``max_model_len`` x this many characters cannot fit the
-Follower's context in any tokenizer (a token is seldom more than a few characters): it is a 502
-before it is tokenized, which would hold the event loop."""
+"""For a tokenizer without a ``TokenBound`` (``slhf_server.token_bound``): an upstream answer
+longer than ``max_model_len`` x this many characters is taken not to fit the Follower's context (a
+token is seldom more than a few characters) and is a 502 before it is tokenized. With a bound, the
+bound decides."""
 
 
 def derive_seed(base: int | None, round_index: int) -> int | None:
@@ -224,28 +227,46 @@ class Refiner:
         self.upstream = upstream
         self.prompts = Prompts(engine, renderers)
 
-    def opening_prompts(self, job: RefineJob) -> OpeningPrompts:
+    def check_source(self, job: RefineJob) -> None:
+        """A 400 for an upstream first answer when no upstream is configured (cheap: planning
+        calls it for every job)."""
+        if job.given_answer is None and job.from_upstream and self.upstream is None:
+            raise InvalidRequestError(
+                "the first answer was asked from the upstream server, but none is "
+                "configured; set SLHF_UPSTREAM_BASE_URL and SLHF_UPSTREAM_MODEL",
+                param="model",
+                code="upstream_not_configured",
+            )
+
+    async def check_opening(self, jobs: Sequence[RefineJob]) -> None:
+        """Every distinct prompt of ``jobs`` checked against the context (``opening_prompts``),
+        before admission, so a request that cannot run costs nothing."""
+        seen: list[RefineJob] = []
+        for job in jobs:
+            if not any(
+                (j.prompt is job.prompt or j.prompt == job.prompt)
+                and j.given_answer == job.given_answer
+                and j.from_upstream == job.from_upstream
+                for j in seen
+            ):
+                seen.append(job)
+                await self.opening_prompts(job)
+
+    async def opening_prompts(self, job: RefineJob) -> OpeningPrompts:
         """The prompts known before the first answer, checked against the context: a prompt
         that leaves no room to generate is a 400 (``PromptTooLongError``), and so is an upstream
-        first answer when no upstream is configured. Called before admission, so a request that
-        cannot run costs nothing, and again when the loop starts."""
+        first answer when no upstream is configured. Rendered and tokenized off the event loop
+        (``slhf_server.prompts``); checked before admission (``check_opening``) and again when
+        the loop starts."""
+        self.check_source(job)
         if job.given_answer is not None:
-            ids = self.prompts.ids("follower", job.prompt, job.given_answer)
-            self.prompts.check_fits("follower", ids, param="response")
+            ids = await self.prompts.ids("follower", job.prompt, job.given_answer, "response")
             return OpeningPrompts(leader=None, follower=ids)
         if job.from_upstream:
-            if self.upstream is None:
-                raise InvalidRequestError(
-                    "the first answer was asked from the upstream server, but none is "
-                    "configured; set SLHF_UPSTREAM_BASE_URL and SLHF_UPSTREAM_MODEL",
-                    param="model",
-                    code="upstream_not_configured",
-                )
             # the upstream answer is not known yet: the prompt must fit with an empty one
-            self.prompts.check_fits("follower", self.prompts.ids("follower", job.prompt, ""))
+            await self.prompts.ids("follower", job.prompt, "")
             return OpeningPrompts(leader=None, follower=None)
-        ids = self.prompts.ids("leader", job.prompt, None)
-        self.prompts.check_fits("leader", ids)
+        ids = await self.prompts.ids("leader", job.prompt, None)
         return OpeningPrompts(leader=ids, follower=None)
 
     async def refine(self, job: RefineJob, live: LiveRounds | None = None) -> RefineOutcome:
@@ -263,19 +284,25 @@ class Refiner:
             if i == 1 and first.prompts.follower is not None:
                 ids = first.prompts.follower
             else:  # spliced from the Leader's sequence where it can be (slhf_server.prompts)
-                ids = self.prompts.follower_ids(
-                    job.prompt, previous, first.prompts.leader, previous_ids
-                )
-            if len(ids) >= self.engine.max_model_len("follower"):
-                if i == 1 and not job.first_answer_final:
-                    raise PromptTooLongError(
-                        f"the first answer leaves no room in the Follower's context "
-                        f"({len(ids):,} tokens of {self.engine.max_model_len('follower'):,}) "
-                        "for a round in the requested format",
-                        param="response_format",
+                try:
+                    ids = await within(
+                        expires,
+                        self.prompts.follower_ids(
+                            job.prompt, previous, first.prompts.leader, previous_ids
+                        ),
                     )
-                yield Stopped("context_length")
-                return
+                except PromptTooLongError as e:
+                    if i == 1 and not job.first_answer_final:
+                        raise PromptTooLongError(
+                            "the first answer leaves no room in the Follower's context for a "
+                            f"round in the requested format ({e})",
+                            param="response_format",
+                        ) from e
+                    yield Stopped("context_length")
+                    return
+                except _Expired:
+                    yield Stopped("deadline")
+                    return
             try:
                 gen, ms = await within(
                     expires, self._generate("follower", ids, job.follower, i, job, live)
@@ -320,7 +347,7 @@ class Refiner:
             ) from None
 
     async def _first_answer_now(self, job: RefineJob, live: LiveRounds | None) -> _FirstAnswer:
-        prompts = self.opening_prompts(job)
+        prompts = await self.opening_prompts(job)
         if job.given_answer is not None:
             given = LeaderAnswer(
                 text=job.given_answer,
@@ -336,7 +363,8 @@ class Refiner:
             gen = await self.upstream.answer(
                 job.prompt, replace(job.leader, seed=derive_seed(job.leader.seed, 0))
             )
-            self._check_upstream_length(gen.text)
+            text = gen.text  # measured in the tokenizer's thread: normalizing is CPU work
+            await self.prompts.off_loop("follower", lambda: self._check_upstream_length(text))
             ms, source, answer_ids = (time.perf_counter() - start) * 1000.0, "upstream", None
         else:
             gen, ms = await self._generate("leader", prompts.leader, job.leader, 0, job, live)
@@ -353,12 +381,18 @@ class Refiner:
         return _FirstAnswer(answer, answer_ids, prompts)
 
     def _check_upstream_length(self, text: str) -> None:
-        limit = self.engine.max_model_len("follower") * MAX_CHARS_PER_TOKEN
-        if len(text) > limit:
+        """A 502 for an upstream answer that cannot fit the Follower's context, by its length
+        alone (``slhf_server.token_bound``; ``MAX_CHARS_PER_TOKEN`` without a bound)."""
+        context = self.engine.max_model_len("follower")
+        bound = self.prompts.bounds["follower"]
+        if bound is None:
+            cannot = len(text) > context * MAX_CHARS_PER_TOKEN
+        else:
+            cannot = bound.min_tokens(text) >= context
+        if cannot:
             raise UpstreamError(
                 f"the upstream answer has {len(text):,} characters; it cannot fit the "
-                f"Follower's context of {limit // MAX_CHARS_PER_TOKEN:,} tokens (at most "
-                f"{limit:,} characters are tokenized)",
+                f"Follower's context of {context:,} tokens",
                 code="upstream_answer_too_long",
             )
 
@@ -390,6 +424,12 @@ class Refiner:
                     gen = await self._stream(role, ids, params, request_id, round_index, sink)
             except REQUEST_REJECTIONS as e:
                 raise request_rejected(e, f"the {role} engine") from e
+            except (EngineError, SLHFError):
+                raise
+            except Exception as e:  # not the engine's own error: still the engine failing (503)
+                raise EngineError(
+                    f"the {role} engine failed the request: {type(e).__name__}: {e}"
+                ) from e
             if span is not None:
                 tracing.record_generation(span, gen)
         return gen, (time.perf_counter() - start) * 1000.0

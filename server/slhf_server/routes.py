@@ -16,6 +16,7 @@ from fastapi import APIRouter, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from slhf_server import pipeline
+from slhf_server.json_answer import json_answer
 from slhf_server.lifecycle import check_health, check_ready
 from slhf_server.openapi import ERROR_RESPONSES
 from slhf_server.plan import plan_refine
@@ -107,17 +108,19 @@ async def list_models(
     return ModelList(data=cards)
 
 
-@router.post("/v1/refine", responses=ERROR_RESPONSES)
-async def refine(body: RefineRequest, request: Request, service: ServiceDep) -> RefineResponse:
+@router.post("/v1/refine", responses=ERROR_RESPONSES, response_model=RefineResponse)
+async def refine(body: RefineRequest, request: Request, service: ServiceDep) -> Response:
     plan = plan_refine(service, body)
     [outcome] = await pipeline.run(service, request, plan)
-    return RefineResponse(
-        id=plan.request_id,
-        created=int(time.time()),
-        model=plan.model,
-        leader=outcome.leader,
-        rounds=outcome.rounds,
-        final=outcome.final,
-        stopped_reason=outcome.stopped_reason,
-        usage=outcome.usage,
+    return await json_answer(
+        lambda: RefineResponse(
+            id=plan.request_id,
+            created=int(time.time()),
+            model=plan.model,
+            leader=outcome.leader,
+            rounds=outcome.rounds,
+            final=outcome.final,
+            stopped_reason=outcome.stopped_reason,
+            usage=outcome.usage,
+        )
     )

@@ -7,10 +7,10 @@ the SSE stream of ``slhf_server.openai_stream``).
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Request, Response
 
 from slhf_server import pipeline
+from slhf_server.json_answer import json_answer
 from slhf_server.openai_protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -33,12 +33,13 @@ router = APIRouter()
 )
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, service: ServiceDep
-) -> ChatCompletionResponse | StreamingResponse:
+) -> Response:
     """OpenAI chat completions; the answer is the final round of the refinement."""
     plan = plan_chat(service, body)
     if body.stream:
         return await pipeline.stream(service, request, plan, open_stream)
-    return chat_response(plan, await pipeline.run(service, request, plan))
+    outcomes = await pipeline.run(service, request, plan)
+    return await json_answer(lambda: chat_response(plan, outcomes))
 
 
 @router.post(
@@ -46,11 +47,10 @@ async def chat_completions(
     response_model=None,
     responses={**sse_response(CompletionResponse, "completion"), **ERROR_RESPONSES},
 )
-async def completions(
-    body: CompletionRequest, request: Request, service: ServiceDep
-) -> CompletionResponse | StreamingResponse:
+async def completions(body: CompletionRequest, request: Request, service: ServiceDep) -> Response:
     """OpenAI completions: each prompt is a question, answered and refined."""
     plan = plan_completion(service, body)
     if body.stream:
         return await pipeline.stream(service, request, plan, open_stream)
-    return completion_response(plan, await pipeline.run(service, request, plan))
+    outcomes = await pipeline.run(service, request, plan)
+    return await json_answer(lambda: completion_response(plan, outcomes))

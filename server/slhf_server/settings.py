@@ -122,6 +122,10 @@ class ServerSettings(BaseSettings):
     """Seconds a client has to send its whole request body once the request started; a body
     still incomplete then (a ``Content-Length`` larger than what is sent) gets a 408 and the
     connection is closed."""
+    header_timeout_s: float = Field(10.0, gt=0)
+    """Seconds a client has to send a request's line and headers, from the moment the
+    connection opens (or the request's first byte on a kept-alive connection); a client still
+    sending them then gets a 408 and the connection is closed (``slhf serve``)."""
     max_tokens_cap: int = Field(8192, ge=1)
     """Largest ``max_tokens`` a request may ask for, per role and round."""
     max_n: int = Field(16, ge=1, le=128)
@@ -156,8 +160,8 @@ class ServerSettings(BaseSettings):
     before the request gets a 504."""
     upstream_max_bytes: int = Field(2 * 1024 * 1024, ge=1024)
     """Largest upstream answer body; a bigger one is a 502, refused as it arrives. The answer's
-    text must also fit the Follower's context (about ``max_model_len x 32`` characters at
-    most) before it is tokenized."""
+    text must also fit the Follower's context, by its length alone, before it is tokenized
+    (docs/reliability.md)."""
 
     @field_validator(
         "model",

@@ -151,9 +151,8 @@ class UpstreamClient:
             if span is not None:
                 span.set_attribute("http.response.status_code", status)
         if status != 200:
-            raise UpstreamError(
-                f"{self.where} answered {status}: {_error_message(raw)}", code="upstream_error"
-            )
+            message = await asyncio.to_thread(_error_message, raw)
+            raise UpstreamError(f"{self.where} answered {status}: {message}", code="upstream_error")
         return await asyncio.to_thread(parse_answer, raw, self.where)
 
     async def _answer(self, body: dict[str, Any]) -> tuple[int, bytes]:

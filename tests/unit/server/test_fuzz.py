@@ -5,15 +5,25 @@ by case counts."""
 
 from __future__ import annotations
 
+import typing
 from collections import Counter
 
 import schemathesis
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
 from tests.fakes import ScriptedEngine, VllmLikeEngine, numbered_script
-from tests.hostile_requests import REQUESTS, encode, fuzz_settings, violation
+from tests.hostile_requests import (
+    CORPUS,
+    REQUESTS,
+    corpus_paths,
+    encode,
+    fuzz_settings,
+    violation,
+)
 from tests.unit.server.test_hardening import AUTH, KEY, make_app
 
 CASES_PER_OPERATION = 200  # 7 operations: 1,400 cases
@@ -80,3 +90,34 @@ def test_hostile_bodies_get_200_or_4xx_envelopes() -> None:
     print(f"hostile fuzz: statuses {dict(sorted(statuses.items()))}")
     assert not failures, "\n".join(failures[:10])
     assert statuses[200] > 0 and sum(statuses.values()) == HOSTILE_EXAMPLES
+
+
+def _model_paths(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Every field path a wire model accepts, nested models included."""
+    out: set[str] = set()
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        out.add(prefix + key)
+        stack = [info.annotation]
+        while stack:
+            t = stack.pop()
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                out |= _model_paths(t, f"{prefix}{key}.")
+            else:
+                stack.extend(typing.get_args(t))
+    return out
+
+
+def test_the_hostile_corpus_sets_every_field_every_route_accepts() -> None:
+    """A field added to a wire model (a vLLM sampling extra, a new route's body) must be in
+    the hostile corpus (tests/hostile_requests.py), or this fails naming it."""
+    app = make_app(ScriptedEngine(numbered_script))
+    bodies = {
+        route.path: route.body_field.field_info.annotation
+        for route in app.routes
+        if isinstance(route, APIRoute) and route.body_field is not None
+    }
+    assert set(bodies) == set(CORPUS), "a route without a hostile corpus"
+    for path, model in bodies.items():
+        missing = _model_paths(model) - corpus_paths(path)
+        assert not missing, f"{path}: the hostile corpus never sets {sorted(missing)}"

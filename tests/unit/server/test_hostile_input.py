@@ -242,3 +242,43 @@ def test_a_tokenizer_rejection_is_a_400() -> None:
         assert_envelope(r, 400, "the leader tokenizer rejected the request", "TypeError")
         r = post(c, CHAT, {"messages": USER, "refinement": {"response": "refuse"}})
         assert_envelope(r, 400, "the follower tokenizer rejected the request")
+
+
+class NotVllmError(Exception):
+    """An exception class no engine code foresees (a bug in a fake, a new vLLM error)."""
+
+
+@pytest.mark.parametrize("exc", [NotVllmError("boom"), KeyError("k"), AttributeError("a")])
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_engine_error_of_any_class_is_a_503_never_a_500(exc: Exception, stream: bool) -> None:
+    engine = ScriptedEngine(rejecting(exc), context=512)
+    with TestClient(make_app(engine)) as c:
+        r = post(c, CHAT, {"messages": USER, "stream": stream})
+        err = assert_envelope(r, 503, "the leader engine failed the request", type(exc).__name__)
+        assert err["code"] == "engine_error"
+        r = post(c, REFINE, {"prompt": "x", "rounds": 1})
+        assert assert_envelope(r, 503, "engine failed")["code"] == "engine_error"
+        opts = {"rounds": 1, "stream_rounds": True}
+
+        def follower_fails(call: Call) -> str:
+            if call.role == "follower":
+                raise exc
+            return "fine"
+
+        engine.script = follower_fails
+        r = post(c, CHAT, {"messages": USER, "stream": True, "refinement": opts})
+        events = [ln for ln in r.text.splitlines() if ln.startswith("data: ")]
+        assert r.status_code == 200 and "fine" in r.text  # mid-stream: an error event
+        assert json.loads(events[-2][len("data: ") :])["error"]["code"] == "engine_error"
+
+
+class BrokenHealthEngine(ScriptedEngine):
+    async def check_health(self) -> None:
+        raise NotVllmError("the health check itself broke")
+
+
+def test_a_health_check_that_breaks_unexpectedly_is_a_503() -> None:
+    with TestClient(make_app(BrokenHealthEngine(numbered_script, context=512))) as c:
+        for path in ("/health", "/ready"):
+            assert assert_envelope(c.get(path), 503, "NotVllmError")["code"] == "engine_error"
+        assert assert_envelope(post(c, REFINE, {"prompt": "x"}), 503, "health")

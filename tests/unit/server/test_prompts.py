@@ -5,10 +5,15 @@ details
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
 from slhf_models.serving.templates import TemplateConfig, TemplateRenderer
 from slhf_server.engine import DraftCounts, GenerationParams
@@ -16,6 +21,7 @@ from slhf_server.metrics import ServiceMetrics
 from slhf_server.protocol import Usage
 from slhf_server.refine import RefineJob, Refiner
 from tests.fakes import CharTokenizer, ScriptedEngine, numbered_script
+from tests.unit.server.test_hardening import make_app
 
 PARAMS = GenerationParams(max_tokens=16)
 PROMPT = "What is gravity?"
@@ -142,3 +148,85 @@ def test_usage_adds_details_where_either_side_reports_them() -> None:
         "total_tokens": 7,
         "prompt_tokens_details": {"cached_tokens": 3},
     }
+
+
+# -- off the event loop, and refused before tokenizing -------------------------------------------
+class DemoTokenizerEngine(ScriptedEngine):
+    """A scripted engine with the shipped demo model's real tokenizer (2,048-token context)."""
+
+    def tokenizer(self, role: Any) -> Any:  # type: ignore[override]
+        return demo_tokenizer()
+
+
+@functools.cache
+def demo_tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    from slhf_models.serving.loading import default_model_dir
+
+    return AutoTokenizer.from_pretrained(default_model_dir())
+
+
+BIG = 4 * 1024 * 1024 - 1024  # just under SLHF_MAX_BODY_BYTES with the JSON around it
+
+
+def test_four_huge_prompts_are_refused_at_once_and_health_stays_fast() -> None:
+    """Four 4 MiB prompts at once (tokenizing each took 3-5 s on the event loop): each is the
+    usual 400, from its length alone, while /health answers throughout."""
+    app = make_app(DemoTokenizerEngine(numbered_script, context=2048))
+    with TestClient(app) as client:
+
+        def huge(i: int) -> tuple[int, dict[str, Any], float]:
+            start = time.perf_counter()
+            r = client.post("/v1/refine", json={"prompt": f"{i} " + "word " * (BIG // 5)})
+            return r.status_code, r.json(), time.perf_counter() - start
+
+        health: list[float] = []
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(huge, i) for i in range(4)]
+            while not all(f.done() for f in futures):
+                start = time.perf_counter()
+                assert client.get("/health").status_code == 200
+                health.append(time.perf_counter() - start)
+            results = [f.result() for f in futures]
+        for status, body, seconds in results:
+            assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+            assert "Leader prompt has at least" in body["error"]["message"]
+            assert "max_model_len is 2,048" in body["error"]["message"]
+            assert seconds < 3.0  # tokenizing one took 3-5 s; four in a row, 15 s
+        assert max(health, default=0.0) < 1.0  # it took up to 9.8 s (a busy machine: margin)
+        lag = client.get("/metrics").text
+        assert "slhf_event_loop_lag_seconds " in lag
+
+
+def test_a_prompt_within_the_bound_that_does_not_fit_is_measured_by_tokenizing() -> None:
+    """Short enough to pass the bound, too long once tokenized: the exact count (2 chars a
+    token here), tokenized in the worker thread."""
+    app = make_app(DemoTokenizerEngine(numbered_script, context=2048))
+    with TestClient(app) as client:
+        r = client.post("/v1/refine", json={"prompt": "ab " * 2000})
+        assert r.status_code == 400
+        message = r.json()["error"]["message"]
+        assert "at least" not in message and "max_model_len is 2,048" in message
+        ok = client.post("/v1/refine", json={"prompt": "Is 2 + 2 = 4?", "rounds": 1})
+        assert ok.status_code == 200, ok.text
+
+
+def test_prompts_are_tokenized_in_the_tokenizer_thread_never_on_the_loop() -> None:
+    seen: list[str] = []
+
+    class Recording(CharTokenizer):
+        def encode(self, text: str, **kwargs: Any) -> list[int]:
+            seen.append(threading.current_thread().name)
+            return super().encode(text, **kwargs)
+
+    ref = refiner(ScriptedEngine(numbered_script), Recording())
+    seen.clear()  # the start-up splice check runs on the caller's thread
+    asyncio.run(ref.refine(job(2, given_answer="draft")))
+    assert seen and all(name.startswith("slhf-tokenizer-") for name in seen)
+
+
+def test_a_follower_prompt_that_outgrows_the_context_stops_the_loop() -> None:
+    engine = ScriptedEngine(lambda call: "x" * 300, context=400)
+    out = asyncio.run(refiner(engine).refine(job(3, stop_when_unchanged=False)))
+    assert out.stopped_reason == "context_length"

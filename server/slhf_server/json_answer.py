@@ -1,0 +1,25 @@
+"""A JSON answer built and serialized off the event loop (docs/reliability.md).
+
+A non-streamed answer may hold ``SLHF_MAX_N`` choices of ``SLHF_MAX_TOKENS_CAP`` tokens of text
+per round, with every round's trace: megabytes of JSON. ``json_answer`` builds the wire model and
+writes its bytes in a worker thread, and the route returns the finished ``Response`` (FastAPI
+then neither validates nor serializes it again; the route's ``response_model`` still documents
+it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from fastapi import Response
+from pydantic import BaseModel
+
+
+def _render(build: Callable[[], BaseModel]) -> Response:
+    return Response(build().model_dump_json(), media_type="application/json")
+
+
+async def json_answer(build: Callable[[], BaseModel]) -> Response:
+    """``build()``'s model as a JSON response, built and serialized in a worker thread."""
+    return await asyncio.to_thread(_render, build)
