@@ -366,7 +366,7 @@ class VllmEngine:
         """vLLM's outputs for one request; its errors turned into the server's errors."""
         binding = self._roles[role]
         try:
-            await self._schemas.check(params.output_format)
+            grammar = await self._schemas.check(params.output_format)
             sampling = SamplingParams(
                 n=1,
                 max_tokens=params.max_tokens,
@@ -382,7 +382,7 @@ class VllmEngine:
                 min_tokens=params.min_tokens,
                 ignore_eos=params.ignore_eos,
                 output_kind=kind,
-                structured_outputs=structured(params.output_format),
+                structured_outputs=structured(params.output_format, grammar),
                 logprobs=params.logprobs,
                 logit_bias=dict(params.logit_bias) or None,
             )

@@ -2,6 +2,10 @@
 
 - ``structured``: an ``OutputFormat`` as vLLM's ``StructuredOutputsParams`` (vLLM picks the
   backend, xgrammar first; the engine compiles the grammar for the tokenizer off the event loop).
+  One exception: xgrammar (0.2) writes a string with ``maxLength`` as characters that admit the
+  control characters U+0000..U+001F, which JSON forbids unescaped (strict parsers, pydantic's and
+  the ``openai`` SDK's ``parse`` included, refuse such an answer). Where xgrammar's grammar for a
+  schema has that rule, the grammar is sent instead, with JSON's own rule for string characters.
 - ``SchemaCheck``: vLLM turns a JSON schema into a grammar once more when a request is added, on
   the caller's thread -- here the event loop. Before that, each distinct schema is turned into a
   grammar on a worker thread (xgrammar releases the GIL) within ``SCHEMA_CHECK_BUDGET_S``,
@@ -20,6 +24,9 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+# xgrammar: vLLM's default structured-output backend, imported with this module rather than by
+# the first schema check's worker thread (an import holds the GIL: the event loop would wait)
+import xgrammar as xgr
 from vllm.sampling_params import StructuredOutputsParams
 
 from slhf_server.engine import OutputFormat, TokenLogprob
@@ -31,21 +38,36 @@ SCHEMA_WORKERS = 4
 """Worker threads building grammars: a slow schema holds one, not the others' checks."""
 
 
-def structured(fmt: OutputFormat | None) -> StructuredOutputsParams | None:
+def structured(
+    fmt: OutputFormat | None, grammar: str | None = None
+) -> StructuredOutputsParams | None:
+    """vLLM's constraint for ``fmt``; ``grammar``: the EBNF ``SchemaCheck.check`` gave for it."""
     if fmt is None:
         return None
     if fmt.kind == "json_object":
         return StructuredOutputsParams(json_object=True)
+    if grammar is not None:
+        return StructuredOutputsParams(grammar=grammar)
     return StructuredOutputsParams(json=fmt.schema)
 
 
-def _grammar(schema: str) -> None:
-    import xgrammar as xgr  # vLLM's default structured-output backend
+BOUNDED_STRING_CHAR = '[^\\"\\\\\\r\\n]'
+"""xgrammar's character rule inside a length-bounded JSON string (it lets U+0000..U+001F in)."""
+JSON_STRING_CHAR = '[^\\"\\\\\\0-\\x1f]'
+"""JSON's: anything but a quote, a backslash and U+0000..U+001F (escapes are not offered)."""
 
+
+def _grammar(schema: str) -> str | None:
+    """xgrammar's grammar for ``schema`` (EBNF) when it needs JSON's string-character rule
+    restored; None when it does not, or when xgrammar cannot build one (vLLM then decides:
+    another backend, or a 400)."""
     try:
-        xgr.Grammar.from_json_schema(json.loads(schema))
-    except Exception:  # unsupported by xgrammar: vLLM decides (another backend, or a 400)
-        return
+        ebnf = str(xgr.Grammar.from_json_schema(json.loads(schema)))
+    except Exception:
+        return None
+    if BOUNDED_STRING_CHAR not in ebnf:
+        return None
+    return ebnf.replace(BOUNDED_STRING_CHAR, JSON_STRING_CHAR)
 
 
 class SchemaCheck:
@@ -53,14 +75,16 @@ class SchemaCheck:
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(SCHEMA_WORKERS, thread_name_prefix="slhf-schema")
-        self._ok: OrderedDict[str, None] = OrderedDict()
+        self._ok: OrderedDict[str, str | None] = OrderedDict()
 
-    async def check(self, fmt: OutputFormat | None) -> None:
+    async def check(self, fmt: OutputFormat | None) -> str | None:
+        """Refuse ``fmt``'s schema when it is too slow; else the grammar to send for it, if any
+        (``structured``)."""
         if fmt is None or fmt.schema is None:
-            return
+            return None
         if fmt.schema in self._ok:
             self._ok.move_to_end(fmt.schema)
-            return
+            return self._ok[fmt.schema]
         loop = asyncio.get_running_loop()
         started: asyncio.Future[None] = loop.create_future()
 
@@ -68,22 +92,23 @@ class SchemaCheck:
             if not started.done():
                 started.set_result(None)
 
-        def run(schema: str) -> None:
+        def run(schema: str) -> str | None:
             loop.call_soon_threadsafe(begun)
-            _grammar(schema)
+            return _grammar(schema)
 
-        work = loop.run_in_executor(self._pool, run, fmt.schema)
+        work: asyncio.Future[str | None] = loop.run_in_executor(self._pool, run, fmt.schema)
         await asyncio.shield(started)  # the budget counts from when a worker takes it
         try:
-            await asyncio.wait_for(asyncio.shield(work), SCHEMA_CHECK_BUDGET_S)
+            grammar = await asyncio.wait_for(asyncio.shield(work), SCHEMA_CHECK_BUDGET_S)
         except TimeoutError:
             raise ValueError(
                 f"the JSON schema takes more than {SCHEMA_CHECK_BUDGET_S:g} s to turn into a "
                 "grammar; simplify it (fewer nested or counted repetitions in patterns)"
             ) from None
-        self._ok[fmt.schema] = None
+        self._ok[fmt.schema] = grammar
         if len(self._ok) > SCHEMAS_REMEMBERED:
             self._ok.popitem(last=False)
+        return grammar
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

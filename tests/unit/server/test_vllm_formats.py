@@ -4,6 +4,7 @@ without an engine."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 from vllm.logprobs import Logprob
 
@@ -69,3 +70,39 @@ def test_schema_check_does_not_run_on_the_event_loop() -> None:
     ticks, outcome = asyncio.run(go())
     assert ticks >= 5, "the event loop stalled while the schema was checked"
     assert outcome == "accepted" or f"more than {SCHEMA_CHECK_BUDGET_S:g} s" in outcome
+
+
+def _matches(grammar: object, text: str) -> bool:
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    from slhf_models.serving.loading import SHIPPED_MODEL_DIR
+
+    info = xgr.TokenizerInfo.from_huggingface(AutoTokenizer.from_pretrained(SHIPPED_MODEL_DIR))
+    compiled = xgr.GrammarCompiler(info).compile_grammar(grammar)  # type: ignore[arg-type]
+    matcher = xgr.GrammarMatcher(compiled)
+    return bool(matcher.accept_string(text))
+
+
+def test_a_length_bounded_string_admits_no_control_character() -> None:
+    """xgrammar's own grammar for ``maxLength`` lets U+001A into the string (an answer that
+    strict JSON parsers refuse, seen from the tiny model); the grammar sent instead does not."""
+    import xgrammar as xgr
+
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "tag": {"type": "string", "maxLength": 3}},
+        "required": ["ok", "tag"],
+    }
+    text = json.dumps(schema)
+    bad, good = '{"ok": false, "tag": "\x1a!"}', '{"ok": true, "tag": "ab"}'
+    assert _matches(xgr.Grammar.from_json_schema(text), bad)  # xgrammar's own: let through
+    grammar = asyncio.run(SchemaCheck().check(OutputFormat("json_schema", text)))
+    assert grammar is not None
+    sent = structured(OutputFormat("json_schema", text), grammar)
+    assert sent is not None and sent.grammar == grammar and sent.json is None
+    ebnf = xgr.Grammar.from_ebnf(grammar)
+    assert not _matches(ebnf, bad) and _matches(ebnf, good)
+    # a schema whose strings are unbounded keeps xgrammar's JSON rules: the schema goes as is
+    plain = json.dumps({"type": "object", "properties": {"tag": {"type": "string"}}})
+    assert asyncio.run(SchemaCheck().check(OutputFormat("json_schema", plain))) is None
