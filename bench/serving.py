@@ -575,7 +575,7 @@ def ratios(res: dict[str, list[dict[str, Any]]]) -> tuple[str, list[dict[str, An
         met = "–" if r["met"] is None else ("yes" if r["met"] else "**no**")
         lines.append(
             f"| {r['rounds']} | {r['concurrency']} | {r['system']} | {r['versus']} "
-            f"| {METRIC_NAMES[r['metric']]} | {r['ratio']:.2f}x "
+            f"| {METRIC_NAMES[str(r['metric'])]} | {r['ratio']:.2f}x "
             f"| {r['goal'] or '–'} | {met} |"
         )
     return "\n".join(lines) + "\n", out
