@@ -159,6 +159,7 @@ bench: bench-install
 	$(PY) bench/profile_serving.py --k 2 --c 32 --seconds 30 --out bench/results/profile_k2_c32
 	$(PY) bench/profile_serving.py --k 2 --c 32 --seconds 30 --server-autogroup-nice 10 \
 		--out bench/results/profile_k2_c32_autogroup
+	$(PY) bench/profile_api.py --k 2 --c 32 --requests 256 --out bench/results/profile_api
 	$(PY) bench/copy_model.py $(COPY_MODEL)
 	$(PY) bench/drafting.py $(DRAFTING) --out bench/results/drafting_demo_sampled_ag10
 	$(PY) bench/drafting.py $(DRAFTING) --temperature 0 --out bench/results/drafting_demo_greedy_ag10

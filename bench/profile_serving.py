@@ -99,6 +99,41 @@ def parse_raw(text: str, pid: int = 0, cmdline: str = "?") -> dict[int, dict[str
     return out
 
 
+def api_functions(text: str, pid: int, top: int = 25) -> list[dict[str, Any]]:
+    """The functions of process ``pid`` in py-spy's raw output, by share of its samples: each
+    function's inclusive share (on the stack) and self share (the leaf), most inclusive first
+    (frames are ``name (file:line)``; the line is dropped so a function counts once)."""
+    total = 0
+    inclusive: Counter[str] = Counter()
+    leaf: Counter[str] = Counter()
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        owner = 0
+        while frames and (m := _PROCESS.match(frames[0])):
+            owner = int(m[1])
+            frames = frames[1:]
+        if owner != pid:
+            continue
+        n = int(count)
+        total += n
+        names = [re.sub(r":\d+\)$", ")", f) for f in frames]
+        for name in set(names):
+            inclusive[name] += n
+        if names:
+            leaf[names[-1]] += n
+    return [
+        {
+            "function": name,
+            "inclusive": round(n / max(total, 1), 4),
+            "self": round(leaf[name] / max(total, 1), 4),
+        }
+        for name, n in inclusive.most_common(top)
+    ]
+
+
 async def drive(url: str, body_for: Any, c: int, seconds: float) -> dict[str, Any]:
     """Keep ``c`` requests in flight for ``seconds``; count the finished ones."""
     done = 0
@@ -154,11 +189,24 @@ def main() -> None:
         help="autogroup niceness of the server's session (bench/serving.py's option)",
     )
     ap.add_argument("--out", type=Path, help="write OUT.json, OUT.md and OUT.raw.txt.gz")
+    ap.add_argument(
+        "--allow-others",
+        action="store_true",
+        help="profile even when other engine / server / test processes run (recorded)",
+    )
+    ap.add_argument(
+        "--api-functions",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also list the API process's N most sampled functions (inclusive and self shares)",
+    )
     args = ap.parse_args()
     spy = pyspy()
     others = procs.others_running()
-    if others:
+    if others and not args.allow_others:
         raise SystemExit(f"not alone: {[o['cmdline'] for o in others]}")
+    load_before = os.getloadavg()
 
     sampling = {"max_tokens": args.max_tokens}
     c = args.c
@@ -203,6 +251,7 @@ def main() -> None:
         for p in spies:
             if p.wait(timeout=120) != 0:
                 raise SystemExit(f"py-spy failed (exit {p.returncode}); is ptrace allowed?")
+        functions = api_functions(server_raw.read_text(), server.pid, args.api_functions)
         profiled = parse_raw(server_raw.read_text())
         profiled.update(parse_raw(client_raw.read_text(), os.getpid(), "bench/profile_serving.py"))
         raw_text = server_raw.read_text() + client_raw.read_text()
@@ -218,11 +267,22 @@ def main() -> None:
         rows.append({"pid": pid, "role": role, "cpu_s": cpu, "wait_s": wait, **entry})
     delta = procs.cpu_delta(before, after)
     md = table(rows)
+    api_cpu = sum(r["cpu_s"] for r in rows if r["role"] == "api")
     head = (
         f"k = {args.k}, c = {c}, {args.seconds:.0f} s at {args.rate} samples/s: "
         f"{load['requests']} requests, {load['req_per_s']} req/s while sampled; machine busy "
-        f"{delta['machine_busy_s']:.1f} of {delta['machine_capacity_s']:.1f} CPU s"
+        f"{delta['machine_busy_s']:.1f} of {delta['machine_capacity_s']:.1f} CPU s; API "
+        f"process {1000 * api_cpu / max(load['requests'], 1):.2f} CPU ms per request; load "
+        f"average before {' '.join(f'{x:.2f}' for x in load_before)}, other processes "
+        f"before: {len(others)}"
     )
+    if functions:
+        md += "\n\nAPI process, most sampled functions (share of its samples):\n\n"
+        md += "| function | inclusive | self |\n|---|---|---|\n"
+        md += "\n".join(
+            f"| `{f['function'][:110]}` | {f['inclusive']:.1%} | {f['self']:.1%} |"
+            for f in functions
+        )
     print(head)
     print(md)
     if args.out:
@@ -232,6 +292,9 @@ def main() -> None:
             "autogroup_enabled": procs.autogroup_enabled(),
             "server_autogroup": autogroup,
             "alone_before": others,
+            "load_average_before": load_before,
+            "api_cpu_ms_per_request": 1000 * api_cpu / max(load["requests"], 1),
+            "api_functions": functions,
             "load": load,
             "cpu": delta,
             "processes": rows,

@@ -80,6 +80,8 @@ DEFAULT_SYSTEMS = ("ours", "peer", "peer_chat", "in_process")
 ALIASES = {"peer_tokens": "peer"}
 NICE_BASES = ("ours", "in_process")
 PEER_FLAGS = "--disable-log-stats --disable-uvicorn-access-log"
+API_CPU = "api_cpu_ms_per_request"
+METRIC_NAMES = {"requests_per_s": "req/s", "p50_ms": "p50", API_CPU: "API CPU ms/req"}
 _SYSTEM = re.compile(r"^([a-z_]+)(?:\[nice=(\d+)\])?$")
 
 OneRequest = Callable[[int, int], Awaitable[int]]
@@ -474,7 +476,8 @@ def cells_table(res: dict[str, list[dict[str, Any]]]) -> str:
             s = cpu["cpu_s"]
             hit = r["follower_prefix_cache_hit_rate"]
             client = s.get("client", s.get("client+api"))
-            api = "(in client)" if "client+api" in s else f"{s.get('api', 0):.1f}"
+            ms = api_cpu_ms(r)
+            api = "(in client)" if ms is None else f"{s['api']:.2f} ({ms:.1f} ms/req)"
             others = sum(v for role, v in s.items() if role in ("mp_helper", "other_child"))
             nice = cpu["nice"].get("engine_core", cpu["nice"].get("worker", "–"))
             w = cpu.get("runqueue_wait_s", {})
@@ -508,23 +511,39 @@ def goal(other: str, k: int, c: int, metric: str) -> tuple[str, float] | None:
             return ">=", 1.0
     if metric == "p50_ms" and other == "in_process" and c == 1:
         return "<=", 1.10
+    if metric == API_CPU and k == 2 and c == 32:  # the front end's goal (docs/performance.md)
+        return {"peer_chat": ("<=", 0.6), "peer": ("<=", 0.8)}.get(other)
     return None
 
 
+def api_cpu_ms(row: dict[str, Any]) -> float | None:
+    """The server's API process's CPU ms per request (chain) in a cell; None in-process, where
+    the API and the load generator are one process."""
+    api = row["cpu"]["cpu_s"].get("api")
+    return None if api is None else 1000.0 * api / row["requests"]
+
+
 def median_rows(rows: list[dict[str, Any]]) -> dict[tuple[int, int], dict[str, float]]:
-    """Per (k, c): the median requests/s and p50 over the cell's repeats."""
+    """Per (k, c): the median requests/s, p50 and API-process CPU ms per request over the
+    cell's repeats (the last only for servers)."""
     by: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for r in rows:
         by.setdefault((r["rounds"], r["concurrency"]), []).append(r)
-    return {
+    out = {
         key: {m: statistics.median(r[m] for r in rs) for m in ("requests_per_s", "p50_ms")}
         for key, rs in by.items()
     }
+    for key, rs in by.items():
+        cpu = [x for x in map(api_cpu_ms, rs) if x is not None]
+        if cpu:
+            out[key][API_CPU] = statistics.median(cpu)
+    return out
 
 
 def ratios(res: dict[str, list[dict[str, Any]]]) -> tuple[str, list[dict[str, Any]]]:
-    """Each ``ours*`` system against every other system on the cells both ran: requests/s and,
-    at c = 1, p50 latency (medians over ``--repeat``); with the goal where one is set."""
+    """Each ``ours*`` system against every other system on the cells both ran: requests/s, at
+    c = 1 p50 latency, and against the other servers the API process's CPU per request (medians
+    over ``--repeat``); with the goal where one is set."""
     idx = {s: median_rows(rows) for s, rows in res.items()}
     out = []
     for mine in (s for s in res if parse_system(s).base == "ours"):
@@ -534,6 +553,7 @@ def ratios(res: dict[str, list[dict[str, Any]]]) -> tuple[str, list[dict[str, An
                 if theirs is None:
                     continue
                 metrics = ["requests_per_s"] + (["p50_ms"] if key[1] == 1 else [])
+                metrics += [API_CPU] if API_CPU in idx[mine][key] and API_CPU in theirs else []
                 for metric in metrics:
                     value = idx[mine][key][metric] / theirs[metric]
                     g = goal(parse_system(other).base, *key, metric)
@@ -555,7 +575,7 @@ def ratios(res: dict[str, list[dict[str, Any]]]) -> tuple[str, list[dict[str, An
         met = "–" if r["met"] is None else ("yes" if r["met"] else "**no**")
         lines.append(
             f"| {r['rounds']} | {r['concurrency']} | {r['system']} | {r['versus']} "
-            f"| {'req/s' if r['metric'] == 'requests_per_s' else 'p50'} | {r['ratio']:.2f}x "
+            f"| {METRIC_NAMES[str(r['metric'])]} | {r['ratio']:.2f}x "
             f"| {r['goal'] or '–'} | {met} |"
         )
     return "\n".join(lines) + "\n", out

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from vllm import CompletionOutput, RequestOutput, SamplingParams
+from vllm import CompletionOutput, RequestOutput, SamplingParams, envs
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs import tokens_input
@@ -293,6 +293,11 @@ class VllmEngine:
                 reniced,
                 settings.engine_niceness if settings.engine_niceness is not None else 10,
             )
+        # vLLM reads its environment variables through ``vllm.envs`` on every access (per
+        # generated token where its request stats are kept: ~7 % of this process's CPU at
+        # c = 32); its engine processes cache them once started, and so does this one
+        # (docs/performance.md, "The API process's CPU"). Reset at shutdown.
+        envs.enable_envs_cache()
         engine.startup_seconds = time.perf_counter() - t0
         engine.shutdown_timeout_s = settings.shutdown_timeout_s / 2
         logger.info("engine ready in %.1f s", engine.startup_seconds)
@@ -385,6 +390,7 @@ class VllmEngine:
                 structured_outputs=structured(params.output_format, grammar),
                 logprobs=params.logprobs,
                 logit_bias=dict(params.logit_bias) or None,
+                skip_clone=True,  # built for this request alone: vLLM need not deep-copy it
             )
             async for out in binding.llm.generate(
                 tokens_input(prompt_token_ids),
@@ -417,4 +423,5 @@ class VllmEngine:
         self._schemas.close()
         for llm in self._llms:
             llm.shutdown(timeout=self.shutdown_timeout_s)
+        envs.disable_envs_cache()  # an engine started later in this process reads them afresh
         await asyncio.sleep(0)

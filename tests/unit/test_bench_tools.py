@@ -1,9 +1,12 @@
-"""Logic of two benchmark tools (docs/performance.md): the py-spy profile's parser (``bench/
-profile_serving.py``) and the copy-heavy Follower's training rows (``bench/copy_model.py``)."""
+"""Logic of the benchmark tools (docs/performance.md): the py-spy profile's parser (``bench/
+profile_serving.py``), the serving benchmark's ratios (``bench/serving.py``) and the copy-heavy
+Follower's training rows (``bench/copy_model.py``)."""
 
 from __future__ import annotations
 
-from bench import copy_model, profile_serving
+from typing import Any
+
+from bench import copy_model, profile_serving, serving
 
 API = 'process 10:"python -m slhf.cli serve"'
 CORE = 'process 11:"VLLM::EngineCore"'
@@ -41,6 +44,52 @@ def test_stacks_without_a_process_belong_to_the_given_pid() -> None:
     line = "main (client.py:1);EpollSelector.select (selectors.py:1) 4"
     out = profile_serving.parse_raw(line, 99)
     assert out[99]["samples"] == 4 and out[99]["by_category"] == {"blocked": 4}
+
+
+def test_the_api_processs_functions_are_shared_by_inclusive_and_self_samples() -> None:
+    out = {f["function"]: f for f in profile_serving.api_functions(RAW, 10)}
+    # only the API process's own 7 samples count; the line number is dropped
+    assert out == {
+        "Runner.run (asyncio/runners.py)": {
+            "function": "Runner.run (asyncio/runners.py)",
+            "inclusive": 1.0,
+            "self": 1.0,
+        }
+    }
+    worker = {f["function"]: f for f in profile_serving.api_functions(RAW, 12)}
+    assert worker["execute_model (vllm/v1/worker/cpu_model_runner.py)"]["inclusive"] == 0.6667
+    assert worker["execute_model (vllm/v1/worker/cpu_model_runner.py)"]["self"] == 0.0
+    assert worker["OpOverload.__call__ (torch/_ops.py)"]["self"] == 0.6667
+    assert worker["sched_yield (vllm/distributed/utils.py)"]["self"] == 0.2667
+
+
+def _cell(rps: float, api_cpu_s: float | None, requests: int = 100) -> dict[str, Any]:
+    cpu_s = {"client+api": 1.0} if api_cpu_s is None else {"api": api_cpu_s, "client": 0.1}
+    return {
+        "rounds": 2,
+        "concurrency": 32,
+        "requests": requests,
+        "requests_per_s": rps,
+        "p50_ms": 100.0,
+        "cpu": {"cpu_s": cpu_s},
+    }
+
+
+def test_serving_ratios_weigh_the_api_processs_cpu_per_chain_against_the_peers() -> None:
+    res = {
+        "ours": [_cell(60, 0.40), _cell(50, 0.50), _cell(55, 0.45)],  # median 4.5 ms/request
+        "peer": [_cell(30, 0.60)],  # 6.0 ms
+        "peer_chat": [_cell(20, 0.80)],  # 8.0 ms
+        "in_process": [_cell(70, None)],  # no API process of its own
+    }
+    _, rows = serving.ratios(res)
+    cpu = {r["versus"]: r for r in rows if r["metric"] == serving.API_CPU}
+    assert set(cpu) == {"peer", "peer_chat"}
+    assert abs(cpu["peer"]["ratio"] - 0.75) < 1e-9 and cpu["peer"]["met"] is True  # <= 0.8
+    assert abs(cpu["peer_chat"]["ratio"] - 0.5625) < 1e-9 and cpu["peer_chat"]["met"] is True
+    res["ours"] = [_cell(60, 0.50)]  # 5.0 ms: 0.83x and 0.625x, both missed
+    _, rows = serving.ratios(res)
+    assert [r["met"] for r in rows if r["metric"] == serving.API_CPU] == [False, False]
 
 
 def test_copy_rows_teach_the_follower_to_return_the_given_answer() -> None:
