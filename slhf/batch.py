@@ -36,6 +36,7 @@ from typing import IO, Any
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
+from starlette.responses import Response
 
 from slhf_server import routes, routes_openai, routes_responses
 from slhf_server.errors import (
@@ -296,6 +297,8 @@ async def answer(service: Service, endpoint: Endpoint, body: object) -> tuple[in
         response = await endpoint.handler(
             body=request, request=in_process_request(), service=service
         )
+        if isinstance(response, Response):  # the finished JSON (slhf_server.json_answer)
+            return response.status_code, json.loads(bytes(response.body))
         return 200, response.model_dump(mode="json", by_alias=True)
     except Exception as e:
         error: SLHFError = domain_error(e)

@@ -1,4 +1,5 @@
-"""The vLLM engine behind the ``Engine`` protocol -- the only server module importing vllm.
+"""The vLLM engine behind the ``Engine`` protocol -- with ``vllm_formats`` (structured outputs,
+logprobs) and ``engine_flags``, the only server modules importing vllm.
 
 One ``AsyncLLM`` runs in-process per distinct model:
 

@@ -29,6 +29,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
 # fixes and vLLM rollouts)
 VLLM_IMPORTERS = {
     "slhf_server.vllm_engine",
+    "slhf_server.vllm_formats",
     "slhf_server.engine_flags",
     "slhf_models.serving.vllm_cpu",
     "slhf_models.trainer.vllm_rollouts",
