@@ -29,7 +29,7 @@ from slhf_server.openai_stream import (
     Event,
     RoundDelta,
     final_logprobs,
-    refinement_events,
+    started_events,
 )
 from slhf_server.pipeline import Observer
 from slhf_server.plan import EXTRA_SAMPLING, OpenAIPlan, plan_openai, reject_unsupported
@@ -333,12 +333,7 @@ async def open_response_stream(
 ) -> AsyncIterator[str]:
     """Start the plan's one job and wait for its first event, so that a failure before any text
     still gets a plain error response with its status (``openai_stream.open_stream``)."""
-    events = refinement_events(refiner, plan.jobs, plan.stream_rounds)
-    try:
-        first = await anext(events)
-    except BaseException:
-        await events.aclose()
-        raise
+    first, events = await started_events(refiner, plan.jobs, plan.stream_rounds)
     return _event_stream(plan, first, events, observe)
 
 

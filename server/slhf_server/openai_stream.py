@@ -201,13 +201,22 @@ async def open_stream(
 ) -> AsyncIterator[str]:
     """Start the jobs and wait for their first event, so that a failure before any text (an
     upstream error, a Leader failure) still gets a plain error response with its status."""
-    events = refinement_events(refiner, plan.jobs, plan.stream_rounds)
+    first, events = await started_events(refiner, plan.jobs, plan.stream_rounds)
+    return _sse_stream(plan, first, events, observe)
+
+
+async def started_events(
+    refiner: Refiner, jobs: Sequence[RefineJob], stream_rounds: bool
+) -> tuple[Event, AsyncGenerator[Event, None]]:
+    """``refinement_events`` started: its first event (a failure before it is raised, the jobs
+    closed) and the rest."""
+    events = refinement_events(refiner, jobs, stream_rounds)
     try:
         first = await anext(events)
     except BaseException:
         await events.aclose()
         raise
-    return _sse_stream(plan, first, events, observe)
+    return first, events
 
 
 async def _sse_stream(
