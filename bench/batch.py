@@ -151,6 +151,7 @@ async def _bare(
     rows: list[dict[str, Any]], warmup: list[dict[str, Any]], concurrency: int
 ) -> dict[str, Any]:
     from slhf_server.app import resolve_served_weights
+    from slhf_server.lifecycle import frozen_startup_heap
     from slhf_server.openai_protocol import ChatCompletionRequest
     from slhf_server.pipeline import run_jobs
     from slhf_server.plan import plan_chat
@@ -158,7 +159,8 @@ async def _bare(
     from slhf_server.settings import ServerSettings
     from slhf_server.vllm_engine import VllmEngine
 
-    settings = ServerSettings(log_format="text", log_level="warning")
+    # the settings slhf batch runs with (no vLLM stat logger: nothing scrapes a batch)
+    settings = ServerSettings(log_format="text", log_level="warning", engine_metrics=False)
     weights = resolve_served_weights(settings)
     engine = VllmEngine.start(weights, settings)
     service = Service.build(settings, weights, engine)
@@ -173,11 +175,12 @@ async def _bare(
         return [plan_chat(service, ChatCompletionRequest.model_validate(b)).jobs for b in bodies]
 
     try:
-        await asyncio.gather(*(one(j) for j in plans(warmup)))
-        planned = plans(rows)
-        t0 = time.perf_counter()
-        tokens = await asyncio.gather(*(one(j) for j in planned))
-        seconds = time.perf_counter() - t0
+        with frozen_startup_heap():  # as slhf batch and slhf serve run
+            await asyncio.gather(*(one(j) for j in plans(warmup)))
+            planned = plans(rows)
+            t0 = time.perf_counter()
+            tokens = await asyncio.gather(*(one(j) for j in planned))
+            seconds = time.perf_counter() - t0
     finally:
         await engine.shutdown()
     return {
@@ -235,7 +238,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--batch-concurrency", type=int, default=None, help="default: slhf batch's own")
-    p.add_argument("--server-concurrency", type=int, nargs="+", default=[8, 32, 64])
+    p.add_argument("--server-concurrency", type=int, nargs="+", default=[16, 64, 128, 256])
     p.add_argument("--systems", nargs="+", default=["bare", "batch", "server"])
     p.add_argument("--note", default="", help="a line for the report (e.g. the machine was shared)")
     p.add_argument("--out", type=Path, default=RESULTS / "batch.json")

@@ -470,6 +470,7 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
 
 async def _run(settings: Any, weights: Any, args: argparse.Namespace) -> BatchReport:
     from slhf_server.admission import Admission
+    from slhf_server.lifecycle import frozen_startup_heap
     from slhf_server.metrics import ServiceMetrics
     from slhf_server.upstream import UpstreamClient
     from slhf_server.vllm_engine import VllmEngine
@@ -481,7 +482,8 @@ async def _run(settings: Any, weights: Any, args: argparse.Namespace) -> BatchRe
     admission = Admission(2**62, metrics)
     service = Service.build(settings, weights, engine, upstream, admission, metrics)
     try:
-        return await run_batch(service, args.input, args.output, concurrency=args.concurrency)
+        with frozen_startup_heap():
+            return await run_batch(service, args.input, args.output, concurrency=args.concurrency)
     finally:
         if upstream is not None:
             await upstream.aclose()
@@ -518,6 +520,9 @@ def run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         return 0
     overrides.setdefault("log_format", "text")
     overrides.setdefault("log_level", "warning")
+    # no /metrics to scrape in a batch: vLLM's Prometheus stat logger would only cost CPU
+    # (about a tenth of this process's at the shipped model's speed; docs/batch.md)
+    overrides.setdefault("engine_metrics", False)
     try:
         settings = ServerSettings(**overrides)
         weights = resolve_served_weights(settings)

@@ -18,7 +18,7 @@ from slhf_models.serving.loading import ServedWeights, default_model_dir, resolv
 from slhf_server.admission import Admission
 from slhf_server.engine import Engine
 from slhf_server.errors import install_error_handlers
-from slhf_server.lifecycle import install_drain
+from slhf_server.lifecycle import frozen_startup_heap, install_drain
 from slhf_server.logs import restyle_handlers
 from slhf_server.metrics import ServiceMetrics
 from slhf_server.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
@@ -89,7 +89,8 @@ def create_app(
         )
         lag_probe = asyncio.create_task(metrics.watch_loop_lag())
         try:
-            yield
+            with frozen_startup_heap():
+                yield
         finally:
             uninstall_drain()
             lag_probe.cancel()
