@@ -270,7 +270,9 @@ CHAT = hostile(CHAT_FIELDS, {"messages": [{"role": "user", "content": "Hello"}],
 COMPLETION_FIELDS: Strategies = {
     **OPENAI,
     "prompt": st.one_of(TEXT, st.lists(TEXT, max_size=3), ODD),
-    **{name: UNSUPPORTED_VALUE for name in ("echo", "suffix", "best_of")},
+    # the legacy integer logprobs (0..5); chat's top_logprobs is refused here
+    "logprobs": st.one_of(st.integers(0, 6), st.booleans(), ODD),
+    **{name: UNSUPPORTED_VALUE for name in ("echo", "suffix", "best_of", "top_logprobs")},
 }
 COMPLETIONS = hostile(COMPLETION_FIELDS, {"prompt": "Hello", "max_tokens": 4})
 INPUT_PART_FIELDS: Strategies = {

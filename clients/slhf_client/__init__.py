@@ -35,6 +35,8 @@ from .types import (
     Refinement,
     RefinementTrace,
     Round,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
@@ -64,5 +66,7 @@ __all__ = [
     "Round",
     "SLHFClientError",
     "ServerError",
+    "TokenLogprob",
+    "TopLogprob",
     "Usage",
 ]

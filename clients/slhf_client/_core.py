@@ -144,24 +144,40 @@ def refine_body(
     follower: dict[str, Any] | None,
     seed: int | None,
     stop_when_unchanged: bool | None,
+    response_format: dict[str, Any] | None = None,
+    logprobs: bool | None = None,
+    top_logprobs: int | None = None,
 ) -> dict[str, Any]:
+    """The ``/v1/refine`` body. ``response_format`` is the answer's: it goes to the Follower,
+    and to the Leader too unless ``rounds`` >= 1 is given (then the Leader answers freely and
+    the Follower's rounds, which end the chain, are constrained; as on the OpenAI routes), so
+    the answer satisfies it whichever round ends the chain. ``logprobs`` / ``top_logprobs`` go
+    to both roles: every round reports its own tokens. A role's own values win."""
     body: dict[str, Any] = (
         {"prompt": prompt} if isinstance(prompt, str) else {"messages": as_messages(prompt)}
     )
+    every = drop_none({"logprobs": logprobs, "top_logprobs": top_logprobs})
+    answer = drop_none({"response_format": response_format})
+    leader_free = rounds is not None and rounds >= 1
     body.update(
         drop_none(
             {
                 "model": model,
                 "rounds": rounds,
                 "response": response,
-                "leader": leader,
-                "follower": follower,
+                "leader": _over(every if leader_free else {**every, **answer}, leader),
+                "follower": _over({**every, **answer}, follower),
                 "seed": seed,
                 "stop_when_unchanged": stop_when_unchanged,
             }
         )
     )
     return body
+
+
+def _over(fields: dict[str, Any], own: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A role's own sampling over ``fields``; None when both are empty."""
+    return {**fields, **(own or {})} or None
 
 
 def chat_body(

@@ -1,10 +1,12 @@
 """``slhf refine "question"``: ask a server for a refined answer and show how it got there.
 
 Prints the Leader answer (or the given one), then each Follower round as a word-level diff
-against the round before, then why refinement stopped. ``--stream`` streams every round as it
-is generated (the OpenAI route with ``refinement.stream_rounds``) and prints the changes after
-each round. The server comes from ``--url`` / ``SLHF_BASE_URL``, the key from ``--api-key`` /
-``SLHF_API_KEY``. Exit status: 0 done, 1 the server refused or failed, 2 bad arguments.
+against the round before, then why refinement stopped. ``--stream`` streams every round as it is
+generated (the OpenAI route with ``refinement.stream_rounds``) and prints the changes after each
+round. ``--json-schema FILE`` / ``--json-object`` constrain the answer (structured outputs);
+``--logprobs`` shows each step's mean token log-probability. The server comes from ``--url`` /
+``SLHF_BASE_URL``, the key from ``--api-key`` / ``SLHF_API_KEY``. Exit status: 0 done, 1 the
+server refused or failed, 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from .client import Client
 from .errors import APIStatusError, SLHFClientError
 from .render import change_summary, dim, header, use_color, word_diff
-from .types import Refinement, RefinementTrace
+from .types import LeaderAnswer, Refinement, RefinementTrace, Round
 
 
 def add_refine_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +37,21 @@ def add_refine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, help="max tokens per generation")
     p.add_argument("--temperature", type=float, help="sampling temperature for every round")
     p.add_argument("--seed", type=int, help="base seed (reproducible rounds)")
+    answer = p.add_mutually_exclusive_group()
+    answer.add_argument(
+        "--json-schema",
+        type=Path,
+        metavar="FILE",
+        help="the answer must be JSON matching the JSON schema in FILE (structured outputs)",
+    )
+    answer.add_argument(
+        "--json-object", action="store_true", help="the answer must be a JSON object"
+    )
+    p.add_argument(
+        "--logprobs",
+        action="store_true",
+        help="ask for token log-probabilities and show each step's mean",
+    )
     p.add_argument("--json", action="store_true", help="print the raw /v1/refine JSON instead")
     p.add_argument("--url", help="server base URL (SLHF_BASE_URL; default http://localhost:8000)")
     p.add_argument("--api-key", help="API key (SLHF_API_KEY)")
@@ -53,14 +70,15 @@ def run_refine(
     try:
         question = _read(args.question) if args.question == "-" else args.question
         response = _read(args.response_file) if args.response_file else None
-    except OSError as e:
+        response_format = _response_format(args)
+    except (OSError, ValueError) as e:
         print(f"slhf refine: cannot read input: {e}", file=sys.stderr)
         return 2
     own = client is None
     client = client or Client(args.url, args.api_key, timeout=args.timeout)
     try:
         if args.stream:
-            _stream(client, args, question, response, out)
+            _stream(client, args, question, response, response_format, out)
         else:
             r = client.refine(
                 question,
@@ -70,6 +88,8 @@ def run_refine(
                 seed=args.seed,
                 leader=_sampling(args),
                 follower=_sampling(args),
+                response_format=response_format,
+                logprobs=args.logprobs or None,
             )
             if args.json:
                 print(json.dumps(r.raw, indent=2), file=out)
@@ -95,17 +115,36 @@ def _sampling(args: argparse.Namespace) -> dict[str, object] | None:
     return params or None
 
 
+def _response_format(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--json-schema FILE`` / ``--json-object`` as a ``response_format``."""
+    if args.json_schema is not None:
+        schema = json.loads(_read(args.json_schema))
+        name = Path(args.json_schema).stem or "answer"
+        return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+    return {"type": "json_object"} if args.json_object else None
+
+
+def _notes(step: LeaderAnswer | Round) -> str:
+    """What a step says besides its tokens: its format, its tokens' mean log-probability."""
+    notes = [step.output_format] if step.output_format else []
+    if step.logprobs:
+        mean = sum(t.logprob for t in step.logprobs) / len(step.logprobs)
+        notes.append(f"mean logprob {mean:.3f}")
+    return "".join(f" · {n}" for n in notes)
+
+
 def show_refinement(r: RefinementTrace, out: TextIO, color: bool) -> None:
     """The Leader answer, then each round as a word diff against the previous one."""
     lead = r.leader
     title = "Leader" if lead.source == "leader" else f"Answer ({lead.source})"
-    print(header(f"{title} · {lead.usage.completion_tokens} tokens", color), file=out)
+    tokens = f"{lead.usage.completion_tokens} tokens"
+    print(header(f"{title} · {tokens}{_notes(lead)}", color), file=out)
     print(lead.text.strip() or dim("(empty)", color), file=out)
     previous = lead.text
     for rnd in r.rounds:
         diff = word_diff(previous, rnd.text, color)
         what = "unchanged" if diff.unchanged else f"+{diff.added} -{diff.removed} words"
-        stats = f"{rnd.usage.completion_tokens} tokens, {rnd.latency_ms:.0f} ms"
+        stats = f"{rnd.usage.completion_tokens} tokens, {rnd.latency_ms:.0f} ms{_notes(rnd)}"
         print("", file=out)
         print(header(f"Round {rnd.round} · {what} · {stats}", color), file=out)
         print(diff.text.strip() or dim("(empty)", color), file=out)
@@ -122,7 +161,12 @@ def _footer(r: RefinementTrace, out: TextIO, color: bool) -> None:
 
 
 def _stream(
-    client: Client, args: argparse.Namespace, question: str, response: str | None, out: TextIO
+    client: Client,
+    args: argparse.Namespace,
+    question: str,
+    response: str | None,
+    response_format: dict[str, Any] | None,
+    out: TextIO,
 ) -> None:
     """Print each round's text as it streams; after a round ends, what changed."""
     color = use_color(out)
@@ -148,6 +192,11 @@ def _stream(
         seed=args.seed,
         return_trace=True,
         stream_rounds=True,
+        extra={
+            k: v
+            for k, v in (("response_format", response_format), ("logprobs", args.logprobs))
+            if v
+        },
     )
     for chunk in chunks:
         if chunk.index != 0:
@@ -168,6 +217,10 @@ def _stream(
     end_round()
     if trace is not None:
         print("", file=out)
+        steps: list[LeaderAnswer | Round] = [trace.leader, *trace.rounds]
+        for i, step in enumerate(steps):
+            if _notes(step):  # the formats and logprobs, known from the trace
+                print(dim(f"round {i}{_notes(step)}", color), file=out)
         line = f"stopped: {trace.stopped_reason} after {len(trace.rounds)} round(s)"
         print(dim(line, color), file=out)
 

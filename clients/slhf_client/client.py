@@ -66,10 +66,19 @@ class Client:
         follower: dict[str, Any] | None = None,
         seed: int | None = None,
         stop_when_unchanged: bool | None = None,
+        response_format: dict[str, Any] | None = None,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
     ) -> Refinement:
         """``POST /v1/refine``: the Leader answer (or ``response``), every round, the final.
 
         ``prompt`` is a question string or a chat conversation ending with a user message.
+        ``response_format`` (``{"type": "json_object"}``, or ``{"type": "json_schema",
+        "json_schema": {"name": ..., "schema": {...}}}``) constrains the answer: the Follower's
+        rounds, and the Leader's unless ``rounds`` >= 1 is given; each step reports it as
+        ``output_format``. ``logprobs`` (with ``top_logprobs`` alternatives, 0..20) gives every
+        step its tokens' log-probabilities (``Round.logprobs``, ``Refinement.final_logprobs``).
+        ``leader`` / ``follower`` (per-role sampling, as on the wire) win over these.
         """
         body = _core.refine_body(
             prompt,
@@ -80,6 +89,9 @@ class Client:
             follower=follower,
             seed=seed,
             stop_when_unchanged=stop_when_unchanged,
+            response_format=response_format,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
         )
         return Refinement.from_dict(self._json("POST", "/v1/refine", body))
 

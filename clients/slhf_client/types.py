@@ -47,6 +47,55 @@ def _trace(value: object) -> RefinementTrace | None:
     return RefinementTrace.from_dict(value) if isinstance(value, dict) and value else None
 
 
+def _number(d: dict[str, Any], key: str) -> float:
+    """A JSON number, else 0.0 (a log-probability field of any other type)."""
+    v = d.get(key)
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0.0
+
+
+def _bytes(value: object) -> list[int]:
+    return [b for b in value if isinstance(b, int)] if isinstance(value, list) else []
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    """One likely alternative at a token's position."""
+
+    token: str
+    logprob: float
+    bytes: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token of an answer with its log-probability and the most likely alternatives
+    (OpenAI's ``logprobs.content`` entries)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] = field(default_factory=list)
+    top_logprobs: list[TopLogprob] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TokenLogprob:
+        return cls(
+            token=str(d.get("token", "")),
+            logprob=_number(d, "logprob"),
+            bytes=_bytes(d.get("bytes")),
+            top_logprobs=[
+                TopLogprob(str(t.get("token", "")), _number(t, "logprob"), _bytes(t.get("bytes")))
+                for t in json_objects(d.get("top_logprobs"))
+            ],
+        )
+
+
+def token_logprobs(value: object) -> list[TokenLogprob] | None:
+    """The tokens of a ``logprobs`` list; None when there is none (not asked for)."""
+    if not isinstance(value, list):
+        return None
+    return [TokenLogprob.from_dict(t) for t in json_objects(value)]
+
+
 @dataclass(frozen=True)
 class Usage:
     prompt_tokens: int = 0
@@ -68,6 +117,11 @@ class LeaderAnswer:
     finish_reason: str | None
     usage: Usage
     latency_ms: float
+    logprobs: list[TokenLogprob] | None = None
+    """This step's tokens with their log-probabilities (when asked for)."""
+    output_format: str | None = None
+    """The structured-output constraint it was generated under ("json_object",
+    "json_schema"), if any."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LeaderAnswer:
@@ -77,6 +131,8 @@ class LeaderAnswer:
             finish_reason=_str_or_none(d, "finish_reason"),
             usage=Usage.from_dict(json_object(d.get("usage"))),
             latency_ms=_float(d, "latency_ms"),
+            logprobs=token_logprobs(d.get("logprobs")),
+            output_format=_str_or_none(d, "output_format"),
         )
 
 
@@ -89,6 +145,10 @@ class Round:
     finish_reason: str | None
     usage: Usage
     latency_ms: float
+    logprobs: list[TokenLogprob] | None = None
+    """This round's tokens with their log-probabilities (when asked for)."""
+    output_format: str | None = None
+    """The structured-output constraint it was generated under, if any."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Round:
@@ -98,6 +158,8 @@ class Round:
             finish_reason=_str_or_none(d, "finish_reason"),
             usage=Usage.from_dict(json_object(d.get("usage"))),
             latency_ms=_float(d, "latency_ms"),
+            logprobs=token_logprobs(d.get("logprobs")),
+            output_format=_str_or_none(d, "output_format"),
         )
 
 
@@ -121,6 +183,11 @@ class RefinementTrace:
     def texts(self) -> list[str]:
         """Round 0 (the Leader answer) and every round's text, in order."""
         return [self.leader.text, *(r.text for r in self.rounds)]
+
+    @property
+    def final_logprobs(self) -> list[TokenLogprob] | None:
+        """The answer's tokens: the last round's (the Leader's with no rounds)."""
+        return self.rounds[-1].logprobs if self.rounds else self.leader.logprobs
 
 
 @dataclass(frozen=True)
@@ -176,6 +243,8 @@ class ChatChoice:
     content: str
     finish_reason: str | None
     refinement: RefinementTrace | None
+    logprobs: list[TokenLogprob] | None = None
+    """With ``logprobs``: the answer's tokens (the final round's)."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ChatChoice:
@@ -185,6 +254,7 @@ class ChatChoice:
             content=str(message.get("content") or ""),
             finish_reason=_str_or_none(d, "finish_reason"),
             refinement=_trace(d.get("refinement")),
+            logprobs=token_logprobs(json_object(d.get("logprobs")).get("content")),
         )
 
 

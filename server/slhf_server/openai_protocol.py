@@ -12,7 +12,8 @@ field is its description in /openapi.json.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -57,12 +58,12 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "best_of": (None, 1),
 }
 """Fields this server does not support, and the values that mean "not used" (accepted)."""
-UNSUPPORTED_COMPLETIONS: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
-}
-"""Fields ``/v1/completions`` does not support besides those (its legacy integer
-``logprobs``); chat supports them."""
+UNSUPPORTED_COMPLETIONS: dict[str, tuple[Any, ...]] = {"top_logprobs": (None, 0)}
+"""Fields ``/v1/completions`` does not support besides those: chat's ``top_logprobs`` (the
+legacy API counts the alternatives in its integer ``logprobs``)."""
+MAX_COMPLETION_LOGPROBS = 5
+"""The legacy completions API's most alternatives per token (OpenAI's bound)."""
+CompletionLogprobsCount = Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)]
 
 
 def unsupported() -> Any:
@@ -191,10 +192,16 @@ class ChatCompletionRequest(_OpenAIRequest):
 class CompletionRequest(_OpenAIRequest):
     prompt: str | list[str]
     """The question(s), each rendered with the Leader template (not continued raw)."""
+    response_format: ResponseFormat | None = None
+    """Structured outputs: ``json_object`` or ``json_schema``; constrains every round that can
+    end the refinement (docs/wire.md, "Structured outputs")."""
+    logprobs: CompletionLogprobsCount | None = None
+    """Legacy form: return the answer's tokens with their log-probabilities and this many most
+    likely alternatives per token, 0..5 (``choices[i].logprobs``: ``tokens``,
+    ``token_logprobs``, ``top_logprobs``, ``text_offset``)."""
     echo: Any = unsupported()
     suffix: Any = unsupported()
     best_of: Any = unsupported()
-    logprobs: Any = unsupported()
     top_logprobs: Any = unsupported()
 
     @field_validator("prompt")
@@ -263,12 +270,50 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageBreakdown
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions API's log-probabilities of the answer's tokens (the final
+    round's): one entry per token in each list."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+    tokens: list[str]
+    """Each token's text."""
+    token_logprobs: list[float]
+    """Each token's log-probability."""
+    top_logprobs: list[dict[str, float]]
+    """Per token: the most likely alternatives (token text -> log-probability), the sampled
+    token always among them (up to ``logprobs`` + 1 entries)."""
+    text_offset: list[int]
+    """Per token: where its text starts in the choice's text (in a streamed chunk: in the text
+    of that chunk's round)."""
+
+    @classmethod
+    def of(cls, entries: Sequence[LogprobEntry], offset: int = 0) -> CompletionLogprobs:
+        """The legacy form of ``entries``, the first token's text starting at ``offset``."""
+        top: list[dict[str, float]] = []
+        starts: list[int] = []
+        for e in entries:
+            alternatives: dict[str, float] = {}
+            for alt in e.top_logprobs:  # ranked; a text two tokens share keeps the likelier
+                alternatives.setdefault(alt.token, alt.logprob)
+            alternatives.setdefault(e.token, e.logprob)
+            top.append(alternatives)
+            starts.append(offset)
+            offset += len(e.token)
+        return cls(
+            tokens=[e.token for e in entries],
+            token_logprobs=[e.logprob for e in entries],
+            top_logprobs=top,
+            text_offset=starts,
+        )
+
+
 class CompletionChoice(BaseModel):
     model_config = ConfigDict(use_attribute_docstrings=True)
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
+    """With ``logprobs``: the answer's tokens, i.e. the final round's (the trace's last round)."""
     refinement: RefinementTrace | None = None
     """Every round of this choice, with ``refinement.return_trace``."""
 

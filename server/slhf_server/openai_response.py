@@ -18,12 +18,13 @@ from slhf_server.openai_protocol import (
     ChatCompletionResponse,
     ChoiceLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionResponse,
     RefinementTrace,
     UsageBreakdown,
 )
 from slhf_server.plan import OpenAIPlan
-from slhf_server.protocol import Usage
+from slhf_server.protocol import LogprobEntry, Usage
 from slhf_server.refine import RefineOutcome
 
 
@@ -80,15 +81,27 @@ def chat_response(plan: OpenAIPlan, outcomes: Sequence[RefineOutcome]) -> ChatCo
 
 def completion_response(plan: OpenAIPlan, outcomes: Sequence[RefineOutcome]) -> CompletionResponse:
     choices = [
-        CompletionChoice(index=i, text=o.final, **_choice(plan, o)) for i, o in enumerate(outcomes)
+        CompletionChoice(
+            index=i, text=o.final, logprobs=_completion_logprobs(o), **_choice(plan, o)
+        )
+        for i, o in enumerate(outcomes)
     ]
     return CompletionResponse(choices=choices, **_response(plan, outcomes))
 
 
+def final_logprobs(outcome: RefineOutcome) -> list[LogprobEntry] | None:
+    """The log-probabilities of the answer's tokens: the final round's (None when not asked)."""
+    return outcome.rounds[-1].logprobs if outcome.rounds else outcome.leader.logprobs
+
+
 def _logprobs(outcome: RefineOutcome) -> ChoiceLogprobs | None:
-    """The answer's tokens (the final round's), when the request asked for logprobs."""
-    entries = outcome.rounds[-1].logprobs if outcome.rounds else outcome.leader.logprobs
+    entries = final_logprobs(outcome)
     return None if entries is None else ChoiceLogprobs(content=entries)
+
+
+def _completion_logprobs(outcome: RefineOutcome) -> CompletionLogprobs | None:
+    entries = final_logprobs(outcome)
+    return None if entries is None else CompletionLogprobs.of(entries)
 
 
 def _choice(plan: OpenAIPlan, outcome: RefineOutcome) -> dict[str, Any]:

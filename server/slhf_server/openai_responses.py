@@ -23,14 +23,8 @@ from typing import Any
 from slhf_models.serving.templates import Message, TemplateError, to_messages
 from slhf_server.errors import InvalidRequestError, domain_error, error_body
 from slhf_server.openai_protocol import RefinementOptions
-from slhf_server.openai_response import finish_reason, trace, usage_breakdown
-from slhf_server.openai_stream import (
-    ChoiceDone,
-    Event,
-    RoundDelta,
-    final_logprobs,
-    started_events,
-)
+from slhf_server.openai_response import final_logprobs, finish_reason, trace, usage_breakdown
+from slhf_server.openai_stream import ChoiceDone, Event, RoundDelta, started_events
 from slhf_server.pipeline import Observer
 from slhf_server.plan import EXTRA_SAMPLING, OpenAIPlan, plan_openai, reject_unsupported
 from slhf_server.protocol import SamplingOptions

@@ -21,7 +21,8 @@ from typing import Any
 
 from slhf_server.engine import TokenLogprob
 from slhf_server.errors import domain_error, error_body
-from slhf_server.openai_response import finish_reason, trace, usage_breakdown
+from slhf_server.openai_protocol import CompletionLogprobs
+from slhf_server.openai_response import final_logprobs, finish_reason, trace, usage_breakdown
 from slhf_server.pipeline import Observer
 from slhf_server.plan import OpenAIPlan
 from slhf_server.protocol import LeaderAnswer, LogprobEntry
@@ -79,11 +80,6 @@ async def stream_choice(
     return outcome
 
 
-def final_logprobs(outcome: RefineOutcome) -> list[LogprobEntry] | None:
-    """The log-probabilities of the answer's tokens: the final round's."""
-    return outcome.rounds[-1].logprobs if outcome.rounds else outcome.leader.logprobs
-
-
 async def refinement_events(
     refiner: Refiner, jobs: Sequence[RefineJob], stream_rounds: bool
 ) -> AsyncGenerator[Event, None]:
@@ -134,6 +130,8 @@ class ChunkWriter:
         self.plan = plan
         self.created = int(time.time())
         self.chat = plan.kind == "chat"
+        self.offsets: dict[tuple[int, int], int] = {}
+        """(choice, round) -> the length of that round's text sent so far (``text_offset``)."""
 
     def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
         body: dict[str, Any] = {
@@ -176,8 +174,13 @@ class ChunkWriter:
     def event(self, ev: Event) -> str:
         if isinstance(ev, RoundDelta):
             choice = self.choice(ev.index, ev.text, None, round=ev.round)
+            key = (ev.index, ev.round)
+            offset = self.offsets.get(key, 0)
+            self.offsets[key] = offset + len(ev.text)
             if ev.logprobs is not None and self.chat:
                 choice["logprobs"] = {"content": [e.model_dump() for e in ev.logprobs]}
+            elif ev.logprobs is not None:  # the legacy form, offsets within the round's text
+                choice["logprobs"] = CompletionLogprobs.of(ev.logprobs, offset).model_dump()
             return self.chunk([choice])
         o = ev.outcome
         extra: dict[str, Any] = {"round": o.rounds[-1].round if o.rounds else 0}

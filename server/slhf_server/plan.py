@@ -286,9 +286,9 @@ def plan_refine(service: Service, body: RefineRequest) -> Plan:
 # -- the OpenAI routes --------------------------------------------------------------------------
 CHAT_SUPPORTED = (
     "model, messages/prompt, max_tokens, max_completion_tokens, temperature, top_p, n, stop, "
-    "seed, stream, stream_options, user, refinement, logit_bias, on chat response_format, "
-    "logprobs and top_logprobs, and the sampling fields "
-    f"{', '.join(EXTRA_SAMPLING)}"
+    "seed, stream, stream_options, user, refinement, logit_bias, response_format, logprobs "
+    "(chat: true/false with top_logprobs; completions: an integer 0..5), and the sampling "
+    f"fields {', '.join(EXTRA_SAMPLING)}"
 )
 
 
@@ -388,16 +388,19 @@ def plan_request(
 ) -> OpenAIPlan:
     """An OpenAI request's plan: ``n`` choices per prompt, at most SLHF_MAX_N in all."""
     check_supported(req)
-    chat = req if isinstance(req, ChatCompletionRequest) else None
+    if isinstance(req, ChatCompletionRequest):
+        logprobs, top_logprobs = req.logprobs, req.top_logprobs
+    else:  # the legacy integer: the sampled token and this many alternatives
+        logprobs, top_logprobs = (None, None) if req.logprobs is None else (True, req.logprobs)
     base = SamplingOptions(
         max_tokens=max_tokens,
         temperature=req.temperature,
         top_p=req.top_p,
         stop=req.stop,
         logit_bias=req.logit_bias,
-        response_format=chat.response_format if chat else None,
-        logprobs=chat.logprobs if chat else None,
-        top_logprobs=chat.top_logprobs if chat else None,
+        response_format=req.response_format,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
         **{name: getattr(req, name) for name in EXTRA_SAMPLING},
     )
     return plan_openai(

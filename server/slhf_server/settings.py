@@ -12,6 +12,12 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+SCHEMA_COMPILE_TIMEOUT_S = 0.2
+"""Default of ``schema_compile_timeout_s`` (SLHF_SCHEMA_COMPILE_TIMEOUT_S)."""
+MAX_SCHEMA_COMPILE_TIMEOUT_S = 5.0
+"""Its largest value: vLLM's own pass over an accepted schema holds the event loop about as
+long, and every request waits meanwhile."""
+
 
 class ServerSettings(BaseSettings):
     """Every field can be set as ``SLHF_<FIELD NAME>`` in the environment."""
@@ -135,6 +141,13 @@ class ServerSettings(BaseSettings):
     compact JSON; a larger one is a 400."""
     max_schema_depth: int = Field(32, ge=2)
     """Deepest nesting of objects and lists in a JSON schema; a deeper one is a 400."""
+    schema_compile_timeout_s: float = Field(
+        SCHEMA_COMPILE_TIMEOUT_S, gt=0, le=MAX_SCHEMA_COMPILE_TIMEOUT_S
+    )
+    """Seconds a new JSON schema may take to become a grammar, on a worker thread, before it is
+    refused (a 400). vLLM turns an accepted schema into a grammar once more on the event loop,
+    which then waits about as long, so this bounds that stall too (at most 5 s; docs/wire.md,
+    "Structured outputs")."""
     default_deadline_s: float | None = Field(None, gt=0)
     """Deadline of a request that names none (seconds); unset = ``max_deadline_s``."""
     max_deadline_s: float = Field(600.0, gt=0)

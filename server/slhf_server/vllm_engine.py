@@ -51,7 +51,7 @@ from slhf_server.engine import (
 )
 from slhf_server.engine_flags import EngineFlagError, check_engine_args
 from slhf_server.errors import REQUEST_REJECTIONS
-from slhf_server.settings import ServerSettings
+from slhf_server.settings import SCHEMA_COMPILE_TIMEOUT_S, ServerSettings
 from slhf_server.vllm_formats import SchemaCheck, structured, token_logprobs
 
 logger = logging.getLogger("slhf.engine")
@@ -225,10 +225,12 @@ def _server_error(role: Role, exc: Exception) -> Exception:
 class VllmEngine:
     """``Engine`` on one or two in-process vLLM ``AsyncLLM`` engines."""
 
-    def __init__(self, bindings: dict[Role, _RoleBinding]) -> None:
+    def __init__(
+        self, bindings: dict[Role, _RoleBinding], schema_budget_s: float = SCHEMA_COMPILE_TIMEOUT_S
+    ) -> None:
         self._roles = bindings
         self._llms = list({id(b.llm): b.llm for b in bindings.values()}.values())
-        self._schemas = SchemaCheck()
+        self._schemas = SchemaCheck(schema_budget_s)
         self.startup_seconds = 0.0
         self.shutdown_timeout_s: float | None = None
         """How long vLLM may wait for its engine processes to stop (None: vLLM's default)."""
@@ -285,7 +287,7 @@ class VllmEngine:
                 bindings[role] = _RoleBinding(
                     llm, tok, req, llm.model_config.max_model_len, _traced(llm)
                 )
-        engine = cls(bindings)
+        engine = cls(bindings, settings.schema_compile_timeout_s)
         if reniced := vllm_cpu.lower_child_priority(
             settings.engine_niceness, exclude=older_children
         ):

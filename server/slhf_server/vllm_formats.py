@@ -8,9 +8,10 @@
   schema has that rule, the grammar is sent instead, with JSON's own rule for string characters.
 - ``SchemaCheck``: vLLM turns a JSON schema into a grammar once more when a request is added, on
   the caller's thread -- here the event loop. Before that, each distinct schema is turned into a
-  grammar on a worker thread (xgrammar releases the GIL) within ``SCHEMA_CHECK_BUDGET_S``,
-  counted from when a worker takes it: a schema that takes longer is refused (``ValueError``, a
-  400), so vLLM's own pass on the loop stays as short as that. Accepted schemas are remembered.
+  grammar on a worker thread (xgrammar releases the GIL) within ``budget_s``
+  (SLHF_SCHEMA_COMPILE_TIMEOUT_S, 0.2 s by default), counted from when a worker takes it: a
+  schema that takes longer is refused (``ValueError``, a 400), so vLLM's own pass on the loop
+  stays as short as that. Accepted schemas are remembered.
   docs/wire.md, "Structured outputs", gives the bounds that come first (size, depth).
 - ``token_logprobs``: vLLM's per-position logprob dicts as ``TokenLogprob``s.
 """
@@ -30,9 +31,8 @@ import xgrammar as xgr
 from vllm.sampling_params import StructuredOutputsParams
 
 from slhf_server.engine import OutputFormat, TokenLogprob
+from slhf_server.settings import SCHEMA_COMPILE_TIMEOUT_S
 
-SCHEMA_CHECK_BUDGET_S = 0.2
-"""Most seconds a schema may take to become a grammar (measured on a worker thread)."""
 SCHEMAS_REMEMBERED = 1024
 SCHEMA_WORKERS = 4
 """Worker threads building grammars: a slow schema holds one, not the others' checks."""
@@ -71,9 +71,11 @@ def _grammar(schema: str) -> str | None:
 
 
 class SchemaCheck:
-    """Refuses schemas too slow to become a grammar, before vLLM builds one on the loop."""
+    """Refuses schemas too slow to become a grammar, before vLLM builds one on the loop:
+    ``budget_s`` is the most seconds a schema may take (measured on a worker thread)."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget_s: float = SCHEMA_COMPILE_TIMEOUT_S) -> None:
+        self.budget_s = budget_s
         self._pool = ThreadPoolExecutor(SCHEMA_WORKERS, thread_name_prefix="slhf-schema")
         self._ok: OrderedDict[str, str | None] = OrderedDict()
 
@@ -99,11 +101,12 @@ class SchemaCheck:
         work: asyncio.Future[str | None] = loop.run_in_executor(self._pool, run, fmt.schema)
         await asyncio.shield(started)  # the budget counts from when a worker takes it
         try:
-            grammar = await asyncio.wait_for(asyncio.shield(work), SCHEMA_CHECK_BUDGET_S)
+            grammar = await asyncio.wait_for(asyncio.shield(work), self.budget_s)
         except TimeoutError:
             raise ValueError(
-                f"the JSON schema takes more than {SCHEMA_CHECK_BUDGET_S:g} s to turn into a "
-                "grammar; simplify it (fewer nested or counted repetitions in patterns)"
+                f"the JSON schema takes more than {self.budget_s:g} s to turn into a grammar "
+                "(SLHF_SCHEMA_COMPILE_TIMEOUT_S); simplify it (fewer nested or counted "
+                "repetitions in patterns)"
             ) from None
         self._ok[fmt.schema] = grammar
         if len(self._ok) > SCHEMAS_REMEMBERED:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -37,6 +38,29 @@ def test_client_refines_chats_and_streams(shared_server: ServerProcess) -> None:
         rounds = {ch.round for ch in chunks if ch.text}
         assert rounds <= {0, 1} and 0 in rounds
         assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
+
+
+def test_client_refine_with_a_schema_and_logprobs(shared_server: ServerProcess) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "Ok", "schema": schema}}
+    with Client(shared_server.url) as c:
+        r = c.refine(
+            "Explain gravity",
+            rounds=1,
+            seed=1,
+            stop_when_unchanged=False,
+            response_format=fmt,
+            logprobs=True,
+            top_logprobs=2,
+            follower={"max_tokens": 60},
+            leader={"max_tokens": 12},
+        )
+    final = r.rounds[-1]
+    assert r.leader.output_format is None and final.output_format == "json_schema"
+    assert r.leader.logprobs and r.final_logprobs is final.logprobs and final.logprobs
+    assert all(t.logprob <= 0 and len(t.top_logprobs) <= 2 for t in final.logprobs)
+    if final.finish_reason == "stop":  # a constrained generation cut by max_tokens is a prefix
+        assert isinstance(json.loads(r.final)["ok"], bool)
 
 
 def test_client_errors_from_the_real_server(shared_server: ServerProcess) -> None:

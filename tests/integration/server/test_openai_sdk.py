@@ -412,6 +412,46 @@ def test_json_object_and_logprobs_through_the_sdk(client: openai.OpenAI, name: s
         assert isinstance(json.loads(obj.choices[0].message.content or ""), dict)
 
 
+def test_completions_legacy_logprobs_and_response_format_through_the_sdk(
+    client: openai.OpenAI, name: str
+) -> None:
+    opts = refinement(rounds=1, return_trace=True, stop_when_unchanged=False)
+    r = client.completions.create(
+        model=name, prompt="Explain gravity", max_tokens=24, logprobs=2, seed=1, extra_body=opts
+    )
+    choice = r.choices[0]
+    lp = choice.logprobs  # openai.types.completion_choice.Logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs)
+    joined = "".join(lp.tokens)
+    assert joined.replace("\ufffd", "") == choice.text.replace("\ufffd", "")
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert logprob <= 0 and token in top and 1 <= len(top) <= 3  # 2 and the sampled one
+    final = trace_of(choice)["rounds"][-1]  # the answer's tokens are the final round's
+    assert [t["token"] for t in final["logprobs"]] == lp.tokens
+    stream = client.completions.create(
+        model=name, prompt="Explain gravity", max_tokens=12, logprobs=1, seed=1, stream=True
+    )
+    pieces = [c.choices[0] for c in stream if c.choices and c.choices[0].text]
+    assert pieces and all(p.logprobs is not None and p.logprobs.tokens for p in pieces)
+    schema = {"name": "Reading", "schema": Reading.model_json_schema()}
+    for rounds in (0, 1):
+        r = client.completions.create(
+            model=name,
+            prompt="Explain gravity",
+            max_tokens=120,
+            seed=rounds,
+            extra_body={
+                "response_format": {"type": "json_schema", "json_schema": schema},
+                **refinement(rounds=rounds, return_trace=True, stop_when_unchanged=False),
+            },
+        )
+        Reading.model_validate_json(r.choices[0].text)
+        steps = [trace_of(r.choices[0])["leader"], *trace_of(r.choices[0])["rounds"]]
+        assert steps[-1]["output_format"] == "json_schema"
+
+
 def test_responses_parse_with_a_pydantic_model(client: openai.OpenAI, name: str) -> None:
     r = client.responses.parse(
         model=name,

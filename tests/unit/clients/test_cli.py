@@ -96,6 +96,37 @@ def test_refine_json_prints_the_wire_body(client: Client) -> None:
     assert rc == 0 and '"object": "refinement"' in out
 
 
+def test_refine_with_a_json_schema_file_and_logprobs(client: Client, tmp_path: Path) -> None:
+    schema = tmp_path / "reading.json"
+    schema.write_text('{"type": "object"}')
+    rc, out = refine(client, "Q", "--rounds", "1", "--json-schema", str(schema), "--logprobs")
+    assert rc == 0, out
+    # the fake gives every token -0.5; the Leader answers freely with rounds >= 1
+    assert "== Leader · 4 tokens · mean logprob -0.500 ==" in out
+    assert " ms · json_schema · mean logprob -0.500 ==" in out
+    rc, out = refine(client, "Q", "--rounds", "0", "--json-object")
+    assert rc == 0 and "== Leader · 4 tokens · json_object ==" in out
+
+
+def test_refine_stream_shows_formats_and_logprobs_from_the_trace(client: Client) -> None:
+    rc, out = refine(client, "Q", "--rounds", "1", "--stream", "--json-object", "--logprobs")
+    assert rc == 0, out
+    assert "round 0 · mean logprob -0.500\nround 1 · json_object · mean logprob -0.500\n" in out
+
+
+def test_refine_bad_schema_file_or_two_formats_are_usage_errors(
+    client: Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert refine(client, "Q", "--json-schema", str(bad))[0] == 2
+    assert refine(client, "Q", "--json-schema", str(tmp_path / "missing.json"))[0] == 2
+    assert "cannot read input" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        refine(client, "Q", "--json-schema", str(bad), "--json-object")
+    assert e.value.code == 2
+
+
 def test_slhf_has_a_refine_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         slhf_main(["refine", "--help"])

@@ -7,6 +7,7 @@ async tests use ``httpx.ASGITransport`` inside the app's own lifespan.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -19,11 +20,15 @@ from slhf_client import (
     APITimeoutError,
     AsyncClient,
     BadRequestError,
+    ChatChoice,
     Client,
     NotFoundError,
     RateLimitError,
+    Refinement,
     RetryPolicy,
     ServerError,
+    TokenLogprob,
+    TopLogprob,
 )
 from slhf_server.app import create_app
 from slhf_server.settings import ServerSettings
@@ -137,6 +142,103 @@ def test_async_client_refines_chats_and_streams(engine: ScriptedEngine) -> None:
         assert "".join(text) == "answer 2"
 
     asyncio.run(scenario())
+
+
+# -- structured outputs and logprobs -------------------------------------------------------
+JSON_OBJECT = {"type": "json_object"}
+
+
+def test_refine_returns_every_rounds_logprobs_and_format(
+    client: Client, engine: ScriptedEngine
+) -> None:
+    r = client.refine("Q", rounds=2, response_format=JSON_OBJECT, logprobs=True, top_logprobs=1)
+    # rounds >= 1: the Leader answers freely, the Follower's rounds (which end the chain) do not
+    formats = [
+        None if c.params.output_format is None else c.params.output_format.kind
+        for c in engine.calls
+    ]
+    assert formats == [None, "json_object", "json_object"]
+    assert [r.leader.output_format, *(x.output_format for x in r.rounds)] == formats
+    assert all(c.params.logprobs == 1 for c in engine.calls)
+    assert r.leader.logprobs is not None and [t.token for t in r.leader.logprobs] == [
+        "answer",
+        " 0",
+    ]
+    final = r.final_logprobs
+    assert final is not None and [t.token for t in final] == ["answer", " 2"]
+    assert final is r.rounds[-1].logprobs
+    assert final[0].logprob == -0.5 and final[0].bytes == list(b"answer")
+    assert [(a.token, a.logprob) for a in final[0].top_logprobs] == [("alt0", -1.0)]
+    plain = client.refine("Q", rounds=1)
+    assert plain.final_logprobs is None and plain.rounds[0].output_format is None
+
+
+def sent_refine_bodies(**kwargs: object) -> list[dict]:
+    """The ``/v1/refine`` bodies the sync and the async client send for ``refine(**kwargs)``."""
+    bodies: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return httpx.Response(200, json={"leader": {"text": "a"}, "rounds": [], "final": "a"})
+
+    transport = httpx.MockTransport(handler)
+    with Client("http://x", http_client=httpx.Client(transport=transport)) as c:
+        c.refine("Q", **kwargs)  # type: ignore[arg-type]
+
+    async def go() -> None:
+        async with AsyncClient("http://x", http_client=httpx.AsyncClient(transport=transport)) as c:
+            await c.refine("Q", **kwargs)  # type: ignore[arg-type]
+
+    asyncio.run(go())
+    return bodies
+
+
+@pytest.mark.parametrize(
+    "kwargs, leader, follower",
+    [
+        # rounds >= 1: only the Follower's rounds are constrained (as on the OpenAI routes)
+        ({"rounds": 2}, {"logprobs": True}, {"logprobs": True, "response_format": JSON_OBJECT}),
+        # 0 rounds, or the model's default (unknown here): the Leader's answer may be the answer
+        ({"rounds": 0}, {"logprobs": True, "response_format": JSON_OBJECT}, None),
+        ({}, {"logprobs": True, "response_format": JSON_OBJECT}, None),
+        # a role's own values win
+        (
+            {"rounds": 1, "follower": {"logprobs": False, "max_tokens": 5}},
+            {"logprobs": True},
+            {"logprobs": False, "max_tokens": 5, "response_format": JSON_OBJECT},
+        ),
+    ],
+)
+def test_refine_sends_the_answer_format_to_the_rounds_that_can_end_the_chain(
+    kwargs: dict, leader: dict, follower: dict | None
+) -> None:
+    follower = follower or leader
+    for body in sent_refine_bodies(response_format=JSON_OBJECT, logprobs=True, **kwargs):
+        assert body["leader"] == leader and body["follower"] == follower
+    for body in sent_refine_bodies(rounds=1):  # nothing asked: no per-role objects
+        assert "leader" not in body and "follower" not in body
+
+
+def test_hostile_logprobs_in_a_body_read_as_what_they_can_be() -> None:
+    step = {
+        "text": "a",
+        "output_format": "json_schema",
+        "logprobs": [
+            {"token": 5, "logprob": "bad", "bytes": [1, "a"], "top_logprobs": [1, {"token": "b"}]},
+            3,
+            {"token": "c", "logprob": -1, "top_logprobs": "x"},
+        ],
+    }
+    r = Refinement.from_dict({"leader": {**step, "logprobs": "x"}, "rounds": [step, {"round": 2}]})
+    assert r.leader.logprobs is None and r.leader.output_format == "json_schema"
+    assert r.rounds[0].logprobs == [
+        TokenLogprob("5", 0.0, [1], [TopLogprob("b", 0.0, [])]),
+        TokenLogprob("c", -1.0, [], []),
+    ]
+    assert r.final_logprobs is None  # the last round has none
+    choice = ChatChoice.from_dict({"logprobs": {"content": [{"token": "t", "logprob": -2.5}]}})
+    assert choice.logprobs == [TokenLogprob("t", -2.5)]
+    assert ChatChoice.from_dict({"logprobs": None}).logprobs is None
 
 
 # -- configuration --------------------------------------------------------------------------

@@ -1,18 +1,20 @@
 """Planning of structured outputs, logprobs and logit_bias (``slhf_server.plan``), through the
 routes with a fake engine: which generations are constrained, what fails instead of returning
-an unconstrained answer, the schema bounds."""
+an unconstrained answer, the schema bounds; on ``/v1/completions`` too, with its legacy integer
+``logprobs`` (its shape, streamed and not)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from slhf_server.plan import schema_depth
 from tests.fakes import Call, ScriptedEngine, numbered_script
 from tests.unit.server.test_routes import assert_envelope
-from tests.unit.server.test_routes_openai import MODEL, USER, chat, make_client
+from tests.unit.server.test_routes_openai import MODEL, USER, chat, make_client, sse_events
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
 JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "A", "schema": SCHEMA}}
@@ -168,3 +170,98 @@ def test_refine_takes_the_fields_per_role(client: TestClient, engine: ScriptedEn
     assert [e["token"] for e in body["leader"]["logprobs"]] == ["answer", " 0"]
     assert "logprobs" not in body["rounds"][0]
     assert body["rounds"][0]["output_format"] == "json_schema"
+
+
+# -- /v1/completions ------------------------------------------------------------------------------
+def complete(client: TestClient, **body: object) -> httpx.Response:
+    return client.post("/v1/completions", json={"model": MODEL, "prompt": "Explain", **body})
+
+
+def test_completions_constrain_the_rounds_that_can_end_the_chain_as_chat(
+    client: TestClient, engine: ScriptedEngine
+) -> None:
+    opts = {"rounds": 2, "return_trace": True, "stop_when_unchanged": False}
+    body = complete(client, response_format=JSON_SCHEMA, refinement=opts).json()
+    assert formats(engine) == [
+        ("leader", None),
+        ("follower", "json_schema"),
+        ("follower", "json_schema"),
+    ]
+    trace = body["choices"][0]["refinement"]
+    assert [s.get("output_format") for s in trace["rounds"]] == ["json_schema"] * 2
+    engine.calls.clear()
+    complete(client, response_format={"type": "json_object"}, refinement={"rounds": 0})
+    assert formats(engine) == [("leader", "json_object")]
+    r = complete(client, response_format=JSON_SCHEMA, refinement={"rounds": 0, "response": "x"})
+    assert_envelope(r, 400, "cannot constrain a given or upstream", param="response_format")
+    deep = {"type": "json_schema", "json_schema": {"name": "A", "schema": {"a": [[[[[[1]]]]]]}}}
+    err = assert_envelope(complete(client, response_format=deep), 400, "SLHF_MAX_SCHEMA_DEPTH")
+    assert err["code"] == "schema_too_large" and err["param"] == "response_format"
+
+
+def test_completions_logprobs_are_the_final_rounds_tokens_in_the_legacy_form(
+    client: TestClient, engine: ScriptedEngine
+) -> None:
+    opts = {"rounds": 2, "return_trace": True, "stop_when_unchanged": False}
+    choice = complete(client, logprobs=1, refinement=opts).json()["choices"][0]
+    assert choice["text"] == "answer 2"
+    assert all(c.params.logprobs == 1 for c in engine.calls)
+    # the fake: -0.5 per word, alternatives alt0 (-1.0), alt1 (-2.0), ...; the sampled token
+    # is always among the alternatives; " 2" starts after "answer" (6 characters)
+    assert choice["logprobs"] == {
+        "tokens": ["answer", " 2"],
+        "token_logprobs": [-0.5, -0.5],
+        "top_logprobs": [{"alt0": -1.0, "answer": -0.5}, {"alt0": -1.0, " 2": -0.5}],
+        "text_offset": [0, 6],
+    }
+    trace = choice["refinement"]
+    assert [e["token"] for e in trace["rounds"][-1]["logprobs"]] == choice["logprobs"]["tokens"]
+    assert [e["token"] for e in trace["leader"]["logprobs"]] == ["answer", " 0"]
+    zero = complete(client, logprobs=0, refinement={"rounds": 1}).json()["choices"][0]
+    assert zero["logprobs"]["top_logprobs"] == [{"answer": -0.5}, {" 1": -0.5}]
+    engine.calls.clear()
+    assert complete(client).json()["choices"][0]["logprobs"] is None
+    assert all(c.params.logprobs is None for c in engine.calls)
+
+
+@pytest.mark.parametrize(
+    "body, fragment, param, code",
+    [
+        ({"logprobs": 6}, "logprobs:", "logprobs", "invalid_request"),
+        ({"logprobs": -1}, "logprobs:", "logprobs", "invalid_request"),
+        ({"logprobs": True}, "logprobs:", "logprobs", "invalid_request"),
+        ({"top_logprobs": 2}, "`top_logprobs` is not supported", "top_logprobs", None),
+        ({"response_format": {"type": "xml"}}, "response_format.type", None, "invalid_request"),
+    ],
+)
+def test_completions_format_fields_out_of_bounds_are_400s(
+    client: TestClient, body: dict, fragment: str, param: str | None, code: str | None
+) -> None:
+    err = assert_envelope(complete(client, **body), 400, fragment, param=param)
+    assert err["code"] == (code or "unsupported_field")
+
+
+def test_completions_streamed_chunks_carry_their_tokens_with_offsets_in_their_round() -> None:
+    def logprob_chunks(events: list[dict | str]) -> list[dict]:
+        return [
+            c["choices"][0]["logprobs"]
+            for c in events
+            if isinstance(c, dict) and c["choices"] and c["choices"][0]["text"]
+        ]
+
+    with make_client(ScriptedEngine(numbered_script, context=512)) as client:
+        events = sse_events(complete(client, stream=True, logprobs=2, refinement={"rounds": 1}))
+    chunks = logprob_chunks(events)
+    assert [(c["tokens"], c["text_offset"]) for c in chunks] == [(["answer"], [0]), ([" 1"], [6])]
+    assert chunks[1]["top_logprobs"] == [{"alt0": -1.0, "alt1": -2.0, " 1": -0.5}]
+    # stream_rounds: each round's offsets start at its own text
+    with make_client(ScriptedEngine(numbered_script, context=512)) as client:
+        opts = {"rounds": 1, "stream_rounds": True}
+        events = sse_events(complete(client, stream=True, logprobs=0, refinement=opts))
+    assert [c["text_offset"] for c in logprob_chunks(events)] == [[0], [6], [0], [6]]
+    # an early stop sends the answer in one piece, with all its tokens
+    with make_client(ScriptedEngine(lambda call: "same text", context=512)) as client:
+        events = sse_events(complete(client, stream=True, logprobs=0, refinement={"rounds": 3}))
+    assert [(c["tokens"], c["text_offset"]) for c in logprob_chunks(events)] == [
+        (["same", " text"], [0, 4])
+    ]

@@ -1,9 +1,13 @@
-"""The settings table (docs/configuration.md) is generated from ServerSettings and never stale."""
+"""The settings table (docs/configuration.md) is generated from ServerSettings and never stale;
+the bounds of a setting."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
 
 from slhf_server.settings import ServerSettings
 
@@ -31,3 +35,12 @@ def test_every_setting_has_a_row_with_its_default() -> None:
         assert f"| `SLHF_{name.upper()}` |" in table
         if field.default is not None and not isinstance(field.default, bool):
             assert f"`{field.default}`" in table
+
+
+def test_schema_compile_timeout_is_a_bounded_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ServerSettings().schema_compile_timeout_s == 0.2
+    monkeypatch.setenv("SLHF_SCHEMA_COMPILE_TIMEOUT_S", "0.5")
+    assert ServerSettings().schema_compile_timeout_s == 0.5
+    for bad in (0, -1, 5.5):
+        with pytest.raises(ValidationError, match="schema_compile_timeout_s"):
+            ServerSettings(schema_compile_timeout_s=bad)

@@ -6,15 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 from vllm.logprobs import Logprob
 
 from slhf_server.engine import OutputFormat, TokenLogprob
-from slhf_server.vllm_formats import (
-    SCHEMA_CHECK_BUDGET_S,
-    SchemaCheck,
-    structured,
-    token_logprobs,
-)
+from slhf_server.settings import SCHEMA_COMPILE_TIMEOUT_S
+from slhf_server.vllm_formats import SchemaCheck, structured, token_logprobs
+
+SLOW = OutputFormat("json_schema", '{"type":"string","pattern":"^((.{1,1000}){1,1000}){1,1000}$"}')
+"""A schema whose pattern's counted repetitions make a large grammar (slow to build)."""
 
 
 def test_formats_become_vllms_structured_outputs() -> None:
@@ -45,9 +45,7 @@ def test_schema_check_does_not_run_on_the_event_loop() -> None:
 
     async def go() -> tuple[float, str]:
         check = SchemaCheck()
-        slow = OutputFormat(
-            "json_schema", '{"type":"string","pattern":"^((.{1,1000}){1,1000}){1,1000}$"}'
-        )
+        slow = SLOW
         ticks = 0
 
         async def tick() -> None:
@@ -69,7 +67,27 @@ def test_schema_check_does_not_run_on_the_event_loop() -> None:
 
     ticks, outcome = asyncio.run(go())
     assert ticks >= 5, "the event loop stalled while the schema was checked"
-    assert outcome == "accepted" or f"more than {SCHEMA_CHECK_BUDGET_S:g} s" in outcome
+    assert outcome == "accepted" or f"more than {SCHEMA_COMPILE_TIMEOUT_S:g} s" in outcome
+
+
+def test_the_schema_budget_is_the_checks_own() -> None:
+    """SLHF_SCHEMA_COMPILE_TIMEOUT_S reaches the check as ``budget_s``: a budget far shorter
+    than the slow schema takes refuses it, naming the budget and the setting."""
+
+    REFUSED = r"more than 0\.001 s to turn into a grammar \(SLHF_SCHEMA_COMPILE_TIMEOUT_S\)"
+
+    async def go() -> None:
+        check = SchemaCheck(budget_s=0.001)
+        try:
+            with pytest.raises(ValueError, match=REFUSED):
+                await check.check(SLOW)
+        finally:
+            check.close()
+
+    asyncio.run(go())
+    default = SchemaCheck()
+    default.close()
+    assert default.budget_s == SCHEMA_COMPILE_TIMEOUT_S == 0.2
 
 
 def _matches(grammar: object, text: str) -> bool:
