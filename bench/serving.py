@@ -8,7 +8,9 @@ sampling (32 new tokens per generation, early stop off):
    Admission is set out of the way (``SLHF_MAX_INFLIGHT_GENERATIONS`` above the largest
    concurrency times two, so no request is ever rejected) and logs are quiet.
    ``ours[nice=N]`` (or ``--ours-niceness N ...``) starts it with ``SLHF_ENGINE_NICENESS=N``
-   (the niceness the server gives vLLM's engine processes; unset: the server's default).
+   (the niceness the server gives vLLM's engine processes; unset: the server's default);
+   ``ours[engine_metrics=off]`` with ``SLHF_ENGINE_METRICS=false`` (no vLLM request statistics,
+   as the peer's default ``--disable-log-stats``: the like-for-like pair for the API CPU).
 2. ``peer`` (also ``peer_tokens``): vLLM's own server
    (``python -m vllm.entrypoints.openai.api_server``); the expert client renders the Leader
    template with our ``TemplateRenderer`` and the model's tokenizer, sends the token ids to
@@ -82,7 +84,7 @@ NICE_BASES = ("ours", "in_process")
 PEER_FLAGS = "--disable-log-stats --disable-uvicorn-access-log"
 API_CPU = "api_cpu_ms_per_request"
 METRIC_NAMES = {"requests_per_s": "req/s", "p50_ms": "p50", API_CPU: "API CPU ms/req"}
-_SYSTEM = re.compile(r"^([a-z_]+)(?:\[nice=(\d+)\])?$")
+_SYSTEM = re.compile(r"^([a-z_]+)(?:\[([a-z_=0-9,]*)\])?$")
 
 OneRequest = Callable[[int, int], Awaitable[int]]
 """``one(i, k)`` runs request i with k rounds; returns the tokens it generated."""
@@ -92,14 +94,18 @@ Counters = Callable[[], Awaitable[dict[str, float]]]
 @dataclass(frozen=True)
 class System:
     """One system to measure: ``base`` (``ours``, ``peer``...) and, for ours and in-process,
-    the engine niceness it is started with (None: the server's default)."""
+    the engine niceness it is started with (None: the server's default); for ours, whether
+    vLLM's request statistics (the ``vllm:*`` metrics, ``SLHF_ENGINE_METRICS``) are kept."""
 
     base: str
     nice: int | None = None
+    engine_metrics: bool = True
 
     @property
     def name(self) -> str:
-        return self.base if self.nice is None else f"{self.base}[nice={self.nice}]"
+        options = [] if self.nice is None else [f"nice={self.nice}"]
+        options += [] if self.engine_metrics else ["engine_metrics=off"]
+        return f"{self.base}[{','.join(options)}]" if options else self.base
 
 
 def parse_system(text: str) -> System:
@@ -108,14 +114,27 @@ def parse_system(text: str) -> System:
     if not m or base not in BASES:
         raise argparse.ArgumentTypeError(
             f"unknown system {text!r}: one of {', '.join(BASES)} (peer_tokens = peer), "
-            "ours and in_process optionally with [nice=N]"
+            "ours and in_process optionally with [nice=N], ours with [engine_metrics=off]"
         )
-    nice = None if m.group(2) is None else int(m.group(2))
+    nice: int | None = None
+    engine_metrics = True
+    for option in filter(None, (m.group(2) or "").split(",")):
+        key, _, value = option.partition("=")
+        if key == "nice" and value.isdigit():
+            nice = int(value)
+        elif key == "engine_metrics" and value in ("on", "off"):
+            engine_metrics = value == "on"
+        else:
+            raise argparse.ArgumentTypeError(f"unknown option {option!r} in {text!r}")
     if nice is not None and base not in NICE_BASES:
         raise argparse.ArgumentTypeError(f"{base} takes no [nice=N]: it is vLLM's own server")
+    if not engine_metrics and base != "ours":
+        raise argparse.ArgumentTypeError(
+            f"{base} takes no [engine_metrics=off] (vLLM's server: --peer-flags)"
+        )
     if nice is not None and not 0 <= nice <= 19:
         raise argparse.ArgumentTypeError("niceness must be 0..19")
-    return System(base, nice)
+    return System(base, nice, engine_metrics)
 
 
 def parse_cell(text: str) -> tuple[int, int, int | None]:
@@ -159,10 +178,14 @@ def inflight_bound(args: argparse.Namespace) -> int:
     return max(c for _, c, _ in args.cells) * (max(k for k, _, _ in args.cells) + 1) * 2
 
 
-def start_ours(args: argparse.Namespace, nice: int | None) -> ServerProcess:
+def start_ours(
+    args: argparse.Namespace, nice: int | None, engine_metrics: bool = True
+) -> ServerProcess:
     extra = {"SLHF_KV_BLOCK_SIZE": str(args.block_size)} if args.block_size else {}
     if nice is not None:
         extra["SLHF_ENGINE_NICENESS"] = str(nice)
+    if not engine_metrics:
+        extra["SLHF_ENGINE_METRICS"] = "false"
     return start_slhf(
         SLHF_MODEL=str(args.model),
         SLHF_MAX_MODEL_LEN=str(args.max_model_len),
@@ -309,14 +332,16 @@ class Bench:
     def run(self, system: System) -> tuple[list[dict[str, Any]], float]:
         self.last_processes: list[dict[str, Any]] = []
         if system.base == "ours":
-            return self.run_ours(system.nice)
+            return self.run_ours(system.nice, system.engine_metrics)
         if system.base == "in_process":
             return asyncio.run(self._in_process(system.nice))
         return self.run_peer(system.base)
 
     # ours ------------------------------------------------------------------------------------
-    def run_ours(self, nice: int | None) -> tuple[list[dict[str, Any]], float]:
-        with start_ours(self.args, nice) as server:
+    def run_ours(
+        self, nice: int | None, engine_metrics: bool = True
+    ) -> tuple[list[dict[str, Any]], float]:
+        with start_ours(self.args, nice, engine_metrics) as server:
 
             def one_for(client: httpx.AsyncClient) -> OneRequest:
                 async def one(i: int, k: int) -> int:

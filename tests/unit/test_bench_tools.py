@@ -114,3 +114,17 @@ def test_the_memory_estimate_counts_the_real_architectures_parameters() -> None:
     assert paper["total"] < 80 * 0.95  # the paper's 0.5B defaults fit one 80 GiB GPU (computed)
     no_checkpointing = memory_estimate.Run(gradient_checkpointing=False)
     assert memory_estimate.estimate(memory_estimate.QWEN25_05B, no_checkpointing)["total"] > 40
+
+
+def test_serving_systems_name_their_options_and_refuse_what_cannot_apply() -> None:
+    import argparse
+
+    import pytest
+
+    s = serving.parse_system("ours[nice=3,engine_metrics=off]")
+    assert (s.base, s.nice, s.engine_metrics) == ("ours", 3, False)
+    assert serving.parse_system(s.name) == s
+    assert serving.parse_system("peer_tokens") == serving.System("peer")
+    for bad in ("peer[engine_metrics=off]", "peer[nice=1]", "ours[speed=9]", "ours[nice=99]"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            serving.parse_system(bad)
