@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 from prometheus_client import (
     REGISTRY,
@@ -35,6 +36,9 @@ LOOP_LAG_INTERVAL_S = 0.1
 _ROUND_BUCKETS = (*(float(i) for i in range(ROUND_LABELS + 1)), 16.0, 32.0, 64.0)
 
 
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
 def round_label(index: int) -> str:
     return str(index) if index <= ROUND_LABELS else f"{ROUND_LABELS + 1}+"
 
@@ -45,6 +49,7 @@ class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = registry or CollectorRegistry()
         self.registry = r
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "slhf_requests", "HTTP requests by route and status", ["route", "status"], registry=r
         )
@@ -145,19 +150,29 @@ class ServiceMetrics:
 
         self.engine_running.set_function(running)
 
+    def child(self, metric: M, *labels: str) -> M:
+        """``metric.labels(*labels)``, looked up once: prometheus_client validates and joins the
+        labels on every call (about ten calls per finished request). Labels are low-cardinality
+        (module docstring), so the cache stays small."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
     def observe_outcome(self, outcome: RefineOutcome) -> None:
         """Rounds, stop reason, per-round latency and tokens of one finished refinement."""
         self.rounds.observe(len(outcome.rounds))
-        self.stops.labels(outcome.stopped_reason).inc()
+        self.child(self.stops, outcome.stopped_reason).inc()
         leader = outcome.leader
         first_role = "leader" if leader.source == "leader" else leader.source
         if leader.source != "given":
-            self.generation_latency.labels(first_role, "0").observe(leader.latency_ms / 1000)
+            self.child(self.generation_latency, first_role, "0").observe(leader.latency_ms / 1000)
         self._tokens(first_role, leader.usage.prompt_tokens, leader.usage.completion_tokens)
         self._round_usage(first_role, "0", leader.usage)
         for r in outcome.rounds:
             label = round_label(r.round)
-            self.generation_latency.labels("follower", label).observe(r.latency_ms / 1000)
+            self.child(self.generation_latency, "follower", label).observe(r.latency_ms / 1000)
             self._tokens("follower", r.usage.prompt_tokens, r.usage.completion_tokens)
             self._round_usage("follower", label, r.usage)
 
@@ -166,18 +181,24 @@ class ServiceMetrics:
         details = usage.prompt_tokens_details
         if details is not None and usage.prompt_tokens:
             cached = details.cached_tokens
-            self.round_prompt_tokens.labels(role, label, "yes").inc(cached)
-            self.round_prompt_tokens.labels(role, label, "no").inc(usage.prompt_tokens - cached)
+            self.child(self.round_prompt_tokens, role, label, "yes").inc(cached)
+            self.child(self.round_prompt_tokens, role, label, "no").inc(
+                usage.prompt_tokens - cached
+            )
         drafts = usage.completion_tokens_details
         if drafts is not None:
-            self.draft_tokens.labels(role, label, "accepted").inc(drafts.accepted_prediction_tokens)
-            self.draft_tokens.labels(role, label, "rejected").inc(drafts.rejected_prediction_tokens)
+            self.child(self.draft_tokens, role, label, "accepted").inc(
+                drafts.accepted_prediction_tokens
+            )
+            self.child(self.draft_tokens, role, label, "rejected").inc(
+                drafts.rejected_prediction_tokens
+            )
 
     def _tokens(self, role: str, prompt: int, completion: int) -> None:
         if prompt:
-            self.tokens.labels(role, "prompt").inc(prompt)
+            self.child(self.tokens, role, "prompt").inc(prompt)
         if completion:
-            self.tokens.labels(role, "completion").inc(completion)
+            self.child(self.tokens, role, "completion").inc(completion)
 
     def render(self) -> bytes:
         """This service's metrics, then the process-wide registry (vLLM's ``vllm:*``)."""

@@ -100,8 +100,8 @@ class RequestContextMiddleware:
         finally:
             elapsed = time.perf_counter() - started
             route = _route_label(scope)
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.request_latency.labels(route).observe(elapsed)
+            self.metrics.child(self.metrics.requests, route, str(status)).inc()
+            self.metrics.child(self.metrics.request_latency, route).observe(elapsed)
             logger.info(
                 "%s %s %d %.1f ms",
                 scope.get("method"),

@@ -37,3 +37,15 @@ def test_an_engine_that_cannot_count_its_requests_does_not_break_metrics() -> No
     metrics.watch_engine(broken)
     assert math.isnan(metrics.registry.get_sample_value("slhf_engine_running_requests") or 0.0)
     assert b"slhf_engine_running_requests NaN" in metrics.render()
+
+
+def test_labelled_children_are_looked_up_once_and_count_where_prometheus_reads() -> None:
+    metrics = ServiceMetrics()
+    a = metrics.child(metrics.tokens, "leader", "prompt")
+    assert metrics.child(metrics.tokens, "leader", "prompt") is a
+    assert metrics.child(metrics.tokens, "leader", "completion") is not a
+    assert metrics.child(metrics.stops, "leader") is not metrics.child(metrics.rejections, "leader")
+    a.inc(3)
+    metrics.child(metrics.tokens, "leader", "prompt").inc(2)
+    labels = {"role": "leader", "kind": "prompt"}
+    assert metrics.registry.get_sample_value("slhf_tokens_total", labels) == 5
