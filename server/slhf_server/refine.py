@@ -32,7 +32,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal, NamedTuple, Protocol, TypeVar
 
 from slhf_models.serving.templates import Message, Role, TemplateRenderer
@@ -157,6 +157,11 @@ class RefineJob:
     constrained to an output format the first answer was not generated under: a deadline or a
     context too short before round 1 completes is then an error, never that answer
     (``slhf_server.plan.first_answer_final``)."""
+    opened: dict[str, OpeningPrompts] = field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
+    """The opening prompts once ``Refiner.check_opening`` has built them (the loop then reuses
+    them instead of rendering and tokenizing the same prompt again)."""
 
 
 @dataclass(frozen=True)
@@ -241,23 +246,29 @@ class Refiner:
     async def check_opening(self, jobs: Sequence[RefineJob]) -> None:
         """Every distinct prompt of ``jobs`` checked against the context (``opening_prompts``),
         before admission, so a request that cannot run costs nothing."""
-        seen: list[RefineJob] = []
+        seen: list[tuple[RefineJob, OpeningPrompts]] = []
         for job in jobs:
-            if not any(
-                (j.prompt is job.prompt or j.prompt == job.prompt)
-                and j.given_answer == job.given_answer
-                and j.from_upstream == job.from_upstream
-                for j in seen
-            ):
-                seen.append(job)
-                await self.opening_prompts(job)
+            same = next(
+                (
+                    opened
+                    for j, opened in seen
+                    if (j.prompt is job.prompt or j.prompt == job.prompt)
+                    and j.given_answer == job.given_answer
+                    and j.from_upstream == job.from_upstream
+                ),
+                None,
+            )
+            if same is None:
+                same = await self.opening_prompts(job)
+                seen.append((job, same))
+            job.opened["prompts"] = same
 
     async def opening_prompts(self, job: RefineJob) -> OpeningPrompts:
         """The prompts known before the first answer, checked against the context: a prompt
         that leaves no room to generate is a 400 (``PromptTooLongError``), and so is an upstream
         first answer when no upstream is configured. Rendered and tokenized off the event loop
-        (``slhf_server.prompts``); checked before admission (``check_opening``) and again when
-        the loop starts."""
+        (``slhf_server.prompts``); checked before admission (``check_opening``, which keeps
+        them on the job for the loop), or when the loop starts."""
         self.check_source(job)
         if job.given_answer is not None:
             ids = await self.prompts.ids("follower", job.prompt, job.given_answer, "response")
@@ -347,7 +358,7 @@ class Refiner:
             ) from None
 
     async def _first_answer_now(self, job: RefineJob, live: LiveRounds | None) -> _FirstAnswer:
-        prompts = await self.opening_prompts(job)
+        prompts = job.opened.get("prompts") or await self.opening_prompts(job)
         if job.given_answer is not None:
             given = LeaderAnswer(
                 text=job.given_answer,

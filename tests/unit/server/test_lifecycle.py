@@ -49,7 +49,8 @@ def test_the_startup_heap_is_frozen_while_serving_and_thawed_after() -> None:
         frozen = gc.get_freeze_count()
         assert frozen > 10_000  # the interpreter's, pydantic's, FastAPI's objects at least
         assert client.post("/v1/refine", json={"prompt": "hi"}).status_code == 200
-        assert gc.get_freeze_count() == frozen  # frozen once, not per request
+        # frozen once, not per request (frozen objects can still be freed by reference counting)
+        assert gc.get_freeze_count() <= frozen
     assert gc.get_freeze_count() == 0
 
 

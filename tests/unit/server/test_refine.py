@@ -183,3 +183,31 @@ def test_concurrent_refinements_overlap_in_the_engine() -> None:
     outs = asyncio.run(many())
     assert all(o.final == "answer 2" for o in outs)
     assert engine.peak_running == 16  # nothing serialised the requests
+
+
+def test_prompts_checked_before_admission_are_not_rendered_again_by_the_loop() -> None:
+    engine = ScriptedEngine(numbered_script)
+    refiner = make_refiner(engine)
+    rendered: list[str] = []
+    render = refiner.prompts.fitting_ids
+
+    def counting(role, prompt, answer, param):  # type: ignore[no-untyped-def]
+        if role == "leader":
+            rendered.append(role)
+        return render(role, prompt, answer, param)
+
+    refiner.prompts.fitting_ids = counting  # type: ignore[method-assign]
+    jobs = [job(1, request_id=f"req-{i}") for i in range(3)]  # n = 3 of one prompt
+
+    async def main():  # type: ignore[no-untyped-def]
+        await refiner.check_opening(jobs)
+        assert rendered == ["leader"]  # the distinct prompt once
+        return await asyncio.gather(*(refiner.refine(j) for j in jobs))
+
+    outs = asyncio.run(main())
+    assert rendered == ["leader"]  # the loop reused it
+    assert [c.role for c in engine.calls] == ["leader"] * 3 + ["follower"] * 3
+    assert all(o.final == "answer 1" for o in outs)
+    # a job nobody checked renders its own prompt when its loop starts
+    run(refiner, job(0))
+    assert rendered == ["leader", "leader"]
