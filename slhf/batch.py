@@ -36,7 +36,6 @@ from typing import IO, Any
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
-from starlette.responses import Response
 
 from slhf_server import routes, routes_openai, routes_responses
 from slhf_server.errors import (
@@ -46,6 +45,7 @@ from slhf_server.errors import (
     domain_error,
     error_body,
 )
+from slhf_server.json_answer import JSONAnswer
 from slhf_server.openai_protocol import ChatCompletionRequest, CompletionRequest
 from slhf_server.protocol import RefineRequest
 from slhf_server.responses_protocol import ResponsesRequest
@@ -191,7 +191,10 @@ class OutputWriter:
         self._synced = time.monotonic()
 
     def write(self, record: dict[str, Any]) -> None:
-        data = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        self.write_line((json.dumps(record, separators=(",", ":")) + "\n").encode())
+
+    def write_line(self, data: bytes) -> None:
+        """One whole output line (ending in a newline), with one ``write``."""
         view = memoryview(data)
         while view:  # a regular file takes it whole unless the disk is full
             view = view[os.write(self.fd, view) :]
@@ -217,6 +220,19 @@ def line_failed(custom_id: str | None, line: int, code: str, message: str) -> di
         "response": None,
         "error": {"code": code, "message": message, "line": line},
     }
+
+
+def _dumps(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def answered_line(custom_id: str, got: Answer) -> bytes:
+    """``answered(...)`` as the output line's bytes, with the route's JSON body spliced in as
+    it is (not parsed and written again)."""
+    request_id = got.request_id if got.status == 200 and got.request_id else _new_id()
+    head = _dumps({"id": _new_id(), "custom_id": custom_id})[:-1]
+    response = b'"status_code":%d,"request_id":%s' % (got.status, _dumps(request_id))
+    return head + b',"response":{' + response + b',"body":' + got.body + b'},"error":null}\n'
 
 
 def answered(custom_id: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
@@ -281,9 +297,20 @@ def in_process_request() -> Request:
     return Request(scope, receive=_never_disconnects)
 
 
-async def answer(service: Service, endpoint: Endpoint, body: object) -> tuple[int, dict[str, Any]]:
-    """(status, body) the route answers ``body`` with over HTTP: the route's own model validates
-    it, the route's own function answers it; every failure becomes its error envelope."""
+@dataclass(frozen=True)
+class Answer:
+    """What a route answered a row with: its status and JSON body (the bytes the HTTP route
+    would send), the answer's id and its generated tokens."""
+
+    status: int
+    body: bytes
+    request_id: str | None
+    tokens: int
+
+
+async def answer_row(service: Service, endpoint: Endpoint, body: object) -> Answer:
+    """The route's answer to ``body``, as over HTTP: the route's own model validates it, the
+    route's own function answers it; every failure becomes its error envelope."""
     try:
         try:
             request = endpoint.model.model_validate(body, from_attributes=True)  # as FastAPI
@@ -297,21 +324,31 @@ async def answer(service: Service, endpoint: Endpoint, body: object) -> tuple[in
         response = await endpoint.handler(
             body=request, request=in_process_request(), service=service
         )
-        if isinstance(response, Response):  # the finished JSON (slhf_server.json_answer)
-            return response.status_code, json.loads(bytes(response.body))
-        return 200, response.model_dump(mode="json", by_alias=True)
+        if isinstance(response, JSONAnswer):  # the finished JSON (slhf_server.json_answer)
+            model, status, data = response.model, response.status_code, bytes(response.body)
+        else:  # a wire model, as FastAPI would write it
+            model, status = response, 200
+            data = response.model_dump_json(by_alias=True).encode()
+        request_id = getattr(model, "id", None)
+        return Answer(
+            status, data, request_id if isinstance(request_id, str) else None, model_tokens(model)
+        )
     except Exception as e:
         error: SLHFError = domain_error(e)
-        return error.status_code, error_body(error)
+        return Answer(error.status_code, _dumps(error_body(error)), None, 0)
 
 
-def completion_tokens(body: dict[str, Any]) -> int:
-    """Generated tokens of an answer: ``usage.completion_tokens`` (``output_tokens`` in the
-    Responses API's usage)."""
-    usage = body.get("usage")
-    if not isinstance(usage, dict):
-        return 0
-    tokens = usage.get("completion_tokens", usage.get("output_tokens"))
+async def answer(service: Service, endpoint: Endpoint, body: object) -> tuple[int, dict[str, Any]]:
+    """(status, parsed body) of ``answer_row``."""
+    got = await answer_row(service, endpoint, body)
+    return got.status, json.loads(got.body)
+
+
+def model_tokens(model: BaseModel) -> int:
+    """Generated tokens of an answer's model: ``usage.completion_tokens`` (``output_tokens`` in
+    the Responses API's usage)."""
+    usage = getattr(model, "usage", None)
+    tokens = getattr(usage, "completion_tokens", getattr(usage, "output_tokens", 0))
     return tokens if isinstance(tokens, int) else 0
 
 
@@ -408,21 +445,20 @@ async def run_batch(
     max_body = service.settings.max_body_bytes
     t0 = time.perf_counter()
 
-    def emit(record: dict[str, Any], tokens: int) -> None:
-        writer.write(record)
+    def emit(line: bytes, ok: bool, tokens: int) -> None:
+        writer.write_line(line)
         report.written += 1
-        response = record["response"]
-        report.errors += response is None or response["status_code"] != 200
+        report.errors += not ok
         report.completion_tokens += tokens
         progress.update(tokens)
 
     async def run_row(row: Row) -> None:
         try:
-            status, body = await answer(service, row.endpoint, row.body)
-            if status >= 500:
+            got = await answer_row(service, row.endpoint, row.body)
+            if got.status >= 500:
                 report.retry.append(row.custom_id)
                 return
-            emit(answered(row.custom_id, status, body), completion_tokens(body))
+            emit(answered_line(row.custom_id, got), got.status == 200, got.tokens)
         finally:
             slots.release()
 
@@ -433,7 +469,8 @@ async def run_batch(
                 continue
             parsed = parse_line(number, raw, max_body)
             if isinstance(parsed, dict):
-                emit(parsed, 0)
+                status = (parsed["response"] or {}).get("status_code")
+                emit(_dumps(parsed) + b"\n", status == 200, 0)
                 continue
             await slots.acquire()
             task = asyncio.create_task(run_row(parsed))

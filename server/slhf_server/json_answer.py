@@ -16,10 +16,22 @@ from fastapi import Response
 from pydantic import BaseModel
 
 
-def _render(build: Callable[[], BaseModel]) -> Response:
-    return Response(build().model_dump_json(), media_type="application/json")
+class JSONAnswer(Response):
+    """A finished JSON answer that keeps the model it was written from (``slhf batch`` reads
+    the answer's id and usage from it instead of parsing the bytes back)."""
+
+    media_type = "application/json"
+
+    def __init__(self, model: BaseModel) -> None:
+        super().__init__(model.model_dump_json(by_alias=True))
+        self.model = model
 
 
-async def json_answer(build: Callable[[], BaseModel]) -> Response:
-    """``build()``'s model as a JSON response, built and serialized in a worker thread."""
+def _render(build: Callable[[], BaseModel]) -> JSONAnswer:
+    return JSONAnswer(build())
+
+
+async def json_answer(build: Callable[[], BaseModel]) -> JSONAnswer:
+    """``build()``'s model as a JSON response, built and serialized in a worker thread (field
+    names by alias, as FastAPI writes a returned model)."""
     return await asyncio.to_thread(_render, build)

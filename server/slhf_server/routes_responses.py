@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Request, Response
 
 from slhf_server import pipeline
+from slhf_server.json_answer import json_answer
 from slhf_server.openai_responses import open_response_stream, plan_responses, response_object
 from slhf_server.openapi import ERROR_RESPONSES, sse_response
 from slhf_server.responses_protocol import ResponseObject, ResponsesRequest
@@ -26,12 +26,10 @@ OK[200]["description"] = (
     response_model=None,
     responses={**OK, **ERROR_RESPONSES},
 )
-async def responses(
-    body: ResponsesRequest, request: Request, service: ServiceDep
-) -> ResponseObject | StreamingResponse:
+async def responses(body: ResponsesRequest, request: Request, service: ServiceDep) -> Response:
     """OpenAI Responses API; the answer is the final round of the refinement."""
     plan = plan_responses(service, body)
     if body.stream:
         return await pipeline.stream(service, request, plan, open_response_stream)
     [outcome] = await pipeline.run(service, request, plan)
-    return response_object(plan, outcome)
+    return await json_answer(lambda: response_object(plan, outcome))

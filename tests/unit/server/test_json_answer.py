@@ -22,6 +22,7 @@ from tests.unit.server.test_hardening import make_app
         ("/v1/refine", {"prompt": "Why?", "rounds": 1}),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Why?"}], "n": 2}),
         ("/v1/completions", {"prompt": ["a?", "b?"]}),
+        ("/v1/responses", {"input": "Why?"}),
     ],
 )
 def test_answers_are_built_in_a_worker_thread(
@@ -43,7 +44,8 @@ def test_answers_are_built_in_a_worker_thread(
         r = client.post(path, json=body)
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     assert on_loop == [False]
-    assert r.json()["choices" if path != "/v1/refine" else "final"]
+    key = {"/v1/refine": "final", "/v1/responses": "output"}.get(path, "choices")
+    assert r.json()[key]
 
 
 def test_the_answer_is_the_models_json() -> None:

@@ -289,8 +289,31 @@ def test_the_command_with_every_row_written_exits_0_without_an_engine(
 
 
 def test_tokens_are_read_from_either_usage_shape() -> None:
-    from slhf.batch import completion_tokens
+    from types import SimpleNamespace
 
-    assert completion_tokens({"usage": {"completion_tokens": 7}}) == 7
-    assert completion_tokens({"usage": {"output_tokens": 5}}) == 5  # the Responses API's
-    assert completion_tokens({"error": {}}) == 0
+    from slhf.batch import model_tokens
+
+    chat = SimpleNamespace(usage=SimpleNamespace(completion_tokens=7))
+    responses = SimpleNamespace(usage=SimpleNamespace(output_tokens=5))  # the Responses API's
+    assert model_tokens(chat) == 7  # type: ignore[arg-type]
+    assert model_tokens(responses) == 5  # type: ignore[arg-type]
+    assert model_tokens(SimpleNamespace(error={})) == 0  # type: ignore[arg-type]
+
+
+def test_an_answered_line_splices_the_routes_json_as_the_batch_output_format() -> None:
+    from slhf.batch import Answer, answered_line
+
+    body = b'{"id":"chatcmpl-1","usage":{"completion_tokens":3},"text":"caf\xc3\xa9 \\n"}'
+    line = answered_line('row "7"', Answer(200, body, "chatcmpl-1", 3))
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    record = json.loads(line)
+    assert list(record) == ["id", "custom_id", "response", "error"]
+    assert record["custom_id"] == 'row "7"' and record["error"] is None
+    assert record["response"] == {
+        "status_code": 200,
+        "request_id": "chatcmpl-1",
+        "body": json.loads(body),
+    }
+    failed = json.loads(answered_line("x", Answer(400, b'{"error":{}}', None, 0)))
+    assert failed["response"]["status_code"] == 400
+    assert failed["response"]["request_id"].startswith("batch_req_")
