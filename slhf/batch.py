@@ -464,10 +464,10 @@ async def run_batch(
 
     try:
         for number, raw in read_lines(input_path):
-            is_object, cid = _custom_id(raw)
-            if line_key(cid if is_object and isinstance(cid, str) else None, number) in done:
+            parsed = parse_line(number, raw, max_body)  # the line's JSON parsed once
+            cid = parsed.custom_id if isinstance(parsed, Row) else parsed["custom_id"]
+            if line_key(cid, number) in done:
                 continue
-            parsed = parse_line(number, raw, max_body)
             if isinstance(parsed, dict):
                 status = (parsed["response"] or {}).get("status_code")
                 emit(_dumps(parsed) + b"\n", status == 200, 0)
