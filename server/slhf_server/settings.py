@@ -12,6 +12,10 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+MAX_API_SERVERS = 64
+"""Most API processes ``SLHF_API_SERVERS`` may ask for: a sanity bound (each one imports vLLM and
+holds its own tokenizers, hundreds of MiB)."""
+
 
 class ServerSettings(BaseSettings):
     """Every field can be set as ``SLHF_<FIELD NAME>`` in the environment."""
@@ -89,6 +93,13 @@ class ServerSettings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    api_servers: int = Field(1, ge=1, le=MAX_API_SERVERS)
+    """API processes answering HTTP on ``host:port``, all sharing one engine (``vllm serve
+    --api-server-count``): on a GPU, where one API process's CPU is the bottleneck, 2..8 keep
+    the engine busy. 1 (the default) is one process holding the engine. Above 1: topology
+    "separate" is refused; ``/metrics`` sums every process's counters, whichever answers;
+    ``SLHF_MAX_INFLIGHT_GENERATIONS`` bounds them all together; each response names the process
+    that answered in ``x-slhf-api-server``. See docs/deploy.md, "Scale out"."""
     api_keys: str | None = None
     """Comma-separated API keys; unset (and no keys file) = no auth."""
     api_keys_file: Path | None = None
