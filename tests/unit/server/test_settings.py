@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
 from slhf_server.settings import ServerSettings
 
 REPO = Path(__file__).resolve().parents[3]
@@ -31,3 +34,22 @@ def test_every_setting_has_a_row_with_its_default() -> None:
         assert f"| `SLHF_{name.upper()}` |" in table
         if field.default is not None and not isinstance(field.default, bool):
             assert f"`{field.default}`" in table
+
+
+@pytest.mark.parametrize("value", ["1", "2", "64"])
+def test_api_servers_takes_one_to_64_processes(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLHF_API_SERVERS", value)
+    assert ServerSettings().api_servers == int(value)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "65", "1.5", "two"])
+def test_api_servers_refuses_what_is_not_a_sane_process_count(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SLHF_API_SERVERS", value)
+    with pytest.raises(ValidationError, match="api_servers"):
+        ServerSettings()
+
+
+def test_one_api_process_is_the_default() -> None:
+    assert ServerSettings.model_fields["api_servers"].default == 1
