@@ -28,7 +28,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from vllm import CompletionOutput, RequestOutput, SamplingParams, envs
@@ -277,9 +277,13 @@ class EngineCoreLaunch:
     """vLLM's ``CoreEngineProcManager`` (None when vLLM runs no local engine process)."""
     coordinator: Any
     """vLLM's data-parallel coordinator, when it runs one."""
+    listeners: Any
+    """vLLM's ``EngineZmqListeners``: the API processes' ZMQ endpoints, bound here. Kept until
+    ``shutdown``: when it is garbage-collected it removes its IPC socket files, and an engine
+    that connects to an API process after that never reaches it (the API process then waits
+    for the engine forever)."""
     watch: Sequence[Any] = ()
     """The API processes vLLM watches while the engine starts: one that exits fails the start."""
-    listeners: list[Any] = field(default_factory=list)
     stopped: bool = False
 
     def sentinels(self) -> list[int]:
@@ -300,9 +304,8 @@ class EngineCoreLaunch:
             self.manager.shutdown(timeout=timeout_s)
         if self.coordinator is not None:
             self.coordinator.shutdown(timeout=timeout_s)
-        for listener in self.listeners:
-            with contextlib.suppress(Exception):
-                listener.cleanup()
+        with contextlib.suppress(Exception):
+            self.listeners.cleanup()
 
 
 @contextlib.contextmanager
@@ -337,12 +340,12 @@ def launch_engine_core(
                 ],
                 launch.engine_manager,
                 launch.coordinator,
-                listeners=[*listeners.inputs, *listeners.outputs],
+                listeners,
             )
             yield handle
             launch.watched_frontend_processes = list(handle.watch)
-            for listener in handle.listeners:  # the API processes hold their own copies
-                listener.close()
+            for listener in (*listeners.inputs, *listeners.outputs):
+                listener.close()  # the API processes hold their own copies
     except BaseException:
         if handle is not None:
             handle.shutdown(settings.shutdown_timeout_s / 2)

@@ -140,3 +140,39 @@ def test_two_api_processes_share_one_engine(tmp_path: Path) -> None:
     alive = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert alive == [], alive
     assert not metrics_dir.exists()
+
+
+def test_a_dead_engine_is_a_503_everywhere_and_a_dead_api_process_stops_the_server(
+    tmp_path: Path,
+) -> None:
+    env = server_env(SLHF_API_SERVERS="2", SLHF_DRAIN_GRACE_S="1", SLHF_SHUTDOWN_TIMEOUT_S="10")
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    server = ServerProcess.start(tmp_path / "server.log", env=env)
+    try:
+        tree = psutil.Process(server.pid).children(recursive=True)
+        engine = [p for p in tree if p.name().startswith("VLLM::EngineCor")]
+        assert len(engine) == 1, [p.name() for p in tree]
+        engine[0].kill()
+
+        # both API processes hear of it and answer 503 engine_dead, as one process does
+        dead: dict[str, str] = {}
+        deadline = time.monotonic() + 30
+        while len(dead) < 2 and time.monotonic() < deadline:
+            r = fresh(server, "GET", "/health", timeout=10)
+            if r.status_code == 503:
+                dead[r.headers["x-slhf-api-server"]] = r.json()["error"]["code"]
+        assert dead == {"0": "engine_dead", "1": "engine_dead"}, dead
+        r = fresh(server, "POST", "/v1/refine", json={"prompt": "hi"}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+
+        # an API process that dies stops everything: status 1, nothing left behind
+        api = [p for p in tree if p.ppid() == server.pid and p not in engine]
+        pids = api_pids(server.log)
+        victim = next(p for p in api if p.pid in pids[0])
+        victim.kill()
+        code = server.proc.wait(timeout=1 + 2 + 10 + 5)
+    finally:
+        server.stop()
+    assert code == 1, server.tail()
+    alive = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], alive
