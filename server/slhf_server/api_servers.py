@@ -168,6 +168,8 @@ class Supervisor:
         self.stop_at: float | None = None
         """When the first SIGTERM (or SIGINT) came; None until then."""
         self.starting = True
+        self.forwarded = False
+        """Whether the API processes got a SIGTERM."""
 
     @property
     def bound_s(self) -> float:
@@ -192,6 +194,7 @@ class Supervisor:
             raise _StopRequested
 
     def signal_children(self, sig: int) -> None:
+        self.forwarded = True
         for p in self.procs:
             if p.pid is not None and p.exitcode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -256,7 +259,8 @@ class Supervisor:
         from slhf_server.lifecycle import arm_exit_watchdog
 
         arm_exit_watchdog(max(0.1, end - time.monotonic()), lambda: self.exit(code))
-        self.signal_children(signal.SIGTERM)
+        if not self.forwarded:  # (a second SIGTERM would end their drain)
+            self.signal_children(signal.SIGTERM)
         children_by = end - self.settings.shutdown_timeout_s / 2
         for p in self.procs:
             p.join(max(0.0, children_by - time.monotonic()))

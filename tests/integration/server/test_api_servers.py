@@ -150,9 +150,10 @@ def test_a_dead_engine_is_a_503_everywhere_and_a_dead_api_process_stops_the_serv
     server = ServerProcess.start(tmp_path / "server.log", env=env)
     try:
         tree = psutil.Process(server.pid).children(recursive=True)
-        engine = [p for p in tree if p.name().startswith("VLLM::EngineCor")]
-        assert len(engine) == 1, [p.name() for p in tree]
-        engine[0].kill()
+        engine = [p for p in tree if p.name().startswith("VLLM::")]  # the core and its worker
+        assert len(engine) >= 1, [p.name() for p in tree]
+        for p in engine:
+            p.kill()
 
         # both API processes hear of it and answer 503 engine_dead, as one process does
         dead: dict[str, str] = {}

@@ -10,9 +10,11 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -189,3 +191,55 @@ def test_one_api_process_logs_as_before() -> None:
         "logger",
         "message",
     }
+
+
+def test_the_metrics_directory_is_fresh_and_ours(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "counter_1.db").write_bytes(b"")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(stale))  # an earlier run's: replaced
+    path = Path(api_servers.use_metrics_dir())
+    try:
+        assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(path) != str(stale)
+        assert path.is_dir() and not any(path.iterdir())
+        assert "replaced" in capsys.readouterr().out
+    finally:
+        path.rmdir()
+
+
+def test_the_stop_after_a_signal_does_not_signal_again(
+    children: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second SIGTERM would cut an API process's drain short: one per signal received."""
+    children.append(FORK.Process(target=sleeper, args=(60,)))
+    sup, _ = supervisor(*children)
+    monkeypatch.setattr("slhf_server.lifecycle.arm_exit_watchdog", lambda *a: None)
+    exits: list[int] = []
+
+    def exit_(code: int) -> None:
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(sup, "exit", exit_)
+    sup.on_signal(signal.SIGTERM, None)  # forwarded: the child ends (its default action)
+    sent: list[int] = []
+    monkeypatch.setattr(sup, "signal_children", sent.append)
+    core = FakeCore()
+    with pytest.raises(SystemExit):
+        sup.stop(core, 0)  # type: ignore[arg-type]
+    assert sent == [] and exits == [0] and children[0].exitcode == -signal.SIGTERM
+    assert core.stopped_with is not None and core.stopped_with > 0  # the engine's share
+
+
+def test_a_stop_without_a_signal_tells_the_api_processes(
+    children: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    children.append(FORK.Process(target=sleeper, args=(60,)))
+    sup, _ = supervisor(*children)
+    monkeypatch.setattr("slhf_server.lifecycle.arm_exit_watchdog", lambda *a: None)
+    monkeypatch.setattr(sup, "exit", sys.exit)  # the real one ends the process at once
+    with pytest.raises(SystemExit) as stopped:
+        sup.stop(FakeCore(), 1)  # type: ignore[arg-type]
+    assert stopped.value.code == 1 and children[0].exitcode == -signal.SIGTERM
