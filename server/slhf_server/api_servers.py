@@ -87,15 +87,15 @@ def use_metrics_dir() -> str:
     and return it. Call before anything imports prometheus_client, so metrics recorded in this
     process too go to files; one set before (by whoever started ``slhf serve``) is replaced,
     since metrics left there by an earlier run would be counted again."""
-    if os.environ.get(METRICS_DIR_ENV):
-        print(
-            f"slhf serve: {METRICS_DIR_ENV} is replaced by a fresh directory "
-            "(SLHF_API_SERVERS > 1 keeps its metrics in one it owns)",
-            flush=True,
-        )
+    global _replaced_metrics_dir
+    _replaced_metrics_dir = os.environ.get(METRICS_DIR_ENV) or None
     path = tempfile.mkdtemp(prefix="slhf-metrics-")
     os.environ[METRICS_DIR_ENV] = path
     return path
+
+
+_replaced_metrics_dir: str | None = None
+"""The ``PROMETHEUS_MULTIPROC_DIR`` that ``use_metrics_dir`` replaced (logged once logging runs)."""
 
 
 # -- an API process ------------------------------------------------------------------------------
@@ -297,6 +297,13 @@ def serve(
     from slhf_models.serving import vllm_cpu
     from slhf_server.vllm_engine import launch_engine_core
 
+    if _replaced_metrics_dir is not None:
+        logger.warning(
+            "%s=%s is not used: the API processes keep their metrics in %s, made for this run",
+            METRICS_DIR_ENV,
+            _replaced_metrics_dir,
+            metrics_dir,
+        )
     sup = Supervisor(settings, metrics_dir)
     signal.signal(signal.SIGTERM, sup.on_signal)
     signal.signal(signal.SIGINT, sup.on_signal)
