@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -32,6 +33,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", choices=["json", "text"], help="SLHF_LOG_FORMAT")
+    p.add_argument(
+        "--api-servers",
+        type=int,
+        metavar="N",
+        help="API processes sharing the engine (SLHF_API_SERVERS, default 1)",
+    )
     p.add_argument(
         "--help-engine",
         action="store_true",
@@ -85,31 +92,38 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def serve(args: argparse.Namespace) -> int:
     """Check the settings, the weights and the port (each failure: one line, exit 2), then load
-    the engine and serve; uvicorn listens on the socket bound here once the model is loaded."""
-    import uvicorn
-
-    from slhf_models.serving.manifest import ManifestError
-    from slhf_server import log_pipe
-    from slhf_server.app import create_app, resolve_served_weights
-    from slhf_server.header_timeout import header_timeout_protocol
-    from slhf_server.lifecycle import exit_process
-    from slhf_server.logs import configure_logging
-    from slhf_server.preflight import (
-        StartupError,
-        bind_socket,
-        check_block_size,
-        check_drafting,
-        check_weights,
-        vllm_cpu_build,
-    )
+    the engine and serve; uvicorn listens on the socket bound here once the model is loaded.
+    With ``SLHF_API_SERVERS`` > 1 this process supervises that many API processes on one engine
+    (server/slhf_server/api_servers.py)."""
     from slhf_server.settings import ServerSettings
-    from slhf_server.tracing import check_tracing
 
     try:
         settings = ServerSettings(**serve_overrides(args))
     except ValueError as e:  # pydantic's ValidationError is a ValueError (EngineFlagError too)
         print(f"slhf serve: invalid settings:\n{e}", file=sys.stderr)
         return 2
+    metrics_dir = None
+    if settings.api_servers > 1:  # before the imports below bring in prometheus_client
+        from slhf_server.api_servers import use_metrics_dir
+
+        metrics_dir = use_metrics_dir()
+
+    from slhf_models.serving.manifest import ManifestError
+    from slhf_server import log_pipe
+    from slhf_server.app import create_app, resolve_served_weights, run_app
+    from slhf_server.lifecycle import exit_process
+    from slhf_server.logs import configure_logging
+    from slhf_server.preflight import (
+        StartupError,
+        bind_socket,
+        check_api_servers,
+        check_block_size,
+        check_drafting,
+        check_weights,
+        vllm_cpu_build,
+    )
+    from slhf_server.tracing import check_tracing
+
     try:
         weights = resolve_served_weights(settings)
     except ManifestError as e:
@@ -121,9 +135,12 @@ def serve(args: argparse.Namespace) -> int:
         check_block_size(settings.kv_block_size, cpu=cpu)
         check_drafting(settings.speculative, cpu=cpu)
         check_tracing(settings)
+        check_api_servers(settings.api_servers, weights.topology)
         sock = bind_socket(settings.host, settings.port)
     except StartupError as e:
         print(f"slhf serve: {e}", file=sys.stderr)
+        if metrics_dir is not None:
+            os.rmdir(metrics_dir)
         return 2
     if settings.log_format == "json":
         # From here every line is JSON, whoever writes it (server/slhf_server/log_pipe.py); the
@@ -131,23 +148,14 @@ def serve(args: argparse.Namespace) -> int:
         # startup errors above stay plain for the person who typed the command.
         log_pipe.install()
     log_config = configure_logging(settings.log_format, settings.log_level)
-    app = create_app(settings, weights=weights)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=log_config,
-        access_log=False,
-        timeout_graceful_shutdown=30,
-        http=header_timeout_protocol(settings.header_timeout_s),
-    )
-    server = uvicorn.Server(config)
-    with sock:
-        server.run(sockets=[sock])
+    if metrics_dir is not None:
+        from slhf_server import api_servers
+
+        api_servers.serve(settings, weights, sock, metrics_dir)
+    started = run_app(create_app(settings, weights=weights), settings, log_config, sock)
     # The app's teardown is done (engine stopped): end now, without the interpreter's teardown
     # (docs/reliability.md, "Shutdown"). 3 = the app never started (as uvicorn.run).
-    exit_process(0 if server.started else 3)
+    exit_process(0 if started else 3)
     return 0
 
 

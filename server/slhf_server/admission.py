@@ -7,21 +7,34 @@ there is no queue, so admitted requests run concurrently and batch in the engine
 heavier than the whole bound counts as the bound (it runs alone). While the server drains for
 shutdown every request is refused with a 503.
 
-The event loop is single-threaded, so the counters need no lock.
+The event loop is single-threaded, so the counters need no lock. With several API processes
+(``SLHF_API_SERVERS``) the bound is shared: every process reserves its requests' weight in one
+counter in shared memory (``SharedWeight``, a ``multiprocessing`` value with its own lock), so
+the processes together admit at most the bound, whichever process a connection lands on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from slhf_server.errors import OverloadedError, ServiceUnavailableError
 from slhf_server.metrics import ServiceMetrics
 
 ABORT_WAIT_S = 2.0
 """After the drain's grace: how long the aborted requests get to answer their 503."""
+
+
+class SharedWeight(Protocol):
+    """The admitted weight of every API process: ``multiprocessing``'s ``Value("q", 0)``."""
+
+    value: int
+
+    def get_lock(self) -> contextlib.AbstractContextManager[object]: ...
 
 
 @dataclass(eq=False)
@@ -45,10 +58,15 @@ class Ticket:
 class Admission:
     """Admitted in-flight work against a bound; the drain flag."""
 
-    def __init__(self, bound: int, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self, bound: int, metrics: ServiceMetrics, shared: SharedWeight | None = None
+    ) -> None:
         self.bound = bound
         self.metrics = metrics
+        self.shared = shared
+        """The weight admitted by every API process, when there are several."""
         self.weight = 0
+        """The weight this process admitted."""
         self.draining = False
         self.tickets: set[Ticket] = set()
         metrics.admission_limit.set(bound)
@@ -63,10 +81,11 @@ class Admission:
                 code="draining",
             )
         w = min(max(weight, 1), self.bound)
-        if self.weight + w > self.bound:
+        in_flight = self._reserve(w)
+        if in_flight is not None:
             self.metrics.rejections.labels("overloaded").inc()
             raise OverloadedError(
-                f"the server is at capacity: {self.weight} of {self.bound} generations in "
+                f"the server is at capacity: {in_flight} of {self.bound} generations in "
                 f"flight (SLHF_MAX_INFLIGHT_GENERATIONS) and this request needs {weight}; "
                 f"retry after {self.retry_after_s()} s",
                 retry_after_s=self.retry_after_s(),
@@ -77,9 +96,23 @@ class Admission:
         self._publish()
         return ticket
 
+    def _reserve(self, w: int) -> int | None:
+        """Reserve ``w`` of the bound: None when it fits, else the weight in flight."""
+        if self.shared is None:
+            return self.weight if self.weight + w > self.bound else None
+        with self.shared.get_lock():
+            total = self.shared.value
+            if total + w > self.bound:
+                return total
+            self.shared.value = total + w
+        return None
+
     def release(self, ticket: Ticket) -> None:
         self.tickets.discard(ticket)
         self.weight -= ticket.weight
+        if self.shared is not None:
+            with self.shared.get_lock():
+                self.shared.value -= ticket.weight
         self._mean_s = 0.8 * self._mean_s + 0.2 * (time.monotonic() - ticket.started)
         self._publish()
 

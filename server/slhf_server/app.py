@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
@@ -31,6 +33,9 @@ from slhf_server.service import Service
 from slhf_server.settings import ServerSettings
 from slhf_server.tracing import Tracing
 from slhf_server.upstream import UpstreamClient
+
+if TYPE_CHECKING:
+    from slhf_server.api_servers import ApiServerSlot
 
 logger = logging.getLogger("slhf_server")
 
@@ -62,14 +67,20 @@ def create_app(
     engine_factory: EngineFactory | None = None,
     weights: ServedWeights | None = None,
     tracing: Tracing | None = None,
+    api_server: ApiServerSlot | None = None,
 ) -> FastAPI:
     """Build the app. Tests pass a fake ``engine_factory`` (and ``weights``), and a ``tracing``
-    on their own span exporter; otherwise ``SLHF_OTLP_TRACES_ENDPOINT`` decides."""
+    on their own span exporter; otherwise ``SLHF_OTLP_TRACES_ENDPOINT`` decides. ``api_server``:
+    this app is one of several API processes (``slhf_server.api_servers``)."""
     settings = settings or ServerSettings()
     tracing = tracing or Tracing.from_settings(settings)
     factory = engine_factory or _vllm_engine
-    metrics = ServiceMetrics()
-    admission = Admission(settings.max_inflight_generations, metrics)
+    if api_server is None:
+        metrics = ServiceMetrics()
+        admission = Admission(settings.max_inflight_generations, metrics)
+    else:
+        metrics = ServiceMetrics(multiprocess_dir=api_server.metrics_dir)
+        admission = Admission(settings.max_inflight_generations, metrics, api_server.inflight)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -127,5 +138,35 @@ def create_app(
         BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
     )
     # added last: outermost
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, tracing=tracing)
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=metrics,
+        tracing=tracing,
+        headers=[] if api_server is None else [api_server.header()],
+    )
     return app
+
+
+def run_app(
+    app: FastAPI, settings: ServerSettings, log_config: dict[str, Any], sock: socket.socket
+) -> bool:
+    """Serve ``app`` with uvicorn on ``sock`` (bound, listened on once the app has started)
+    until it stops; returns whether it started."""
+    import uvicorn
+
+    from slhf_server.header_timeout import header_timeout_protocol
+
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=log_config,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+        http=header_timeout_protocol(settings.header_timeout_s),
+    )
+    server = uvicorn.Server(config)
+    with sock:
+        server.run(sockets=[sock])
+    return bool(server.started)

@@ -24,6 +24,15 @@ from typing import Any
 
 request_id_var: ContextVar[str | None] = ContextVar("slhf_request_id", default=None)
 
+_api_server: dict[str, int] = {}
+"""With several API processes (``SLHF_API_SERVERS``): this one's index and pid, on every line."""
+
+
+def name_api_server(index: int) -> None:
+    """Mark every line this process logs from now on with its API process index and pid."""
+    _api_server.update(api_server=index, pid=os.getpid())
+
+
 # LogRecord attributes that are not "extra" fields passed by the caller.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
@@ -33,7 +42,8 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
 
 
 class JsonFormatter(logging.Formatter):
-    """``{"ts", "level", "logger", "message", "request_id"?, ...extra}`` on one line."""
+    """``{"ts", "level", "logger", "message", "request_id"?, "api_server"?, "pid"?, ...extra}``
+    on one line."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -46,6 +56,7 @@ class JsonFormatter(logging.Formatter):
         rid = request_id_var.get()
         if rid is not None:
             entry["request_id"] = rid
+        entry.update(_api_server)
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value if isinstance(value, (int, float, bool, str)) else str(value)
@@ -62,6 +73,8 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
+        if _api_server:
+            line = f"{line} [api_server={_api_server['api_server']} pid={_api_server['pid']}]"
         rid = request_id_var.get()
         return line if rid is None else f"{line} [request_id={rid}]"
 

@@ -5,6 +5,15 @@ own ``vllm:*`` engine metrics live (``slhf_server.vllm_engine`` turns vLLM's Pro
 on).
 Labels stay low-cardinality: route templates, status codes, roles, round numbers capped at
 ``ROUND_LABELS``, and fixed reason words.
+
+With several API processes (``SLHF_API_SERVERS`` > 1) every process writes its metrics to files
+in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode, set before any process
+imports it) and ``/metrics`` reads them all, whichever process answers: counters and histograms
+are summed over the processes; each gauge says how (``multiprocess_mode``, ignored with one
+process): "livesum" for what each process holds a share of (its admitted work and requests, its
+engine client's unfinished requests), "livemax" where a sum means nothing (the admission
+bound, which the processes share and each reports whole; the drain flag; the event-loop lag:
+the worst process's). "live" modes leave out processes that have exited (``mark_process_dead``).
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from prometheus_client import (
     REGISTRY,
@@ -21,6 +30,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 
 from slhf_server.protocol import Usage
@@ -43,13 +53,32 @@ def round_label(index: int) -> str:
     return str(index) if index <= ROUND_LABELS else f"{ROUND_LABELS + 1}+"
 
 
-class ServiceMetrics:
-    """Every metric the service records, in its own registry."""
+GaugeMode = Literal["livesum", "livemax"]
+GAUGE_MODES: dict[str, GaugeMode] = {
+    "slhf_admission_inflight_generations": "livesum",
+    "slhf_admission_limit_generations": "livemax",
+    "slhf_admission_inflight_requests": "livesum",
+    "slhf_engine_running_requests": "livesum",
+    "slhf_draining": "livemax",
+    "slhf_event_loop_lag_seconds": "livemax",
+}
+"""How ``/metrics`` combines each gauge over the API processes (module docstring)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+
+class ServiceMetrics:
+    """Every metric the service records, in its own registry.
+
+    ``multiprocess_dir``: this is one of several API processes, whose metrics live in that
+    directory (``PROMETHEUS_MULTIPROC_DIR``); ``render`` then reads every process's."""
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, multiprocess_dir: str | None = None
+    ) -> None:
         r = registry or CollectorRegistry()
         self.registry = r
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self.multiprocess_dir = multiprocess_dir
+        self._engine_running: Callable[[], float] | None = None
         self.requests = Counter(
             "slhf_requests", "HTTP requests by route and status", ["route", "status"], registry=r
         )
@@ -92,15 +121,20 @@ class ServiceMetrics:
         self.admitted_weight = Gauge(
             "slhf_admission_inflight_generations",
             "Admitted in-flight work, in generations (n x (rounds + 1))",
+            multiprocess_mode=GAUGE_MODES["slhf_admission_inflight_generations"],
             registry=r,
         )
         self.admission_limit = Gauge(
             "slhf_admission_limit_generations",
             "Admission bound (SLHF_MAX_INFLIGHT_GENERATIONS): saturation is inflight / limit",
+            multiprocess_mode=GAUGE_MODES["slhf_admission_limit_generations"],
             registry=r,
         )
         self.admitted_requests = Gauge(
-            "slhf_admission_inflight_requests", "Admitted in-flight requests", registry=r
+            "slhf_admission_inflight_requests",
+            "Admitted in-flight requests",
+            multiprocess_mode=GAUGE_MODES["slhf_admission_inflight_requests"],
+            registry=r,
         )
         self.rejections = Counter(
             "slhf_admission_rejections", "Requests refused by reason", ["reason"], registry=r
@@ -111,13 +145,20 @@ class ServiceMetrics:
         self.engine_running = Gauge(
             "slhf_engine_running_requests",
             "Requests the engine has not finished (all roles)",
+            multiprocess_mode=GAUGE_MODES["slhf_engine_running_requests"],
             registry=r,
         )
-        self.draining = Gauge("slhf_draining", "1 while the server drains for shutdown", registry=r)
+        self.draining = Gauge(
+            "slhf_draining",
+            "1 while the server drains for shutdown",
+            multiprocess_mode=GAUGE_MODES["slhf_draining"],
+            registry=r,
+        )
         self.loop_lag = Gauge(
             "slhf_event_loop_lag_seconds",
             "How late the event loop ran its last lag probe (a timer due every "
             f"{LOOP_LAG_INTERVAL_S:g} s); the largest lag of the last second",
+            multiprocess_mode=GAUGE_MODES["slhf_event_loop_lag_seconds"],
             registry=r,
         )
         self.loop_lag_samples = Histogram(
@@ -140,6 +181,8 @@ class ServiceMetrics:
             recent = [*recent[-(window - 1) :], lag]
             self.loop_lag.set(max(recent))
             self.loop_lag_samples.observe(lag)
+            if self._engine_running is not None:  # several processes: no callbacks at scrape
+                self.engine_running.set(self._engine_running())
 
     def watch_engine(self, num_running: Callable[[], int]) -> None:
         def running() -> float:
@@ -148,7 +191,11 @@ class ServiceMetrics:
             except Exception:  # a dead engine may not say: /metrics still answers
                 return math.nan
 
-        self.engine_running.set_function(running)
+        if self.multiprocess_dir is None:
+            self.engine_running.set_function(running)
+        else:  # a scrape reads the files: the lag probe writes the value every tick
+            self._engine_running = running
+            self.engine_running.set(running())
 
     def child(self, metric: M, *labels: str) -> M:
         """``metric.labels(*labels)``, looked up once: prometheus_client validates and joins the
@@ -201,5 +248,10 @@ class ServiceMetrics:
             self.child(self.tokens, role, "completion").inc(completion)
 
     def render(self) -> bytes:
-        """This service's metrics, then the process-wide registry (vLLM's ``vllm:*``)."""
+        """This service's metrics, then the process-wide registry (vLLM's ``vllm:*``); with
+        several API processes, every process's metrics (both kinds), combined."""
+        if self.multiprocess_dir is not None:
+            combined = CollectorRegistry()
+            multiprocess.MultiProcessCollector(combined, self.multiprocess_dir)  # type: ignore[no-untyped-call]
+            return generate_latest(combined)
         return generate_latest(self.registry) + generate_latest(REGISTRY)

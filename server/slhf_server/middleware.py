@@ -59,12 +59,18 @@ def _route_label(scope: Scope) -> str:
 
 class RequestContextMiddleware:
     def __init__(
-        self, app: ASGIApp, metrics: ServiceMetrics, tracing: Tracing | None = None
+        self,
+        app: ASGIApp,
+        metrics: ServiceMetrics,
+        tracing: Tracing | None = None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.tracing = tracing
         """With traces on, each request's span (slhf_server.tracing)."""
+        self.headers = list(headers)
+        """Added to every response (``x-slhf-api-server`` with several API processes)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -86,6 +92,7 @@ class RequestContextMiddleware:
                 status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", rid.encode()))
+                headers += self.headers
                 message = {**message, "headers": headers}
             await send(message)
 

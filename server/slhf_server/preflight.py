@@ -10,6 +10,7 @@ broken setup fails at once with one line naming the file or the setting and the 
 - drafting (``SLHF_SPECULATIVE``) on the CPU build needs our vLLM plugin in the engine
   processes (``slhf_models.serving.vllm_cpu.fix_engines``); ``VLLM_PLUGINS`` must not leave it
   out;
+- several API processes (``SLHF_API_SERVERS``) need a topology with one engine;
 - the port: the listening socket is bound here, before the engine loads, and handed to uvicorn,
   which starts listening on it once the model is loaded (until then a connection is refused).
 """
@@ -152,6 +153,17 @@ def check_drafting(speculative: str, *, cpu: bool) -> None:
             f"'{vllm_cpu.PLUGIN}' in the engine processes, and it will not run: add it to "
             "VLLM_PLUGINS (or unset VLLM_PLUGINS), reinstall slhf if it is missing, or serve "
             "with SLHF_SPECULATIVE=off"
+        )
+
+
+def check_api_servers(count: int, topology: str) -> None:
+    """Raise ``StartupError`` when ``count`` API processes cannot share the topology's engine:
+    "separate" runs two engines, and the API processes share one."""
+    if count > 1 and topology == "separate":
+        raise StartupError(
+            f"SLHF_API_SERVERS={count} needs one engine for both roles, and topology "
+            "'separate' runs two (a Leader and a Follower model); serve it with "
+            "SLHF_API_SERVERS=1, or serve one model (topology 'shared' or 'lora')"
         )
 
 

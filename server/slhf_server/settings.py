@@ -17,6 +17,9 @@ SCHEMA_COMPILE_TIMEOUT_S = 0.2
 MAX_SCHEMA_COMPILE_TIMEOUT_S = 5.0
 """Its largest value: vLLM's own pass over an accepted schema holds the event loop about as
 long, and every request waits meanwhile."""
+MAX_API_SERVERS = 64
+"""Most API processes ``SLHF_API_SERVERS`` may ask for: a sanity bound (each one imports vLLM and
+holds its own tokenizers, hundreds of MiB)."""
 
 
 class ServerSettings(BaseSettings):
@@ -95,6 +98,13 @@ class ServerSettings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    api_servers: int = Field(1, ge=1, le=MAX_API_SERVERS)
+    """API processes answering HTTP on ``host:port``, all sharing one engine (``vllm serve
+    --api-server-count``): on a GPU, where one API process's CPU is the bottleneck, 2..8 keep
+    the engine busy. 1 (the default) is one process holding the engine. Above 1: topology
+    "separate" is refused; ``/metrics`` sums every process's counters, whichever answers;
+    ``SLHF_MAX_INFLIGHT_GENERATIONS`` bounds them all together; each response names the process
+    that answered in ``x-slhf-api-server``. See docs/deploy.md, "Scale out"."""
     api_keys: str | None = None
     """Comma-separated API keys; unset (and no keys file) = no auth."""
     api_keys_file: Path | None = None

@@ -7,6 +7,10 @@ One ``AsyncLLM`` runs in-process per distinct model:
 - "lora":     one engine with ``enable_lora``; each role passes its own ``LoRARequest``;
 - "separate": two engines, one per role (on a GPU they split ``gpu_memory_utilization``).
 
+With several API processes (``SLHF_API_SERVERS``, ``slhf_server.api_servers``) the supervisor
+starts the one engine core (``launch_engine_core``: "shared" or "lora") and each API process
+attaches its own ``AsyncLLM`` client to it (``VllmEngine.attach``).
+
 vLLM's Prometheus stat logger (``vllm:*`` metrics in prometheus_client's default registry, served
 at ``/metrics``) is on when ``SLHF_ENGINE_METRICS`` is (the default), without vLLM's periodic
 stats log lines. With two engines only the Leader's reports (vLLM keeps one set per process).
@@ -20,9 +24,10 @@ rollout engine uses too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +38,7 @@ from vllm.inputs import tokens_input
 from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.core_client import MPClient
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 from vllm.v1.metrics.loggers import PrometheusStatLogger, StatLoggerBase
 
@@ -184,12 +190,18 @@ class _NoStatLogger(StatLoggerBase):
         pass
 
 
-def _new_llm(args: AsyncEngineArgs, metrics: bool) -> AsyncLLM:
-    """An ``AsyncLLM``; with ``metrics``, vLLM's Prometheus stat logger (and no stats logging)."""
+def _stat_loggers(args: AsyncEngineArgs, metrics: bool) -> list[Any] | None:
+    """With ``metrics``, vLLM's Prometheus stat logger (and no stats logging); with traces, one
+    that keeps the per-request stats the spans are made of."""
     loggers: list[Any] | None = [PrometheusStatLogger] if metrics else None
     if loggers is None and args.otlp_traces_endpoint is not None:
         loggers = [_NoStatLogger]
-    return AsyncLLM.from_engine_args(args, stat_loggers=loggers)
+    return loggers
+
+
+def _new_llm(args: AsyncEngineArgs, metrics: bool) -> AsyncLLM:
+    """An ``AsyncLLM`` that starts its own engine core process(es)."""
+    return AsyncLLM.from_engine_args(args, stat_loggers=_stat_loggers(args, metrics))
 
 
 def _traced(llm: AsyncLLM) -> bool:
@@ -220,6 +232,140 @@ def _server_error(role: Role, exc: Exception) -> Exception:
     if isinstance(cause, REQUEST_REJECTIONS):
         return cause
     return EngineError(f"the {role} engine failed the request: {type(cause).__name__}: {cause}")
+
+
+def _one_engine_args(weights: ServedWeights, settings: ServerSettings) -> AsyncEngineArgs:
+    """The engine arguments of topologies "shared" and "lora" (one engine for both roles)."""
+    return _engine_args(
+        weights.leader.model,
+        settings,
+        max_model_len=settings.max_model_len or weights.manifest.max_model_len,
+        enable_lora=weights.topology == "lora",
+        memory_share=1.0,
+    )
+
+
+def _one_engine_bindings(
+    weights: ServedWeights, settings: ServerSettings, llm: AsyncLLM
+) -> dict[Role, _RoleBinding]:
+    """Both roles on the one engine ``llm``; with "lora", each with its own adapter."""
+    tok = _load_tokenizer(weights.leader.model, settings)
+    bindings: dict[Role, _RoleBinding] = {}
+    for i, role in enumerate(ROLES, start=1):
+        adapter = weights.role(role).adapter
+        req = LoRARequest(f"{weights.name}-{role}", i, adapter) if adapter else None
+        bindings[role] = _RoleBinding(llm, tok, req, llm.model_config.max_model_len, _traced(llm))
+    return bindings
+
+
+def _config_for_clients(args: AsyncEngineArgs, count: int, index: int) -> Any:
+    """vLLM's config of an engine shared by ``count`` API processes, as process ``index`` (-1:
+    the supervisor that starts the engine core) sees it."""
+    args._api_process_count = count
+    args._api_process_rank = index
+    return args.create_engine_config()
+
+
+@dataclass
+class EngineCoreLaunch:
+    """The engine core process(es) the supervisor started for ``len(clients)`` API processes."""
+
+    clients: list[dict[str, Any]]
+    """Each API process's ``client_addresses`` (``VllmEngine.attach``): its ZMQ endpoints, the
+    listening sockets it adopts, its index and the process count."""
+    manager: Any
+    """vLLM's ``CoreEngineProcManager`` (None when vLLM runs no local engine process)."""
+    coordinator: Any
+    """vLLM's data-parallel coordinator, when it runs one."""
+    listeners: Any
+    """vLLM's ``EngineZmqListeners``: the API processes' ZMQ endpoints, bound here. Kept until
+    ``shutdown``: when it is garbage-collected it removes its IPC socket files, and an engine
+    that connects to an API process after that never reaches it (the API process then waits
+    for the engine forever)."""
+    watch: Sequence[Any] = ()
+    """The API processes vLLM watches while the engine starts: one that exits fails the start."""
+    stopped: bool = False
+
+    def sentinels(self) -> list[int]:
+        """What ``multiprocessing.connection.wait`` can wait on: ready when an engine process
+        (or the coordinator) exits."""
+        out = list(self.manager.sentinels()) if self.manager is not None else []
+        if self.coordinator is not None:
+            out.append(self.coordinator.proc.sentinel)
+        return out
+
+    def shutdown(self, timeout_s: float | None) -> None:
+        """Stop the engine process(es) (``timeout_s`` for them to exit before they are killed)
+        and remove the ZMQ endpoints. Once."""
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.manager is not None:
+            self.manager.shutdown(timeout=timeout_s)
+        if self.coordinator is not None:
+            self.coordinator.shutdown(timeout=timeout_s)
+        with contextlib.suppress(Exception):
+            self.listeners.cleanup()
+
+
+@contextlib.contextmanager
+def launch_engine_core(
+    weights: ServedWeights, settings: ServerSettings, clients: int
+) -> Iterator[EngineCoreLaunch]:
+    """Start the engine core of topology "shared" or "lora" for ``clients`` API processes.
+
+    The caller starts the API processes inside the ``with`` block (passing each its entry of
+    ``clients``) and names them in ``watch``; leaving the block waits until the engine is
+    loaded (or raises when an engine or API process exits first)."""
+    from vllm.v1.engine.utils import bind_engine_zmq_listeners, launch_core_engines
+    from vllm.v1.executor import Executor
+
+    if weights.topology == "separate":
+        raise ValueError("topology 'separate' runs two engines; API processes share one")
+    vllm_cpu.set_kv_cache_space(settings.kv_cache_gb)
+    vllm_cpu.fix_engines()
+    args = _one_engine_args(weights, settings)
+    config = _config_for_clients(args, clients, -1)
+    listeners = bind_engine_zmq_listeners(config, clients)
+    log_stats = _stat_loggers(args, settings.engine_metrics) is not None
+    handle: EngineCoreLaunch | None = None
+    try:
+        with launch_core_engines(
+            config, Executor.get_class(config), log_stats, listeners.addresses
+        ) as launch:
+            handle = EngineCoreLaunch(
+                [
+                    _client_addresses(launch.addresses, listeners, i, clients)
+                    for i in range(clients)
+                ],
+                launch.engine_manager,
+                launch.coordinator,
+                listeners,
+            )
+            yield handle
+            launch.watched_frontend_processes = list(handle.watch)
+            for listener in (*listeners.inputs, *listeners.outputs):
+                listener.close()  # the API processes hold their own copies
+    except BaseException:
+        if handle is not None:
+            handle.shutdown(settings.shutdown_timeout_s / 2)
+        else:
+            listeners.cleanup()
+        raise
+
+
+def _client_addresses(addresses: Any, listeners: Any, index: int, count: int) -> dict[str, Any]:
+    client: dict[str, Any] = {
+        "input_address": addresses.inputs[index],
+        "output_address": addresses.outputs[index],
+        "input_listener": listeners.inputs[index].socket,
+        "output_listener": listeners.outputs[index].socket,
+        "client_count": count,
+        "client_index": index,
+    }
+    if addresses.frontend_stats_publish_address is not None:
+        client["stats_update_address"] = addresses.frontend_stats_publish_address
+    return client
 
 
 class VllmEngine:
@@ -266,27 +412,11 @@ class VllmEngine:
                     _traced(llm),
                 )
         else:
-            lora = weights.topology == "lora"
             logger.info(
                 "starting the engine on %s (topology %s)", weights.leader.model, weights.topology
             )
-            llm = _new_llm(
-                _engine_args(
-                    weights.leader.model,
-                    settings,
-                    max_model_len=max_len,
-                    enable_lora=lora,
-                    memory_share=1.0,
-                ),
-                settings.engine_metrics,
-            )
-            tok = _load_tokenizer(weights.leader.model, settings)
-            for i, role in enumerate(ROLES, start=1):
-                adapter = weights.role(role).adapter
-                req = LoRARequest(f"{weights.name}-{role}", i, adapter) if adapter else None
-                bindings[role] = _RoleBinding(
-                    llm, tok, req, llm.model_config.max_model_len, _traced(llm)
-                )
+            llm = _new_llm(_one_engine_args(weights, settings), settings.engine_metrics)
+            bindings = _one_engine_bindings(weights, settings, llm)
         engine = cls(bindings, settings.schema_compile_timeout_s)
         if reniced := vllm_cpu.lower_child_priority(
             settings.engine_niceness, exclude=older_children
@@ -305,6 +435,43 @@ class VllmEngine:
         engine.shutdown_timeout_s = settings.shutdown_timeout_s / 2
         logger.info("engine ready in %.1f s", engine.startup_seconds)
         return engine
+
+    @classmethod
+    def attach(
+        cls, weights: ServedWeights, settings: ServerSettings, client: dict[str, Any]
+    ) -> VllmEngine:
+        """An API process's client of the engine core the supervisor started
+        (``launch_engine_core``; ``client`` is this process's entry of its ``clients``); blocks
+        until the engine core answers."""
+        t0 = time.perf_counter()
+        vllm_cpu.set_kv_cache_space(settings.kv_cache_gb)
+        args = _one_engine_args(weights, settings)
+        count, index = client["client_count"], client["client_index"]
+        llm = AsyncLLM.from_vllm_config(
+            _config_for_clients(args, count, index),
+            stat_loggers=_stat_loggers(args, settings.engine_metrics),
+            disable_log_stats=True,
+            client_addresses=client,
+            client_count=count,
+            client_index=index,
+        )
+        bindings = _one_engine_bindings(weights, settings, llm)
+        engine = cls(bindings, settings.schema_compile_timeout_s)
+        envs.enable_envs_cache()  # as in ``start``
+        engine.startup_seconds = time.perf_counter() - t0
+        engine.shutdown_timeout_s = settings.shutdown_timeout_s / 2
+        logger.info("attached to the engine in %.1f s", engine.startup_seconds)
+        return engine
+
+    def mark_dead(self) -> None:
+        """The engine core exited (the supervisor saw it; this process did not start it, so
+        vLLM's own monitor does not watch it): fail what waits on it and every health check
+        from now on, as that monitor does."""
+        for llm in self._llms:
+            core = llm.engine_core
+            if isinstance(core, MPClient):
+                core.resources.engine_dead = True
+                core.shutdown()
 
     # -- Engine protocol ----------------------------------------------------------------------
     def tokenizer(self, role: Role) -> ChatTokenizer:

@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from slhf_server.preflight import (
     StartupError,
     bind_socket,
     check_adapter_folder,
+    check_api_servers,
     check_block_size,
     check_drafting,
     check_model_folder,
@@ -188,3 +190,30 @@ def test_drafting_on_the_cpu_build_needs_our_vllm_plugin(monkeypatch: pytest.Mon
     check_drafting("ngram", cpu=False)  # the GPU sampler is fine
     monkeypatch.setenv("VLLM_PLUGINS", "lora_filesystem_resolver, slhf_vllm_cpu_fixes")
     check_drafting("ngram", cpu=True)
+
+
+# -- several API processes (SLHF_API_SERVERS) ----------------------------------------------------
+@pytest.mark.parametrize("topology", ["shared", "lora"])
+def test_api_processes_share_a_topology_of_one_engine(topology: str) -> None:
+    check_api_servers(4, topology)
+    check_api_servers(1, "separate")
+
+
+def test_api_processes_cannot_share_two_engines() -> None:
+    with pytest.raises(StartupError, match=r"SLHF_API_SERVERS=2 needs one engine.*'separate'"):
+        check_api_servers(2, "separate")
+
+
+def test_serve_exits_2_with_one_line_for_api_processes_on_two_engines(
+    folder: Path, no_app: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    metrics_dirs = set(Path(tempfile.gettempdir()).glob("slhf-metrics-*"))
+    flags = dict(model=str(folder), follower_model=str(folder), host="127.0.0.1", port=0)
+    try:
+        assert serve(api_servers=2, topology="separate", **flags) == 2
+    finally:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("slhf serve: SLHF_API_SERVERS=2 needs one engine") and "\n" not in err
+    # the metrics directory made for the API processes is gone again
+    assert set(Path(tempfile.gettempdir()).glob("slhf-metrics-*")) == metrics_dirs

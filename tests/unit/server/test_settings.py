@@ -44,3 +44,22 @@ def test_schema_compile_timeout_is_a_bounded_setting(monkeypatch: pytest.MonkeyP
     for bad in (0, -1, 5.5):
         with pytest.raises(ValidationError, match="schema_compile_timeout_s"):
             ServerSettings(schema_compile_timeout_s=bad)
+
+
+@pytest.mark.parametrize("value", ["1", "2", "64"])
+def test_api_servers_takes_one_to_64_processes(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLHF_API_SERVERS", value)
+    assert ServerSettings().api_servers == int(value)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "65", "1.5", "two"])
+def test_api_servers_refuses_what_is_not_a_sane_process_count(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SLHF_API_SERVERS", value)
+    with pytest.raises(ValidationError, match="api_servers"):
+        ServerSettings()
+
+
+def test_one_api_process_is_the_default() -> None:
+    assert ServerSettings.model_fields["api_servers"].default == 1
