@@ -46,8 +46,10 @@ from slhf_server.errors import (
     error_body,
 )
 from slhf_server.json_answer import JSONAnswer
+from slhf_server.metrics import ServiceMetrics
 from slhf_server.openai_protocol import ChatCompletionRequest, CompletionRequest
 from slhf_server.protocol import RefineRequest
+from slhf_server.refine import RefineOutcome
 from slhf_server.responses_protocol import ResponsesRequest
 from slhf_server.service import Service
 
@@ -488,6 +490,14 @@ async def run_batch(
 
 
 # -- the command --------------------------------------------------------------------------------
+class UnreadMetrics(ServiceMetrics):
+    """The service's metrics in a batch, where no ``/metrics`` reads them: finished rows are not
+    observed (the batch's own report counts rows and tokens)."""
+
+    def observe_outcome(self, outcome: RefineOutcome) -> None:
+        pass
+
+
 BATCH_ONLY = ("input", "output", "concurrency")
 """``slhf batch``'s own arguments; the others are settings (as ``slhf serve``'s)."""
 
@@ -508,13 +518,12 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
 async def _run(settings: Any, weights: Any, args: argparse.Namespace) -> BatchReport:
     from slhf_server.admission import Admission
     from slhf_server.lifecycle import frozen_startup_heap
-    from slhf_server.metrics import ServiceMetrics
     from slhf_server.upstream import UpstreamClient
     from slhf_server.vllm_engine import VllmEngine
 
     engine = VllmEngine.start(weights, settings)
     upstream = UpstreamClient.from_settings(settings)
-    metrics = ServiceMetrics()
+    metrics = UnreadMetrics()
     # the batch bounds its rows itself (--concurrency): admission never refuses one
     admission = Admission(2**62, metrics)
     service = Service.build(settings, weights, engine, upstream, admission, metrics)
