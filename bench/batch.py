@@ -239,18 +239,18 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append("")
     if "vs_server" in g:
         lines.append(
-            f"- batch / server (best c): **{g['vs_server']:.2f}x** (goal >= 1.0: "
+            f"- batch / server (best c): **{g['vs_server']:.3f}x** (goal >= 1.0: "
             f"{'met' if g['vs_server'] >= 1.0 else 'missed'})"
         )
     if "vs_bare" in g:
         lines.append(
-            f"- batch / bare chain, rows planned before the clock: **{g['vs_bare']:.2f}x** (goal "
+            f"- batch / bare chain, rows planned before the clock: **{g['vs_bare']:.3f}x** (goal "
             f">= 0.9: {'met' if g['vs_bare'] >= 0.9 else 'missed'})"
         )
     if "vs_bare_planned" in g:
         lines.append(
             "- batch / bare chain, each row's body validated and planned within the clock: "
-            f"**{g['vs_bare_planned']:.2f}x**"
+            f"**{g['vs_bare_planned']:.3f}x**"
         )
     lines += [
         "- the same completion tokens in every system = the same work (seeded rows)",
