@@ -145,7 +145,9 @@ def run_api_server(
         daemon=True,
     ).start()
     logger.info("API process %d of %d starting", slot.index, slot.count)
-    app = create_app(settings, weights=weights, engine_factory=attach, api_server=slot)
+    app = create_app(
+        settings, weights=weights, engine_factory=attach, api_server=slot, freeze_heap=True
+    )
     started = run_app(app, settings, log_config, sock)
     exit_process(0 if started else 3)
 

@@ -68,10 +68,15 @@ def create_app(
     weights: ServedWeights | None = None,
     tracing: Tracing | None = None,
     api_server: ApiServerSlot | None = None,
+    freeze_heap: bool | None = None,
 ) -> FastAPI:
     """Build the app. Tests pass a fake ``engine_factory`` (and ``weights``), and a ``tracing``
     on their own span exporter; otherwise ``SLHF_OTLP_TRACES_ENDPOINT`` decides. ``api_server``:
-    this app is one of several API processes (``slhf_server.api_servers``)."""
+    this app is one of several API processes (``slhf_server.api_servers``). ``freeze_heap``:
+    whether start-up's heap is frozen while the app serves (``lifecycle.frozen_startup_heap``);
+    by default only with the real engine (its full collection at start costs a test that starts
+    hundreds of apps in one process a second each)."""
+    freeze = engine_factory is None if freeze_heap is None else freeze_heap
     settings = settings or ServerSettings()
     tracing = tracing or Tracing.from_settings(settings)
     factory = engine_factory or _vllm_engine
@@ -100,7 +105,7 @@ def create_app(
         )
         lag_probe = asyncio.create_task(metrics.watch_loop_lag())
         try:
-            with frozen_startup_heap():
+            with frozen_startup_heap() if freeze else contextlib.nullcontext():
                 yield
         finally:
             uninstall_drain()
