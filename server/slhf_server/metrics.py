@@ -118,23 +118,17 @@ class ServiceMetrics:
             registry=r,
         )
         self.stops = Counter("slhf_stops", "Refinements by stopped_reason", ["reason"], registry=r)
-        self.admitted_weight = Gauge(
+        self.admitted_weight = self._gauge(
             "slhf_admission_inflight_generations",
             "Admitted in-flight work, in generations (n x (rounds + 1))",
-            multiprocess_mode=GAUGE_MODES["slhf_admission_inflight_generations"],
-            registry=r,
         )
-        self.admission_limit = Gauge(
+        self.admission_limit = self._gauge(
             "slhf_admission_limit_generations",
             "Admission bound (SLHF_MAX_INFLIGHT_GENERATIONS): saturation is inflight / limit",
-            multiprocess_mode=GAUGE_MODES["slhf_admission_limit_generations"],
-            registry=r,
         )
-        self.admitted_requests = Gauge(
+        self.admitted_requests = self._gauge(
             "slhf_admission_inflight_requests",
             "Admitted in-flight requests",
-            multiprocess_mode=GAUGE_MODES["slhf_admission_inflight_requests"],
-            registry=r,
         )
         self.rejections = Counter(
             "slhf_admission_rejections", "Requests refused by reason", ["reason"], registry=r
@@ -142,24 +136,18 @@ class ServiceMetrics:
         self.upstream_errors = Counter(
             "slhf_upstream_errors", "Failed upstream first answers by code", ["code"], registry=r
         )
-        self.engine_running = Gauge(
+        self.engine_running = self._gauge(
             "slhf_engine_running_requests",
             "Requests the engine has not finished (all roles)",
-            multiprocess_mode=GAUGE_MODES["slhf_engine_running_requests"],
-            registry=r,
         )
-        self.draining = Gauge(
+        self.draining = self._gauge(
             "slhf_draining",
             "1 while the server drains for shutdown",
-            multiprocess_mode=GAUGE_MODES["slhf_draining"],
-            registry=r,
         )
-        self.loop_lag = Gauge(
+        self.loop_lag = self._gauge(
             "slhf_event_loop_lag_seconds",
             "How late the event loop ran its last lag probe (a timer due every "
             f"{LOOP_LAG_INTERVAL_S:g} s); the largest lag of the last second",
-            multiprocess_mode=GAUGE_MODES["slhf_event_loop_lag_seconds"],
-            registry=r,
         )
         self.loop_lag_samples = Histogram(
             "slhf_event_loop_lag_sample_seconds",
@@ -183,6 +171,12 @@ class ServiceMetrics:
             self.loop_lag_samples.observe(lag)
             if self._engine_running is not None:  # several processes: no callbacks at scrape
                 self.engine_running.set(self._engine_running())
+
+    def _gauge(self, name: str, documentation: str) -> Gauge:
+        """A gauge of this registry, combined over API processes as ``GAUGE_MODES`` says."""
+        return Gauge(
+            name, documentation, multiprocess_mode=GAUGE_MODES[name], registry=self.registry
+        )
 
     def watch_engine(self, num_running: Callable[[], int]) -> None:
         def running() -> float:
